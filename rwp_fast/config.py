@@ -1,0 +1,209 @@
+"""One typed configuration for a run, the paper's presets, and validation.
+
+The CLI (``rwp_fast.cli``) mirrors ``RunConfig`` field for field: each field becomes ``--field-name``
+and its help text is the comment in ``FIELD_HELP``. Presets reproduce the rows of the paper's
+Tables 1 and 2 with the hyperparameters of SPEC.md §2–§3; explicit flags override a preset.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "synthetic")
+MODELS = ("small_cnn", "preact_resnet18", "wrn-34-10", "wrn-28-10")
+METHODS = ("at", "trades", "rst")
+PERTURBS = ("none", "awp", "rwp")
+NORMS = ("linf", "l2")
+RWP_UPDATES = ("accumulate", "paper")
+NORM_SCOPES = ("layer", "global")
+LR_SCHEDULES = ("piecewise", "cosine")
+BACKENDS = ("auto", "cuda", "triton", "torch")
+TRAINERS = ("reference", "fast")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field and the allowed values."""
+
+
+@dataclass
+class RunConfig:
+    # --- data and model
+    dataset: str = "digits"            # one of DATASETS; digits ship with scikit-learn (offline)
+    data_dir: str = "data"             # where torchvision datasets live (CIFAR, SVHN)
+    download: bool = False             # let torchvision download the dataset (needs a network)
+    rst_extra: str = ""                # RST: .npz of uint8 images (N, H, W, C) and int labels (N,)
+    model: str = "small_cnn"           # one of MODELS
+    # --- threat model (pixel values in [0, 1]; ε and α are given in units of 1/255)
+    norm: str = "linf"                 # one of NORMS
+    epsilon: float = 8.0               # attack radius, /255 (8 → 8/255 L∞; 128 → 128/255 L2)
+    alpha: float = 2.0                 # PGD step size, /255
+    attack_steps: int = 10             # K1, PGD steps in training
+    eval_attack_steps: int = 20        # PGD steps of the per-epoch test evaluation (PGD-20)
+    # --- training method
+    method: str = "at"                 # one of METHODS: AT (Madry), TRADES, RST
+    trades_beta: float = 6.0           # TRADES/RST: weight of the KL term (dimensionless)
+    # --- weight perturbation (SPEC.md §2)
+    perturb: str = "none"              # one of PERTURBS
+    gamma: float = 0.01                # ‖v_l‖ = γ‖w_l‖ (dimensionless, relative weight size)
+    c_min: float = 1.7                 # RWP: LSC upper bound q, in nats of per-example loss
+    lsc_low: float = 0.0               # LSC lower bound p, nats; the mask is p ≤ ℓ < q
+    k2: int = 10                       # RWP probe steps (AWP always uses 1)
+    rwp_update: str = "accumulate"     # one of RWP_UPDATES: released code or Algorithm 1 as printed
+    norm_scope: str = "layer"          # one of NORM_SCOPES: per-tensor or one global norm
+    warmup_epochs: int = 0             # epochs of plain training before the perturbation starts
+    # --- optimisation
+    epochs: int = 200
+    batch_size: int = 128              # examples per step (RST: half labeled, half extra)
+    lr: float = 0.1                    # peak SGD learning rate, per step
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4         # L2 coefficient, applied at w + v
+    lr_schedule: str = "piecewise"     # one of LR_SCHEDULES; set per iteration
+    lr_milestones: tuple = (100, 150)  # piecewise: epochs at which lr is divided by lr_decay
+    lr_decay: float = 10.0
+    # --- run control
+    seed: int = 0
+    device: str = "auto"               # one of DEVICES; auto picks CUDA when present
+    trainer: str = "reference"         # one of TRAINERS
+    backend: str = "auto"              # one of BACKENDS, for the fused ops (env RWP_FAST_BACKEND)
+    eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all)
+    train_examples: int = 0            # use only the first N training examples (0 = all)
+    out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
+    num_workers: int = 2               # DataLoader workers for disk datasets
+    quiet: bool = False                # no progress bar
+
+    # derived values in pixel units
+    @property
+    def eps(self):
+        return self.epsilon / 255.0
+
+    @property
+    def step_size(self):
+        return self.alpha / 255.0
+
+    @property
+    def lsc_range(self):
+        """[p, q) of the LSC mask: [lsc_low, c_min) for RWP, [0, ∞) for AWP."""
+        return (self.lsc_low, self.c_min) if self.perturb == "rwp" else (0.0, math.inf)
+
+    @property
+    def perturb_steps(self):
+        return {"none": 0, "awp": 1, "rwp": self.k2}[self.perturb]
+
+    def validate(self):
+        """Raise ConfigError naming the first invalid field and its allowed values; return self."""
+        choices = dict(dataset=DATASETS, model=MODELS, method=METHODS, perturb=PERTURBS, norm=NORMS,
+                       rwp_update=RWP_UPDATES, norm_scope=NORM_SCOPES, lr_schedule=LR_SCHEDULES,
+                       backend=BACKENDS, trainer=TRAINERS, device=DEVICES)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        non_negative = ("epsilon", "alpha", "gamma", "c_min", "lsc_low", "trades_beta", "lr",
+                        "momentum", "weight_decay")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and not math.isnan(value)):
+                raise ConfigError(f"{name}: must be a number >= 0, got {value!r}")
+        at_least_one = ("k2", "epochs", "batch_size", "lr_decay")
+        for name in at_least_one:
+            if not getattr(self, name) >= 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        at_least_zero = ("attack_steps", "eval_attack_steps", "warmup_epochs", "eval_examples",
+                         "train_examples", "num_workers")
+        for name in at_least_zero:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.lsc_low <= self.c_min:
+            raise ConfigError(f"lsc_low: the LSC range [lsc_low, c_min) needs lsc_low <= c_min, "
+                              f"got lsc_low={self.lsc_low}, c_min={self.c_min}")
+        if self.method == "rst" and not self.rst_extra and self.dataset != "synthetic":
+            raise ConfigError("rst_extra: method 'rst' needs the .npz file of pseudo-labeled extra data "
+                              "(see README, 'RST extra data')")
+        if any(m < 0 for m in self.lr_milestones):
+            raise ConfigError(f"lr_milestones: epochs must be >= 0, got {self.lr_milestones}")
+        return self
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"config: unknown field(s) {unknown}")
+        d = dict(d)
+        if "lr_milestones" in d:
+            d["lr_milestones"] = tuple(d["lr_milestones"])
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------- presets
+# Table 1 of the paper: PreAct ResNet-18, 200 epochs, lr 0.1 ÷10 at 100 and 150, batch 128.
+_DATASET_DEFAULTS = {
+    "cifar10": dict(c_min=1.7, linf_alpha=2.0),
+    "cifar100": dict(c_min=4.0, linf_alpha=2.0),
+    # SVHN: α = 1/255 L∞ and 5 warm-up epochs of plain AT (SPEC.md §1–§2). SPEC.md is silent on the
+    # SVHN learning rate; lr 0.1 is known to diverge on SVHN, and the AWP SVHN runs use 0.01.
+    "svhn": dict(c_min=1.7, linf_alpha=1.0, warmup_epochs=5, lr=0.01),
+}
+_THREATS = {"linf": dict(norm="linf", epsilon=8.0), "l2": dict(norm="l2", epsilon=128.0, alpha=15.0)}
+_PERTURB = {
+    "at": dict(method="at", perturb="none"),
+    "at-awp": dict(method="at", perturb="awp", gamma=0.01),
+    "at-rwp": dict(method="at", perturb="rwp", gamma=0.01, k2=10),
+}
+
+
+def _table1_presets():
+    out = {}
+    for ds, dd in _DATASET_DEFAULTS.items():
+        for threat, td in _THREATS.items():
+            for name, md in _PERTURB.items():
+                kw = dict(dataset=ds, model="preact_resnet18", **td, **md)
+                kw.setdefault("alpha", dd["linf_alpha"])
+                if md["perturb"] == "rwp":
+                    kw["c_min"] = dd["c_min"]
+                if md["perturb"] != "none" or ds == "svhn":
+                    kw["warmup_epochs"] = dd.get("warmup_epochs", 0)
+                if "lr" in dd:
+                    kw["lr"] = dd["lr"]
+                out[f"{ds}-{threat}-{name}"] = kw
+    return out
+
+
+# Table 2: CIFAR-10, L∞, WideResNet. TRADES/RST use γ = 0.005 and 10 warm-up epochs (SPEC.md §2);
+# RST: WRN-28-10, batch 256, cosine lr, Nesterov (SPEC.md §3).
+_WRN_LINF = dict(dataset="cifar10", norm="linf", epsilon=8.0, alpha=2.0)
+_TRADES = dict(method="trades", trades_beta=6.0)
+_RST = dict(method="rst", trades_beta=6.0, model="wrn-28-10", batch_size=256, lr_schedule="cosine",
+            nesterov=True)
+PRESETS = {
+    **_table1_presets(),
+    "cifar10-wrn34-at": dict(_WRN_LINF, model="wrn-34-10", method="at"),
+    "cifar10-wrn34-at-awp": dict(_WRN_LINF, model="wrn-34-10", method="at", perturb="awp", gamma=0.01),
+    "cifar10-wrn34-at-rwp": dict(_WRN_LINF, model="wrn-34-10", method="at", perturb="rwp", gamma=0.01,
+                                 c_min=1.7, k2=10),
+    "cifar10-wrn34-trades": dict(_WRN_LINF, model="wrn-34-10", **_TRADES),
+    "cifar10-wrn34-trades-awp": dict(_WRN_LINF, model="wrn-34-10", **_TRADES, perturb="awp", gamma=0.005,
+                                     warmup_epochs=10),
+    "cifar10-wrn34-trades-rwp": dict(_WRN_LINF, model="wrn-34-10", **_TRADES, perturb="rwp", gamma=0.005,
+                                     c_min=1.7, k2=10, warmup_epochs=10),
+    "cifar10-wrn28-rst-awp": dict(_WRN_LINF, **_RST, perturb="awp", gamma=0.005, warmup_epochs=10),
+    "cifar10-wrn28-rst-rwp": dict(_WRN_LINF, **_RST, perturb="rwp", gamma=0.005, c_min=1.7, k2=10,
+                                  warmup_epochs=10),
+}
+
+
+def preset(name, **overrides):
+    """The RunConfig of a named preset, with explicit overrides applied, validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return RunConfig(**{**PRESETS[name], **overrides}).validate()
+

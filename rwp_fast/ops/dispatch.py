@@ -1,0 +1,120 @@
+"""The one place that chooses a backend for each fused op: ``cuda``, ``triton`` or ``torch``.
+
+Users set one switch: ``RunConfig.backend`` (CLI ``--backend``), mirrored by the environment variable
+``RWP_FAST_BACKEND``. Values: ``auto`` (default), ``cuda``, ``triton``, ``torch``.
+
+* ``auto`` picks, per op and per device, the first backend of ``AUTO_ORDER`` that can run, falls back
+  quietly, and logs the choice once per (op, device) at INFO level.
+* An explicit backend that cannot be used raises: the original ImportError when the module is missing,
+  or a ValueError naming the tensor device it cannot run on.
+
+The ``torch`` backend is the reference itself (``rwp_fast.reference``), so it is always available.
+Triton runs CUDA tensors, and CPU tensors only under ``TRITON_INTERPRET=1`` (that is how CI runs the
+kernels). The CUDA extension ``rwp_fast._C`` runs CUDA tensors only.
+"""
+
+import functools
+import importlib
+import logging
+import os
+
+log = logging.getLogger("rwp_fast.ops")
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "RWP_FAST_BACKEND"
+OPS = ("pgd_step", "lsc_loss", "weight_perturb")
+
+# Per op, the order in which ``auto`` tries backends on a CUDA device. The measurements that justify
+# each row belong in bench/results/ with the device and date; rows without a measurement say so.
+# On CPU, ``auto`` always uses ``torch``: the Triton interpreter is a correctness tool, not a fast path.
+AUTO_ORDER = {
+    # op:             (order on CUDA,              evidence)
+    "pgd_step":       (("triton", "cuda", "torch"), "unmeasured: no GPU run yet"),
+    "lsc_loss":       (("triton", "cuda", "torch"), "unmeasured: no GPU run yet"),
+    "weight_perturb": (("triton", "cuda", "torch"), "unmeasured: no GPU run yet"),
+}
+
+_override = None  # set by set_backend(); takes precedence over the environment
+
+
+def set_backend(name):
+    """Select the backend for all ops for this process ('auto', 'cuda', 'triton', 'torch' or None)."""
+    global _override
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    _override = name
+
+
+def requested_backend():
+    """The backend the user asked for: set_backend() > $RWP_FAST_BACKEND > 'auto'."""
+    name = _override or os.environ.get(ENV_VAR, "auto") or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}: expected one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(backend, op):
+    """Import the module that implements `op` for `backend`; raises the original ImportError."""
+    if backend == "triton":
+        return importlib.import_module(f"rwp_fast.kernels.{op}")
+    if backend == "cuda":
+        return importlib.import_module("rwp_fast.ops.cuda_ops")
+    raise AssertionError(backend)
+
+
+def backend_module(backend, op):
+    """The implementing module for (backend, op), or raise ImportError. 'torch' has no module here."""
+    return _load(backend, op)
+
+
+def _can_run(backend, op, device_type):
+    if backend == "torch":
+        return True
+    if backend == "cuda" and device_type != "cuda":
+        return False
+    if backend == "triton" and device_type != "cuda" and not triton_interpreting():
+        return False
+    try:
+        _load(backend, op)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_choice(op, device_type):
+    order = AUTO_ORDER[op][0] if device_type == "cuda" else ("torch",)
+    for backend in order:
+        if _can_run(backend, op, device_type):
+            log.info("rwp_fast.ops: %s on %s uses the %s backend", op, device_type, backend)
+            return backend
+    return "torch"
+
+
+def choose_backend(op, device, backend=None):
+    """Backend name for running `op` on tensors of `device` (a torch.device or its type string).
+
+    backend: an explicit choice for this call; None means requested_backend().
+    """
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    device_type = device if isinstance(device, str) else device.type
+    name = backend or requested_backend()
+    if name == "auto":
+        return _auto_choice(op, device_type)
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    if name == "torch":
+        return name
+    _load(name, op)  # an explicit backend that is not installed raises its own ImportError
+    if name == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend 'cuda' runs CUDA tensors only; the inputs of {op} are on {device_type}")
+    if name == "triton" and device_type != "cuda" and not triton_interpreting():
+        raise ValueError(f"backend 'triton' runs {device_type} tensors only under TRITON_INTERPRET=1; "
+                         f"the inputs of {op} are on {device_type}")
+    return name

@@ -1,0 +1,83 @@
+"""Reference attacks (SPEC.md §1, §3, §4): PGD (L∞, L2), FGSM, the TRADES KL attack, C&W∞.
+
+Plain PyTorch loops built on ``pgd_step_ref``. They take gradients with respect to the input only
+(``torch.autograd.grad``), so no ``.grad`` of any model parameter is touched, and they never change the
+model's train/eval mode: the caller sets it (AT attacks in train mode, TRADES/RST and evaluation in
+eval mode, SPEC.md §1).
+
+Attack losses are summed over the batch, not averaged: each example's input gradient is then
+independent of the batch size. The sign (L∞) and the per-example normalisation (L2) make the step
+itself independent of that choice.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .pgd_step import draw_random_init_noise, pgd_random_init_ref, pgd_step_ref
+
+# The TRADES attack starts from x + 0.001·N(0, 1) (TRADES code; SPEC.md §3), not from a uniform draw.
+TRADES_INIT_STD = 0.001
+
+
+def margin_loss(logits, target):
+    """C&W margin max_{j≠y} z_j − z_y per example, fp32, shape (B,)."""
+    z = logits.float()
+    z_y = z.gather(1, target[:, None]).squeeze(1)
+    others = z.scatter(1, target[:, None], float("-inf"))
+    return others.amax(dim=1) - z_y
+
+
+def _input_grad(loss, x):
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def pgd_attack_ref(model, x, y, eps, alpha, steps, norm="linf", random_start=True, loss="ce",
+                   generator=None):
+    """PGD-`steps` on CE (``loss='ce'``) or the C&W margin (``loss='cw'``); returns detached x_adv.
+
+    x: (B, C, H, W) in [0, 1]; y: (B,) int64; eps, alpha in pixel units.
+    """
+    if random_start:
+        noise, radius = draw_random_init_noise(x, norm, generator)
+        x_adv = pgd_random_init_ref(x, noise, eps, norm, radius)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        if loss == "ce":
+            objective = F.cross_entropy(logits.float(), y, reduction="sum")
+        elif loss == "cw":
+            objective = margin_loss(logits, y).sum()
+        else:
+            raise ValueError(f"loss: expected 'ce' or 'cw', got {loss!r}")
+        grad = _input_grad(objective, x_adv)
+        x_adv = pgd_step_ref(x_adv.detach(), grad, x, alpha, eps, norm)
+    return x_adv.detach()
+
+
+def fgsm_ref(model, x, y, eps):
+    """FGSM: x + ε·sign(∇ₓ CE), no random start, box-clamped (SPEC.md §1)."""
+    x_req = x.detach().clone().requires_grad_(True)
+    grad = _input_grad(F.cross_entropy(model(x_req).float(), y, reduction="sum"), x_req)
+    # One L∞ step of size ε from x itself is exactly FGSM: the ε-clamp cannot bind.
+    return pgd_step_ref(x, grad, x, eps, eps, "linf").detach()
+
+
+def trades_kl_sum(logits_adv, p_nat):
+    """Σ_i Σ_c p_nat (log p_nat − log p_adv): the TRADES KL, summed over the batch."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")
+
+
+def trades_attack_ref(model, x, eps, alpha, steps, norm="linf", generator=None):
+    """TRADES inner maximisation of KL(f(x) ‖ f(x_adv)) from x + 0.001·N(0, 1). Returns detached x_adv."""
+    with torch.no_grad():
+        p_nat = F.softmax(model(x).float(), dim=1)
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        grad = _input_grad(trades_kl_sum(model(x_adv), p_nat), x_adv)
+        x_adv = pgd_step_ref(x_adv.detach(), grad, x, alpha, eps, norm)
+    return x_adv.detach()

@@ -1,0 +1,73 @@
+"""Reference for the fused op ``weight_perturb``: segmented norms, γ‖w‖ rescale and w ± v.
+
+SPEC.md §2. The perturbed weights (conv and linear ``*weight`` tensors with dim > 1) are seen as
+segments of one flat 1-D buffer; ``offsets`` is an int64 tensor of shape (L + 1,) with
+offsets[0] = 0 and offsets[l + 1] − offsets[l] = numel of tensor l (≥ 1). Every backend implements the
+four functions below over that layout with a number of launches that does not depend on L.
+
+One RWP iteration of the fast path is, with direction buffer a and current scale s (v = s·a):
+
+    w ← w − s_old·a                        perturb_axpy(w, a, s_old, sign=-1)
+    a ← β·a + g,  ‖a_l‖²                   accumulate_sq_norm(a, g, beta)     β = 1 (accumulate) or s_old (paper)
+    s_new = γ‖w_l‖ / (‖a_l‖ + 1e-20)        perturb_scale(w_sq, a_sq, gamma, scope)
+    w ← w + s_new·a                        perturb_axpy(w, a, s_new, sign=+1)
+
+Reductions are in fp32 whatever the buffer dtype; elementwise arithmetic is fp32, cast back on store.
+"""
+
+import torch
+
+NORM_SCOPES = ("layer", "global")
+# Guards the division by ‖a‖ when the direction is exactly zero (SPEC.md §2).
+SCALE_EPS = 1e-20
+
+
+def segment_ids(offsets, device=None):
+    """(N,) int64 segment index of every element of the flat buffer."""
+    lengths = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device or offsets.device), lengths)
+
+
+def segment_sq_norm_ref(x, offsets):
+    """Per-segment Σ x², shape (L,), fp32 (accumulated in fp64 here, the most accurate oracle)."""
+    seg = segment_ids(offsets, x.device)
+    out = torch.zeros(len(offsets) - 1, dtype=torch.float64, device=x.device)
+    out.index_add_(0, seg, x.double() ** 2)
+    return out.float()
+
+
+def accumulate_sq_norm_ref(a, g, offsets, beta=None):
+    """a_new = β_l·a + g per segment (β = None means 1), and Σ a_new² per segment.
+
+    a, g: (N,) same dtype. beta: None or (L,) fp32. Returns (a_new (N,) in a's dtype, sq (L,) fp32);
+    the norm is of a_new as stored (after rounding to a's dtype).
+    """
+    af, gf = a.float(), g.float()
+    if beta is None:
+        a_new = (af + gf).to(a.dtype)
+    else:
+        seg = segment_ids(offsets, a.device)
+        a_new = (beta.float()[seg] * af + gf).to(a.dtype)
+    return a_new, segment_sq_norm_ref(a_new, offsets)
+
+
+def perturb_scale_ref(w_sq, a_sq, gamma, scope="layer"):
+    """Scale s_l with ‖s_l·a_l‖ = γ‖w_l‖ (layer) or one s with ‖s·a‖ = γ‖w‖ over all segments (global).
+
+    w_sq, a_sq: (L,) fp32 squared norms. Returns (L,) fp32.
+    """
+    if scope not in NORM_SCOPES:
+        raise ValueError(f"scope: expected one of {NORM_SCOPES}, got {scope!r}")
+    if scope == "global":
+        w_sq, a_sq = w_sq.sum().expand_as(w_sq), a_sq.sum().expand_as(a_sq)
+    return gamma * torch.sqrt(w_sq) / (torch.sqrt(a_sq) + SCALE_EPS)
+
+
+def perturb_axpy_ref(w, a, scale, offsets, sign=1):
+    """w_new = w + sign·(s_l·a) elementwise per segment; sign ∈ {+1, −1}. Returns a new tensor."""
+    if sign not in (1, -1):
+        raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
+    seg = segment_ids(offsets, w.device)
+    step = scale.float()[seg] * a.float()
+    out = w.float() + step if sign == 1 else w.float() - step
+    return out.to(w.dtype)
