@@ -44,6 +44,13 @@ def _rescale(direction, w_norms, gamma, scope):
 
 
 @torch.no_grad()
+def _set_weights(params, w_unperturbed, v=None):
+    """w ← w_unperturbed (+ v): restoring by copy leaves the weights bit-identical after the search."""
+    for i, (p, w) in enumerate(zip(params, w_unperturbed)):
+        p.copy_(w if v is None else w + v[i])
+
+
+@torch.no_grad()
 def add_perturbation(params, v, sign=1):
     """w ← w + sign·v in place, for every perturbed tensor."""
     for p, vi in zip(params, v):
@@ -65,6 +72,7 @@ def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range
     if scope not in NORM_SCOPES:
         raise ValueError(f"scope: expected one of {NORM_SCOPES}, got {scope!r}")
     params = [p for _, p in perturbed_parameters(model)]
+    w_unperturbed = [p.detach().clone() for p in params]
     w_norms = [p.detach().float().norm() for p in params]
     v = [torch.zeros_like(p) for p in params]
     running_sum = [torch.zeros_like(p) for p in params]
@@ -74,7 +82,7 @@ def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range
     model.train()
     try:
         for _ in range(k2):
-            add_perturbation(params, v, +1)
+            _set_weights(params, w_unperturbed, v)
             try:
                 losses = per_example_loss(model)
                 mask = lsc_mask_ref(losses.detach(), *lsc_range)
@@ -84,7 +92,7 @@ def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range
                 objective = (losses * mask.float()).sum() / losses.shape[0]
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
             finally:
-                add_perturbation(params, v, -1)
+                _set_weights(params, w_unperturbed)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             info.steps_taken += 1
             if update == "accumulate":

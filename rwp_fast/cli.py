@@ -1,0 +1,226 @@
+"""Command line: ``rwp-fast train | eval | presets | plot | demo``.
+
+``train`` mirrors RunConfig field for field (``--field-name``); ``--preset NAME`` loads a paper preset
+and explicit flags override it. Errors a user can fix (missing data, bad values, corrupt checkpoints,
+missing optional packages) print one clear message and exit with status 2, without a traceback
+(set RWP_FAST_DEBUG=1 to see it).
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+
+from .config import PRESETS, ConfigError, RunConfig, preset
+
+DEMO_RUNS = ("at", "at-awp", "at-rwp")
+
+
+def _field_help():
+    """Help text of each RunConfig field: the comment on its line in config.py (one source of truth)."""
+    helps = {}
+    for line in inspect.getsource(RunConfig).splitlines():
+        m = re.match(r"\s+(\w+): [\w\[\], ]+ = .*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def add_config_flags(parser):
+    """One flag per RunConfig field; defaults are None so that we can tell which flags were given."""
+    helps = _field_help()
+    group = parser.add_argument_group("run configuration (mirrors rwp_fast.config.RunConfig)")
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        text = f"{helps.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=text)
+        else:
+            group.add_argument(flag, dest=f.name, type=type(default), default=None, help=text)
+
+
+def config_from_args(args):
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+             if getattr(args, f.name, None) is not None}
+    if "lr_milestones" in given:
+        given["lr_milestones"] = tuple(given["lr_milestones"])
+    if args.preset:
+        return preset(args.preset, **given)
+    return RunConfig(**given).validate()
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_presets(args):
+    for name in sorted(PRESETS):
+        print(f"{name:28s} " + " ".join(f"{k}={v}" for k, v in PRESETS[name].items()))
+
+
+def cmd_train(args):
+    from .train import Trainer
+    from .train.plots import plot_runs
+    if args.resume:
+        explicit = [f.name for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None
+                    and f.name not in ("quiet", "device")]
+        if explicit or args.preset:
+            raise ConfigError(f"resume: a resumed run keeps its saved config; drop --preset and "
+                              f"{['--' + e.replace('_', '-') for e in explicit]}")
+        overrides = {k: getattr(args, k) for k in ("quiet", "device") if getattr(args, k) is not None}
+        trainer = Trainer.resume(args.resume, **overrides)
+        print(f"resuming {args.resume} after epoch {trainer.epoch} (step {trainer.step})")
+    else:
+        cfg = config_from_args(args)
+        if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
+            raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run (last.pt); continue it with "
+                              f"--resume {cfg.out_dir} or choose another --out-dir")
+        trainer = Trainer(cfg)
+    trainer.fit()
+    plot = plot_runs([trainer.out_dir], os.path.join(trainer.out_dir, "curves.png"))
+    print(f"best test PGD-{trainer.cfg.eval_attack_steps} {100 * trainer.best_metric:.2f}% "
+          f"at epoch {trainer.best_epoch}; run directory {trainer.out_dir}; plot {plot}")
+
+
+def cmd_eval(args):
+    import torch
+
+    from .data import load_dataset
+    from .eval import markdown_table, run_eval_suite, write_json
+    from .models import build_model
+    from .train import load_checkpoint, resolve_device
+    state = load_checkpoint(args.checkpoint)
+    cfg = RunConfig.from_dict(state["config"])
+    if args.data_dir:
+        cfg = cfg.replace(data_dir=args.data_dir)
+    device = resolve_device(args.device or "auto")
+    data = load_dataset(cfg)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, data.mean, data.std)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"checkpoint {args.checkpoint}: weights do not fit model {cfg.model} ({exc})") from None
+    model.to(device)
+    n = args.n_examples or len(data.test_x)
+    torch.manual_seed(args.seed)
+    results = run_eval_suite(model, data.test_x[:n], data.test_y[:n], cfg.eps, cfg.step_size, cfg.norm,
+                             args.attacks, args.batch_size, device, args.seed, log=print)
+    title = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or "model"
+    table = markdown_table(results, title=title)
+    print(table)
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
+    write_json(out, results, {"checkpoint": os.path.abspath(args.checkpoint), "epoch": state["epoch"],
+                              "config": cfg.to_dict(), "table": table})
+    print(f"wrote {out}")
+
+
+def cmd_plot(args):
+    from .train.plots import plot_runs
+    print(plot_runs(args.run_dirs, args.out))
+
+
+def cmd_demo(args):
+    """The README's main job: AT, AT-AWP and AT-RWP on the built-in digits data, then a Table-1 summary."""
+    from .train import Trainer
+    from .train.plots import plot_runs
+    rows, dirs = [], []
+    for name in DEMO_RUNS:
+        cfg = demo_config(name, args.out_dir, args.epochs, args.quiet, args.device)
+        print(f"== {name}: {cfg.perturb}, {cfg.epochs} epochs on {cfg.dataset} ({cfg.model}, ε={cfg.epsilon}/255)")
+        if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
+            trainer = Trainer.resume(cfg.out_dir, quiet=cfg.quiet, device=cfg.device)
+        else:
+            trainer = Trainer(cfg)
+        trainer.fit()
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f]
+        rows.append((name.upper(), 100 * trainer.best_metric, 100 * metrics[-1]["test_robust_acc"],
+                     100 * metrics[-1]["test_natural_acc"], metrics[-1]["rwp_steps_mean"]))
+        dirs.append(cfg.out_dir)
+    plot = plot_runs(dirs, os.path.join(args.out_dir, "curves.png"), labels=[r[0] for r in rows])
+    print(f"\nDigits (sklearn, 8×8), small CNN, L∞ ε={cfg.epsilon}/255, PGD-{cfg.eval_attack_steps} "
+          f"test robust accuracy (%), best/last:\n")
+    print("| method | PGD-20 best/last | natural (last) | RWP probes/step |")
+    print("|---|---|---|---|")
+    for name, best, last, nat, steps in rows:
+        print(f"| {name} | {best:.2f}/{last:.2f} | {nat:.2f} | {steps:.2f} |")
+    print(f"\nplot: {plot}")
+
+
+def demo_config(name, out_dir, epochs, quiet, device):
+    """The digits demo configuration; the README explains each choice."""
+    perturb = {"at": "none", "at-awp": "awp", "at-rwp": "rwp"}[name]
+    return RunConfig(
+        dataset="digits", model="small_cnn", norm="linf",
+        epsilon=DEMO["epsilon"], alpha=DEMO["alpha"], attack_steps=10, eval_attack_steps=20,
+        method="at", perturb=perturb, gamma=DEMO["gamma"], c_min=DEMO["c_min"], k2=10,
+        epochs=epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"], lr_milestones=DEMO["milestones"],
+        weight_decay=5e-4, eval_examples=0, seed=0, out_dir=os.path.join(out_dir, name), quiet=quiet,
+        device=device or "auto",
+    ).validate()
+
+
+# Digits demo settings (see README, "The demo"): chosen for 8×8 images with 17 grey levels.
+DEMO = dict(epsilon=32.0, alpha=8.0, gamma=0.01, c_min=1.0, batch_size=64, lr=0.05, milestones=(20, 25))
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser():
+    p = argparse.ArgumentParser(prog="rwp-fast", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (AT, TRADES, RST × none/AWP/RWP)")
+    t.add_argument("--preset", help=f"a paper preset ({len(PRESETS)}; see `rwp-fast presets`)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="the paper's Table 2 evaluation suite on a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--n-examples", type=int, default=0, help="evaluate the first N test examples (0 = all)")
+    e.add_argument("--attacks", default="natural,fgsm,pgd20,pgd100,cw,autoattack",
+                   help="comma-separated subset of natural,fgsm,pgd20,pgd100,cw,autoattack")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--data-dir", default=None, help="override the data directory saved in the checkpoint")
+    e.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default=None, help="JSON output (default: CHECKPOINT_eval.json)")
+    e.set_defaults(func=cmd_eval)
+
+    sub.add_parser("presets", help="list the paper presets").set_defaults(func=cmd_presets)
+
+    pl = sub.add_parser("plot", help="learning curves of one or more runs")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", default="curves.png")
+    pl.set_defaults(func=cmd_plot)
+
+    d = sub.add_parser("demo", help="AT, AT-AWP, AT-RWP on the built-in digits data (the README's main job)")
+    d.add_argument("--out-dir", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    from .data import DatasetNotFoundError
+    from .eval import AutoAttackUnavailable
+    from .train import CheckpointError
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DatasetNotFoundError, CheckpointError, AutoAttackUnavailable, FileNotFoundError,
+            ValueError) as exc:
+        if os.environ.get("RWP_FAST_DEBUG") == "1":
+            raise
+        print(f"rwp-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

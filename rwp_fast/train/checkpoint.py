@@ -1,0 +1,94 @@
+"""Atomic checkpoints that hold everything needed to continue a run exactly.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it loads with
+``torch.load(..., weights_only=True)``:
+
+    format_version, config (dict), epoch (completed epochs), step (optimizer steps so far),
+    best_metric, best_epoch, model, optimizer, scheduler (state dicts), rng (python, numpy,
+    torch CPU, CUDA states), metrics_lines (how many lines of metrics.jsonl belong to this state)
+
+Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the target, and
+the directory is fsync'ed: a crash at any moment leaves either the old file or the new one, never a
+torn one. A corrupt or mismatched file raises CheckpointError and changes nothing on disk.
+"""
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "epoch", "step", "model", "optimizer", "scheduler", "rng")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def save_checkpoint(path, state):
+    """Write `state` to `path` atomically (temp file + fsync + rename + directory fsync)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and sanity-check a checkpoint with ``weights_only=True``; raise CheckpointError if unusable."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, wrong format, pickled objects, ...
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}); "
+                              "the file is corrupt or not an rwp-fast checkpoint") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"checkpoint {path}: not an rwp-fast checkpoint (missing {missing})")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format_version {state['format_version']}, "
+                              f"this rwp-fast reads {FORMAT_VERSION}")
+    return state
+
+
+def rng_state():
+    """All RNG states: python, numpy, torch CPU and every CUDA device."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),  # (int, tuple of ints, float | None): plain values
+        "numpy": {"keys": torch.from_numpy(np_state[1].copy()), "pos": np_state[2],
+                  "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy(), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,309 @@
+"""One training loop for AT, TRADES and RST × none / AWP / RWP, driven by a RunConfig.
+
+The loop owns data order, the per-iteration lr schedule, the weight-perturbation warm-up (counted in
+epochs), the per-epoch PGD-20 evaluation, metrics.jsonl, checkpoints (best.pt by test PGD-20, last.pt)
+and resume. What one step computes is delegated to a step function with the signature of
+``rwp_fast.reference.train_step_ref``; ``cfg.trainer`` picks the reference oracle or the fast path.
+
+Reproducibility: every random draw of a step (augmentation, attack start) comes from generators seeded
+by (seed, epoch, step), never from global RNG state, so a run resumed from the checkpoint written at
+the end of epoch e replays epoch e + 1 exactly as the uninterrupted run did.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig
+from ..data import epoch_batches, load_dataset, load_rst_extra, steps_per_epoch
+from ..models import build_model
+from ..reference import pgd_attack_ref, train_step_ref
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was requested but torch sees no CUDA device; use --device auto")
+    return torch.device(name)
+
+
+def step_seed(seed, epoch, step, stream=0):
+    """A distinct 63-bit seed per (run seed, epoch, step, stream); stream 0 is the attack start."""
+    return (seed * 1_000_003 + epoch * 100_003 + step * 7 + stream) % (2 ** 63 - 1)
+
+
+def git_commit():
+    """The commit of the rwp-fast source tree, or 'unknown' outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lr_factor(cfg, iteration, iters_per_epoch):
+    """Multiplier of cfg.lr at a (0-based) optimizer iteration; set every iteration (SPEC.md §3)."""
+    epoch_float = iteration / iters_per_epoch
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(epoch_float / cfg.epochs, 1.0)))
+    passed = sum(1 for m in cfg.lr_milestones if epoch_float >= m)
+    return cfg.lr_decay ** -passed
+
+
+@torch.no_grad()
+def _accuracy_and_loss(model, x, y):
+    logits = model(x).float()
+    return (logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item()
+
+
+def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device, seed=0):
+    """Natural and PGD-`steps` accuracy/loss of `model` in eval mode on uint8 images (N, C, H, W).
+
+    The attack start is drawn from a generator seeded with `seed`, so the evaluation is repeatable.
+    """
+    was_training = model.training
+    model.eval()
+    totals = dict(natural_correct=0, natural_loss=0.0, robust_correct=0, robust_loss=0.0)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for i in range(0, len(x_all), batch_size):
+        x = x_all[i:i + batch_size].to(device).float() / 255
+        y = y_all[i:i + batch_size].to(device)
+        c, loss = _accuracy_and_loss(model, x, y)
+        totals["natural_correct"] += c
+        totals["natural_loss"] += loss
+        if steps > 0:
+            x_adv = pgd_attack_ref(model, x, y, cfg.eps, cfg.step_size, steps, cfg.norm, True, "ce", gen)
+            c, loss = _accuracy_and_loss(model, x_adv, y)
+            totals["robust_correct"] += c
+            totals["robust_loss"] += loss
+    model.train(was_training)
+    n = max(len(x_all), 1)
+    return {"natural_acc": totals["natural_correct"] / n, "natural_loss": totals["natural_loss"] / n,
+            "robust_acc": totals["robust_correct"] / n, "robust_loss": totals["robust_loss"] / n}
+
+
+@dataclass
+class EpochStats:
+    """Running sums over one epoch's training steps."""
+    images: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    search_calls: int = 0
+    steps_taken: int = 0
+    v_ratio_sum: float = 0.0
+    mask_sums: list = field(default_factory=list)   # per probe index: Σ mask fraction
+    mask_counts: list = field(default_factory=list)  # per probe index: batches that ran that probe
+
+    def add(self, result, y):
+        self.images += len(y)
+        self.loss_sum += result.loss * len(y)
+        self.correct += (result.logits_adv.argmax(1) == y).sum().item()
+        info = result.search
+        if info.mask_fractions:
+            self.search_calls += 1
+            self.steps_taken += info.steps_taken
+            self.v_ratio_sum += info.v_norm_ratio
+            for k, frac in enumerate(info.mask_fractions):
+                if k == len(self.mask_sums):
+                    self.mask_sums.append(0.0)
+                    self.mask_counts.append(0)
+                self.mask_sums[k] += frac
+                self.mask_counts[k] += 1
+
+    def summary(self):
+        calls = max(self.search_calls, 1)
+        return {
+            "train_robust_loss": self.loss_sum / max(self.images, 1),
+            "train_robust_acc": self.correct / max(self.images, 1),
+            # LSC diagnostics: fraction of the batch inside [p, q) at probe k (averaged over the batches
+            # that reached probe k), mean number of gradient probes before the break, and ‖v‖/‖w‖.
+            "lsc_mask_fraction": [s / c for s, c in zip(self.mask_sums, self.mask_counts)],
+            "rwp_steps_mean": self.steps_taken / calls if self.search_calls else 0.0,
+            "v_norm_ratio": self.v_ratio_sum / calls if self.search_calls else 0.0,
+        }
+
+
+class Trainer:
+    """Builds data, model, optimizer and schedule from a RunConfig and runs (or resumes) training."""
+
+    def __init__(self, cfg: RunConfig, step_fn=None, log=print):
+        self.cfg = cfg.validate()
+        self.log = log
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = load_dataset(cfg)
+        self.extra = load_rst_extra(cfg.rst_extra) if cfg.method == "rst" and cfg.rst_extra else None
+        self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
+                                 self.data.mean, self.data.std).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.labeled_per_batch = cfg.batch_size // 2 if self.extra is not None else cfg.batch_size
+        self.iters_per_epoch = steps_per_epoch(len(self.data.train_x), self.labeled_per_batch, drop_last=True)
+        if self.iters_per_epoch == 0:
+            raise ValueError(f"batch_size: {cfg.batch_size} is larger than the training set "
+                             f"({len(self.data.train_x)} examples)")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch))
+        self.step_fn = step_fn or train_step_ref
+        self.epoch = 0          # completed epochs
+        self.step = 0           # optimizer steps so far
+        self.best_metric = -1.0
+        self.best_epoch = -1
+        self.metrics_lines = 0
+        self.out_dir = cfg.out_dir
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self):
+        return {
+            "format_version": 1,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "metrics_lines": self.metrics_lines,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state, source="checkpoint"):
+        saved = RunConfig.from_dict(state["config"])
+        if saved.to_dict() != self.cfg.to_dict():
+            diff = {k: (v, self.cfg.to_dict()[k]) for k, v in saved.to_dict().items()
+                    if self.cfg.to_dict()[k] != v}
+            raise CheckpointError(f"{source}: its config differs from this run's: {diff}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{source}: does not fit the model/optimizer of this config ({exc})") \
+                from None
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.metrics_lines = state["metrics_lines"]
+        set_rng_state(state["rng"])
+
+    @classmethod
+    def resume(cls, run_dir, log=print, **overrides):
+        """Continue the run in `run_dir` from its last.pt, with its own saved config."""
+        path = os.path.join(run_dir, "last.pt")
+        state = load_checkpoint(path)
+        cfg = RunConfig.from_dict({**state["config"], **overrides, "out_dir": run_dir})
+        trainer = cls(cfg, log=log)
+        state["config"] = cfg.to_dict()  # overrides (quiet, device) are not part of the run's identity
+        trainer.load_state_dict(state, source=f"checkpoint {path}")
+        trainer._truncate_metrics()
+        return trainer
+
+    def _truncate_metrics(self):
+        """Drop metrics lines written after the checkpoint (an epoch that was interrupted)."""
+        path = os.path.join(self.out_dir, METRICS_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()[: self.metrics_lines]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    # ------------------------------------------------------------------ running
+    def _write_run_files(self):
+        os.makedirs(self.out_dir, exist_ok=True)
+        info = {"config": self.cfg.to_dict(), "git_commit": git_commit(), "torch": torch.__version__,
+                "device": str(self.device)}
+        tmp = os.path.join(self.out_dir, CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(tmp, os.path.join(self.out_dir, CONFIG_FILE))
+
+    def _progress(self, epoch):
+        from tqdm import tqdm
+        disable = self.cfg.quiet or not sys.stderr.isatty()
+        return tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                    disable=disable, leave=False, unit="step")
+
+    def train_epoch(self):
+        cfg, epoch = self.cfg, self.epoch
+        perturb_active = epoch >= cfg.warmup_epochs
+        stats = EpochStats()
+        self.model.train()
+        start = time.perf_counter()
+        bar = self._progress(epoch)
+        batches = epoch_batches(self.data.train_x, self.data.train_y, self.labeled_per_batch, epoch, cfg.seed,
+                                self.device, self.data.augment, start_step=0,
+                                extra=self.extra, drop_last=True)
+        for i, (x, y) in enumerate(batches):
+            gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, epoch, i))
+            result = self.step_fn(self.model, self.optimizer, x, y, cfg, perturb_active=perturb_active,
+                                  generator=gen)
+            self.scheduler.step()
+            self.step += 1
+            stats.add(result, y)
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(img_s=f"{stats.images / max(elapsed, 1e-9):.0f}", loss=f"{result.loss:.3f}",
+                            acc=f"{stats.correct / stats.images:.3f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        out = stats.summary()
+        out.update(seconds=seconds, images_per_second=stats.images / max(seconds, 1e-9),
+                   lr=self.optimizer.param_groups[0]["lr"], perturb_active=perturb_active)
+        return out
+
+    def evaluate(self):
+        cfg, d = self.cfg, self.data
+        n = cfg.eval_examples or len(d.test_x)
+        test = evaluate_natural_and_pgd(self.model, d.test_x[:n], d.test_y[:n], cfg, cfg.eval_attack_steps,
+                                        max(cfg.batch_size, 128), self.device, seed=cfg.seed)
+        train = evaluate_natural_and_pgd(self.model, d.train_x[:n], d.train_y[:n], cfg, 0,
+                                         max(cfg.batch_size, 128), self.device)
+        return {"test_natural_acc": test["natural_acc"], "test_natural_loss": test["natural_loss"],
+                "test_robust_acc": test["robust_acc"], "test_robust_loss": test["robust_loss"],
+                "train_natural_acc": train["natural_acc"], "train_natural_loss": train["natural_loss"]}
+
+    def fit(self):
+        """Train until cfg.epochs; returns the list of per-epoch metric dicts written this call."""
+        self._write_run_files()
+        written = []
+        while self.epoch < self.cfg.epochs:
+            row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            row.update(self.evaluate())
+            self.epoch += 1
+            row["step"] = self.step
+            improved = row["test_robust_acc"] > self.best_metric
+            if improved:
+                self.best_metric, self.best_epoch = row["test_robust_acc"], self.epoch
+            row.update(best_test_robust_acc=self.best_metric, best_epoch=self.best_epoch)
+            with open(os.path.join(self.out_dir, METRICS_FILE), "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.metrics_lines += 1
+            state = self.state_dict()
+            if improved:
+                save_checkpoint(os.path.join(self.out_dir, "best.pt"), state)
+            save_checkpoint(os.path.join(self.out_dir, "last.pt"), state)
+            written.append(row)
+            self.log(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_robust_loss']:.4f}  "
+                     f"test nat {row['test_natural_acc']:.4f}  PGD-{self.cfg.eval_attack_steps} "
+                     f"{row['test_robust_acc']:.4f}  {row['images_per_second']:.0f} img/s  "
+                     f"rwp steps {row['rwp_steps_mean']:.2f}  lr {row['lr']:.4g}")
+        return written

@@ -1,0 +1,65 @@
+"""RunConfig validation and the paper presets."""
+
+import math
+
+import pytest
+
+from rwp_fast.config import PRESETS, ConfigError, RunConfig, preset
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("epsilon", -1.0, "epsilon: must be a number >= 0"),
+    ("gamma", -0.01, "gamma: must be a number >= 0"),
+    ("c_min", -1.0, "c_min: must be a number >= 0"),
+    ("k2", 0, "k2: must be >= 1"),
+    ("method", "mart", "method: 'mart' is not one of at, trades, rst"),
+    ("perturb", "sam", "perturb: 'sam' is not one of none, awp, rwp"),
+    ("norm", "l1", "norm: 'l1' is not one of linf, l2"),
+    ("lsc_low", 2.0, "lsc_low: the LSC range [lsc_low, c_min) needs lsc_low <= c_min"),
+    ("epsilon", math.nan, "epsilon: must be a number >= 0"),
+])
+def test_invalid_values_name_the_field_and_the_allowed_range(field, value, needle):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**{field: value}).validate()
+    assert needle in str(err.value)
+
+
+def test_table1_presets_follow_the_spec():
+    c = preset("cifar10-linf-at-rwp")
+    assert (c.model, c.norm, c.eps, c.step_size) == ("preact_resnet18", "linf", 8 / 255, 2 / 255)
+    assert (c.perturb, c.gamma, c.c_min, c.k2, c.warmup_epochs) == ("rwp", 0.01, 1.7, 10, 0)
+    assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs, c.lr_milestones) == \
+        (0.1, 0.9, 5e-4, 128, 200, (100, 150))
+    assert c.lsc_range == (0.0, 1.7) and c.perturb_steps == 10
+    assert preset("cifar100-linf-at-rwp").c_min == 4.0
+    svhn = preset("svhn-linf-at-rwp")
+    assert (svhn.step_size, svhn.warmup_epochs) == (1 / 255, 5)
+    l2 = preset("cifar10-l2-at-awp")
+    assert (l2.eps, l2.step_size, l2.perturb_steps, l2.lsc_range) == (128 / 255, 15 / 255, 1, (0.0, math.inf))
+
+
+def test_table2_presets_follow_the_spec():
+    t = preset("cifar10-wrn34-trades-rwp")
+    assert (t.model, t.method, t.gamma, t.c_min, t.k2, t.warmup_epochs, t.trades_beta) == \
+        ("wrn-34-10", "trades", 0.005, 1.7, 10, 10, 6.0)
+    r = PRESETS["cifar10-wrn28-rst-rwp"]
+    assert (r["model"], r["batch_size"], r["lr_schedule"], r["nesterov"]) == ("wrn-28-10", 256, "cosine", True)
+    assert preset("cifar10-wrn34-at-rwp").model == "wrn-34-10"
+
+
+def test_every_preset_validates_and_overrides_apply():
+    for name in PRESETS:
+        if PRESETS[name].get("method") == "rst":
+            preset(name, rst_extra="extra.npz")
+        else:
+            preset(name)
+    assert preset("cifar10-linf-at-rwp", c_min=2.0).c_min == 2.0
+    with pytest.raises(ConfigError, match="preset: unknown preset 'nope'"):
+        preset("nope")
+
+
+def test_config_round_trips_through_a_dict():
+    c = preset("cifar10-linf-at-rwp")
+    assert RunConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="unknown field"):
+        RunConfig.from_dict({**c.to_dict(), "bogus": 1})
