@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig
-from ..data import epoch_batches, load_dataset, load_rst_extra, steps_per_epoch
+from ..data import BatchIterator, load_dataset
 from ..models import build_model
 from ..reference import pgd_attack_ref, train_step_ref
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -148,16 +148,14 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg)
-        self.extra = load_rst_extra(cfg.rst_extra) if cfg.method == "rst" and cfg.rst_extra else None
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
                                  self.data.mean, self.data.std).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        self.labeled_per_batch = cfg.batch_size // 2 if self.extra is not None else cfg.batch_size
-        self.iters_per_epoch = steps_per_epoch(len(self.data.train_x), self.labeled_per_batch, drop_last=True)
-        if self.iters_per_epoch == 0:
-            raise ValueError(f"batch_size: {cfg.batch_size} is larger than the training set "
-                             f"({len(self.data.train_x)} examples)")
+        # The whole (uint8) training set moves to the device once; batches are cut and augmented there.
+        self.batches = BatchIterator(self.data.train_x, self.data.train_y, cfg.batch_size, seed=cfg.seed,
+                                     device=self.device, augment=self.data.augment, extra=self.data.extra)
+        self.iters_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch))
         self.step_fn = step_fn or train_step_ref
@@ -247,10 +245,7 @@ class Trainer:
         self.model.train()
         start = time.perf_counter()
         bar = self._progress(epoch)
-        batches = epoch_batches(self.data.train_x, self.data.train_y, self.labeled_per_batch, epoch, cfg.seed,
-                                self.device, self.data.augment, start_step=0,
-                                extra=self.extra, drop_last=True)
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y) in enumerate(self.batches.epoch(epoch)):
             gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, epoch, i))
             result = self.step_fn(self.model, self.optimizer, x, y, cfg, perturb_active=perturb_active,
                                   generator=gen)

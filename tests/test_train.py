@@ -1,0 +1,152 @@
+"""The training program: checkpoints (atomic, weights_only), resume after a real kill, schedule, metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rwp_fast.config import RunConfig
+from rwp_fast.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
+from rwp_fast.train.trainer import lr_factor
+
+
+class Evil:
+    """Any class outside torch's allow-list: unpickling it would run arbitrary code."""
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(dataset="digits", model="small_cnn", epsilon=32.0, alpha=8.0, attack_steps=2,
+                eval_attack_steps=2, perturb="rwp", gamma=0.01, c_min=2.5, k2=2, epochs=2, batch_size=32,
+                lr=0.05, train_examples=160, eval_examples=64, out_dir=str(tmp_path / "run"), quiet=True,
+                device="cpu", lr_milestones=(1,))
+    base.update(kw)
+    return RunConfig(**base).validate()
+
+
+def test_checkpoint_write_is_atomic_and_old_file_survives_a_failed_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"a": torch.arange(3)})
+    original = path.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"a": torch.arange(5)})
+    assert path.read_bytes() == original            # the old checkpoint is intact
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # and no temporary file is left behind
+
+
+def test_corrupt_and_foreign_checkpoints_give_clear_errors_and_stay_on_disk(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a zip file")
+    with pytest.raises(CheckpointError, match="bad.pt: cannot be read"):
+        load_checkpoint(bad)
+    assert bad.read_bytes() == b"this is not a zip file"
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not an rwp-fast checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    """weights_only=True: a checkpoint carrying arbitrary Python objects is not executed."""
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_piecewise_and_cosine_schedules_per_iteration():
+    cfg = RunConfig(lr_schedule="piecewise", lr_milestones=(100, 150), lr_decay=10.0, epochs=200)
+    assert lr_factor(cfg, 100 * 391 - 1, 391) == 1.0
+    assert lr_factor(cfg, 100 * 391, 391) == pytest.approx(0.1)
+    assert lr_factor(cfg, 150 * 391, 391) == pytest.approx(0.01)
+    cos = cfg.replace(lr_schedule="cosine")
+    assert lr_factor(cos, 0, 391) == 1.0
+    assert lr_factor(cos, 100 * 391, 391) == pytest.approx(0.5)  # set per iteration: half-way is 0.5
+
+
+def test_fit_writes_metrics_checkpoints_and_lsc_diagnostics(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    rows = trainer.fit()
+    assert [r["epoch"] for r in rows] == [1, 2]
+    files = sorted(os.listdir(cfg.out_dir))
+    assert {"best.pt", "last.pt", "metrics.jsonl", "config.json"} <= set(files)
+    lines = [json.loads(x) for x in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
+    assert len(lines) == 2
+    for key in ("train_robust_loss", "train_robust_acc", "train_natural_loss", "train_natural_acc",
+                "test_natural_acc", "test_robust_acc", "test_robust_loss", "lr", "seconds",
+                "images_per_second", "lsc_mask_fraction", "rwp_steps_mean", "v_norm_ratio"):
+        assert key in lines[0], key
+    # 160 examples / 32 = 5 steps per epoch; lr drops ÷10 at epoch 1, so epoch 2 ends at 0.005
+    assert lines[1]["step"] == 10 and lines[1]["lr"] == pytest.approx(0.005)
+    assert 0 < lines[0]["rwp_steps_mean"] <= 2 and 0 < len(lines[0]["lsc_mask_fraction"]) <= 2
+    # layer scope: ‖v_l‖ = γ‖w_l‖ for every tensor, so ‖v‖/‖w‖ = γ over all of them
+    assert lines[0]["v_norm_ratio"] == pytest.approx(0.01, rel=1e-3)
+    state = load_checkpoint(os.path.join(cfg.out_dir, "last.pt"))
+    assert state["epoch"] == 2 and state["step"] == 10 and state["metrics_lines"] == 2
+    best = max(r["test_robust_acc"] for r in lines)
+    assert state["best_metric"] == best
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs=1)
+    Trainer(cfg, log=lambda *_: None).fit()
+    state = load_checkpoint(os.path.join(cfg.out_dir, "last.pt"))
+    other = Trainer(cfg.replace(gamma=0.02), log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="config differs"):
+        other.load_state_dict(state)
+
+
+def _train_cmd(out_dir, epochs):
+    return [sys.executable, "-m", "rwp_fast.cli", "train", "--dataset", "digits", "--model", "small_cnn",
+            "--epsilon", "32", "--alpha", "8", "--attack-steps", "3", "--eval-attack-steps", "2",
+            "--perturb", "rwp", "--c-min", "2.0", "--k2", "3", "--epochs", str(epochs), "--batch-size", "32",
+            "--train-examples", "640", "--eval-examples", "64", "--lr", "0.05", "--lr-milestones", "2",
+            "--device", "cpu", "--quiet", "--out-dir", str(out_dir)]
+
+
+def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(straight, 3), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(killed, 3), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside epoch 2 (an epoch takes several seconds here)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert done == 1, f"killed after {done} epochs; expected mid-epoch 2"
+
+    resumed = subprocess.run([sys.executable, "-m", "rwp_fast.cli", "train", "--resume", str(killed),
+                              "--quiet"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(killed / "last.pt")
+    assert a["step"] == b["step"] == 60
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    lines_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(x) for x in metrics.read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
+    assert [strip(r) for r in lines_a] == [strip(r) for r in lines_b]
