@@ -1,0 +1,40 @@
+"""Datasets in memory as uint8 tensors, and seeded, resumable batches augmented on the device.
+
+``load_dataset(cfg)`` → ``DatasetBundle``; ``BatchIterator(bundle.train_x, bundle.train_y, B, seed=...,
+device=..., augment=bundle.augment, extra=bundle.extra).epoch(e, start_step)`` → (x in [0, 1], y) batches.
+"""
+
+from .batches import (
+    CIFAR_AUGMENTATION,
+    DIGITS_AUGMENTATION,
+    NO_AUGMENTATION,
+    PAD_MODES,
+    Augmentation,
+    BatchIterator,
+    augment_batch,
+    derive_seed,
+    draw_augmentation,
+    epoch_batches,
+    eval_batches,
+    seeded_generator,
+    steps_per_epoch,
+    to_float,
+)
+from .datasets import (
+    DataFormatError,
+    DatasetBundle,
+    DatasetNotFoundError,
+    digits_split,
+    load_dataset,
+    load_digits_uint8,
+    make_synthetic,
+)
+from .rst import load_rst_extra
+
+__all__ = [
+    "CIFAR_AUGMENTATION", "DIGITS_AUGMENTATION", "NO_AUGMENTATION", "PAD_MODES", "Augmentation",
+    "BatchIterator", "DataFormatError", "DatasetBundle", "DatasetNotFoundError", "augment_batch",
+    "derive_seed", "digits_split", "draw_augmentation", "epoch_batches", "eval_batches", "load_dataset",
+    "load_digits_uint8", "load_rst_extra", "make_synthetic", "seeded_generator", "steps_per_epoch",
+    "to_float",
+]

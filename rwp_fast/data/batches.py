@@ -1,0 +1,299 @@
+"""Seeded, resumable batches from in-memory uint8 datasets, with augmentation done on the device.
+
+Every dataset is a uint8 tensor (N, C, H, W) in [0, 255] plus int64 labels (N,). ``BatchIterator`` moves
+both to the device once (CIFAR-10's 50,000 images are 150 MB of uint8) and then, per step, indexes a
+batch, augments it with batched tensor ops and converts it to float32 in [0, 1]. There is no DataLoader
+and no worker process: a whole split fits in device memory, and one batched gather replaces the per-image
+Python transforms and the host-to-device copy of every batch.
+
+Determinism and resuming. All randomness comes from CPU ``torch.Generator`` objects seeded from a hash
+of integers, never from the global RNG:
+  * the epoch's permutation from (seed, epoch);
+  * the crop offsets and flips of step s from (seed, epoch, s), drawn as small (B,) CPU tensors and then
+    moved to the device, so the batches are bit-identical on CPU and GPU. They are drawn for the rest of
+    the epoch when it starts, and copied with the permutation, so the per-step loop issues no
+    host-to-device copy and never synchronises with the GPU;
+  * RST: the order of the extra data from (seed, epoch) on a separate stream.
+Hence ``epoch(e, start_step=k)`` yields exactly batches k, k+1, ... of ``epoch(e)``: a run resumed from a
+mid-epoch checkpoint sees the same data as one that never stopped.
+
+drop_last. Training batches drop the last partial batch (``drop_last=True``; the released code keeps it,
+which changes at most one step per epoch): a batch of a few examples gives noisy BatchNorm batch
+statistics (one example with a 1×1 feature map fails outright in train mode), and constant shapes suit
+CUDA graphs and ``torch.compile``. Evaluation batches keep every example (``eval_batches``).
+
+Augmentation (``Augmentation``), applied to the uint8 batch before the float conversion:
+  * CIFAR-10/100: the paper's 4-pixel zero pad + random 32×32 crop + random horizontal flip, i.e.
+    torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip as in the TRADES code. Rice et al.'s
+    CIFAR-10 code (which AWP and RWP's AT scripts reuse) pads by reflection instead: ``pad_mode='reflect'``.
+  * SVHN: none, as in the released code.
+  * digits: a 1-pixel pad and crop (4 pixels is half of an 8×8 image) and no flip: a mirrored 2, 3, 4, 5,
+    7 or 9 is not that digit.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PAD_MODES = ("zeros", "reflect")
+
+# Streams of derive_seed, so that the permutation, the augmentation and the extra order never share draws.
+_STREAM_PERMUTATION = 1
+_STREAM_AUGMENTATION = 2
+_STREAM_EXTRA = 3
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_seed(*keys):
+    """A 63-bit seed from a tuple of integers (SplitMix64 chain): stable across Python, torch, platforms.
+
+    Python's ``hash`` of a tuple is not (it is salted for strings and may change between versions).
+    """
+    h = 0
+    for key in keys:
+        h = _splitmix64(h ^ (int(key) & _MASK64))
+    return h >> 1
+
+
+def seeded_generator(*keys):
+    """A fresh CPU torch.Generator seeded with ``derive_seed(*keys)``."""
+    return torch.Generator(device="cpu").manual_seed(derive_seed(*keys))
+
+
+def steps_per_epoch(n, batch_size, drop_last):
+    """Number of batches of an epoch over n examples: ⌊n/B⌋ with drop_last, else ⌈n/B⌉."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random crop after padding, and random horizontal flip; falsy when it does nothing."""
+    pad: int = 0              # pixels of padding on each side before the random crop back to H×W
+    flip: bool = False        # horizontal flip with probability 1/2
+    pad_mode: str = "zeros"   # one of PAD_MODES: 'zeros' (torchvision, TRADES) or 'reflect' (Rice et al.)
+
+    def __post_init__(self):
+        if self.pad < 0:
+            raise ValueError(f"pad: must be >= 0, got {self.pad}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode: expected one of {PAD_MODES}, got {self.pad_mode!r}")
+
+    def __bool__(self):
+        return self.pad > 0 or self.flip
+
+
+NO_AUGMENTATION = Augmentation()
+CIFAR_AUGMENTATION = Augmentation(pad=4, flip=True)
+DIGITS_AUGMENTATION = Augmentation(pad=1, flip=False)
+
+
+def draw_augmentation(batch_size, augment, generator):
+    """The random parameters of one batch, on the CPU.
+
+    Returns offsets (B, 2) int64 in [0, 2·pad]: the (row, column) of the crop's top-left corner in the
+    padded image; and flips (B,) bool. Offsets are drawn first, then flips (only if augment.flip).
+    """
+    offsets = torch.randint(0, 2 * augment.pad + 1, (batch_size, 2), generator=generator)
+    if augment.flip:
+        flips = torch.rand(batch_size, generator=generator) < 0.5
+    else:
+        flips = torch.zeros(batch_size, dtype=torch.bool)
+    return offsets, flips
+
+
+def _reflect(index, n):
+    # np.pad(mode='reflect') / F.pad(mode='reflect'): -1 → 1, n → n - 2 (edge not repeated); needs pad < n.
+    index = torch.where(index < 0, -index, index)
+    return torch.where(index > n - 1, 2 * (n - 1) - index, index)
+
+
+def augment_batch(x, offsets, flips, pad, pad_mode="zeros"):
+    """Crop each image at its offset from the padded image, then flip it where ``flips`` is set.
+
+    x: (B, C, H, W) any dtype; offsets: (B, 2) int64 in [0, 2·pad]; flips: (B,) bool; both on x.device.
+    Returns (B, C, H, W), same dtype: out[b, :, i, j] = padded[b, :, oy + i, ox + j'] with
+    j' = W − 1 − j if flipped else j. One gather with per-example row and column indices: the padded
+    image is never materialised and there is no loop over examples.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode: expected one of {PAD_MODES}, got {pad_mode!r}")
+    B, C, H, W = x.shape
+    if pad_mode == "reflect" and pad >= min(H, W):
+        raise ValueError(f"pad: reflection padding needs pad < image size {min(H, W)}, got {pad}")
+    device = x.device
+    i = torch.arange(H, device=device)
+    j = torch.arange(W, device=device)
+    rows = offsets[:, 0:1] - pad + i                                       # (B, H) rows of x
+    cols = offsets[:, 1:2] - pad + torch.where(flips[:, None], W - 1 - j, j)  # (B, W) columns of x
+    if pad_mode == "reflect":
+        rows, cols = _reflect(rows, H), _reflect(cols, W)
+        outside = None
+    else:
+        outside = (((rows < 0) | (rows >= H))[:, None, :, None]
+                   | ((cols < 0) | (cols >= W))[:, None, None, :])      # (B, 1, H, W): zero padding
+        rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
+    b = torch.arange(B, device=device)[:, None, None, None]
+    c = torch.arange(C, device=device)[None, :, None, None]
+    out = x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+    if outside is not None:
+        out.masked_fill_(outside, 0)
+    return out
+
+
+def to_float(x):
+    """uint8 (…) in [0, 255] → float32 in [0, 1], computed as x / 255 (exact, not x · (1/255))."""
+    return x.to(torch.float32).div_(255.0)
+
+
+def _check_images(name, x, y):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"{name}: expected a uint8 tensor (N, C, H, W), got "
+                         f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise ValueError(f"{name}: expected integer labels of shape ({x.shape[0]},), got "
+                         f"{getattr(y, 'dtype', type(y))} of shape {tuple(getattr(y, 'shape', ()))}")
+
+
+class BatchIterator:
+    """Batches of one dataset split, held on ``device``; ``epoch(e, start_step)`` yields them.
+
+    x: (N, C, H, W) uint8; y: (N,) integer. extra: RST, an (images, labels) pair of the same image shape:
+    each batch is then batch_size/2 labeled examples followed by batch_size/2 extra ones, and the epoch
+    length is set by the labeled set (⌊N / (batch_size/2)⌋ steps with drop_last). The extra data is
+    visited in its own seeded order, reshuffled every time it runs out.
+    Each batch: (x float32 (B, C, H, W) in [0, 1], y int64 (B,)), both on ``device``.
+    """
+
+    def __init__(self, x, y, batch_size, *, seed=0, device="cpu", augment=None, extra=None, shuffle=True,
+                 drop_last=True):
+        _check_images("x", x, y)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment = augment if augment is not None else NO_AUGMENTATION
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.x = x.to(self.device)
+        self.y = y.to(self.device, torch.int64)
+        self.extra_x = self.extra_y = None
+        self.labeled_per_batch = batch_size
+        if extra is not None:
+            extra_x, extra_y = extra
+            _check_images("extra", extra_x, extra_y)
+            if batch_size % 2:
+                raise ValueError(f"batch_size: RST batches are half labeled, half extra; needs an even "
+                                 f"batch_size, got {batch_size}")
+            if extra_x.shape[1:] != x.shape[1:]:
+                raise ValueError(f"extra: images of shape {tuple(extra_x.shape[1:])} do not match the "
+                                 f"labeled images' {tuple(x.shape[1:])}")
+            if extra_x.shape[0] == 0:
+                raise ValueError("extra: the extra data set is empty")
+            self.extra_x = extra_x.to(self.device)
+            self.extra_y = extra_y.to(self.device, torch.int64)
+            self.labeled_per_batch = batch_size // 2
+        self.steps = steps_per_epoch(x.shape[0], self.labeled_per_batch, drop_last)
+        if self.steps == 0:
+            raise ValueError(f"batch_size: {batch_size} needs at least {self.labeled_per_batch} labeled "
+                             f"examples per batch, but there are only {x.shape[0]} (drop_last drops the "
+                             f"partial batch); use a smaller batch_size or more examples")
+
+    def __len__(self):
+        return self.steps
+
+    def _order(self, epoch):
+        n = self.x.shape[0]
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        perm = torch.randperm(n, generator=seeded_generator(self.seed, _STREAM_PERMUTATION, epoch))
+        return perm.to(self.device)
+
+    def _labeled_at(self, step):
+        return min(self.labeled_per_batch, self.x.shape[0] - step * self.labeled_per_batch)
+
+    def _extra_order(self, epoch):
+        n_extra = self.extra_x.shape[0]
+        needed = min(self.steps * self.labeled_per_batch, self.x.shape[0])
+        chunks = []
+        for k in range(math.ceil(needed / n_extra)):
+            chunks.append(torch.randperm(n_extra, generator=seeded_generator(self.seed, _STREAM_EXTRA,
+                                                                             epoch, k)))
+        return torch.cat(chunks)[:needed].to(self.device)
+
+    def _augmentation_params(self, epoch, start_step):
+        """Offsets and flips of steps start_step.. concatenated, each step from its own seeded generator.
+
+        Drawn for the whole (rest of the) epoch at once and moved to the device in one copy: a per-step
+        host-to-device copy of pageable memory would synchronise the stream at every batch.
+        """
+        offsets, flips = [], []
+        for step in range(start_step, self.steps):
+            size = self._labeled_at(step) * (2 if self.extra_x is not None else 1)
+            o, f = draw_augmentation(size, self.augment, seeded_generator(self.seed, _STREAM_AUGMENTATION,
+                                                                          epoch, step))
+            offsets.append(o)
+            flips.append(f)
+        return torch.cat(offsets).to(self.device), torch.cat(flips).to(self.device)
+
+    def epoch(self, epoch, start_step=0):
+        """A generator of the batches start_step, ..., len(self) − 1 of epoch ``epoch``."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step: must be in [0, {self.steps}], got {start_step}")
+        return self._batches(epoch, start_step)
+
+    def _batches(self, epoch, start_step):
+        # Everything random is drawn and copied to the device here, once per epoch; the loop below only
+        # launches device ops (index_select, cat, the augmentation gather), so it never waits on the GPU.
+        order = self._order(epoch)
+        extra_order = self._extra_order(epoch) if self.extra_x is not None else None
+        augment = bool(self.augment) and start_step < self.steps
+        if augment:
+            all_offsets, all_flips = self._augmentation_params(epoch, start_step)
+        per = self.labeled_per_batch
+        pos = 0
+        for step in range(start_step, self.steps):
+            idx = order[step * per:(step + 1) * per]
+            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            if extra_order is not None:
+                eidx = extra_order[step * per:step * per + idx.shape[0]]
+                xb = torch.cat([xb, self.extra_x.index_select(0, eidx)])
+                yb = torch.cat([yb, self.extra_y.index_select(0, eidx)])
+            if augment:
+                b = xb.shape[0]
+                xb = augment_batch(xb, all_offsets[pos:pos + b], all_flips[pos:pos + b], self.augment.pad,
+                                   self.augment.pad_mode)
+                pos += b
+            yield to_float(xb), yb
+
+
+def epoch_batches(x, y, batch_size, epoch, seed, device, augment, start_step=0, extra=None, shuffle=True,
+                  drop_last=True):
+    """One epoch of ``BatchIterator(x, y, batch_size, ...)``: a generator of (x, y) batches on ``device``.
+
+    Copies x to the device on every call unless it is already there; a training loop should build one
+    ``BatchIterator`` and call its ``epoch`` method instead, so the dataset moves to the device once.
+    """
+    it = BatchIterator(x, y, batch_size, seed=seed, device=device, augment=augment, extra=extra,
+                       shuffle=shuffle, drop_last=drop_last)
+    return it.epoch(epoch, start_step)
+
+
+def eval_batches(x, y, batch_size, device):
+    """Test batches in dataset order, no augmentation, the last partial batch kept.
+
+    Pass x, y already on ``device`` (``Tensor.to`` is then a no-op) to avoid a copy per call.
+    """
+    it = BatchIterator(x, y, batch_size, device=device, shuffle=False, drop_last=False)
+    return it.epoch(0)
