@@ -71,14 +71,33 @@ def _cuda_extension():
     # cpp_extension would otherwise add flags for the (absent) local GPU or every known arch.
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs.split(";") if a)
 
+    # rpath: the .so links libc10, libtorch* and libcudart.so.N. Without an rpath it loads only
+    # after `import torch` has loaded them, and `import rwp_fast._C` as a first import fails with
+    # "libc10.so: cannot open shared object file". torch's lib/ comes first. For libcudart, the copy
+    # that torch itself uses (the pip nvidia-*-runtime package next to torch) is preferred, so the
+    # process loads a single cudart; the toolkit's lib64 is the fallback.
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    bundled_cudart = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")))
+    rpath = [os.path.join(os.path.dirname(torch.__file__), "lib"),
+             os.path.dirname(bundled_cudart[0]) if bundled_cudart else os.path.join(cuda_home, "lib64")]
+
+    # No -std flag: cpp_extension adds the C++ standard that this torch's headers need (C++20 for
+    # torch 2.14; a -std=c++17 from us would override it).
+    # No --use_fast_math: it implies --ftz=true and approximate div/sqrt/exp/log, which break the
+    # fp32 bit-exactness of the L∞ PGD step and perturb_axpy_ against the reference (subnormals
+    # flushed to zero) and cost accuracy in lsc_loss; the kernels are memory-bound, so it buys no
+    # speed. See csrc/rwp_device.cuh.
     ext = CUDAExtension(
         name="rwp_fast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + arch_flags,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"] + arch_flags,
         },
+        extra_link_args=[f"-Wl,-rpath,{d}" for d in rpath],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

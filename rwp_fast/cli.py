@@ -23,7 +23,7 @@ def _field_help():
     """Help text of each RunConfig field: the comment on its line in config.py (one source of truth)."""
     helps = {}
     for line in inspect.getsource(RunConfig).splitlines():
-        m = re.match(r"\s+(\w+): [\w\[\], ]+ = .*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+): [\w\[\], |]+ = .*?#\s*(.*)$", line)
         if m:
             helps[m.group(1)] = m.group(2)
     return helps
@@ -37,7 +37,7 @@ def add_config_flags(parser):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         text = f"{helps.get(f.name, '')} (default: {default})"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.type in ("bool | None", bool | None):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, tuple):
             group.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=text)

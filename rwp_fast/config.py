@@ -17,8 +17,9 @@ NORMS = ("linf", "l2")
 RWP_UPDATES = ("accumulate", "paper")
 NORM_SCOPES = ("layer", "global")
 LR_SCHEDULES = ("piecewise", "cosine")
-BACKENDS = ("auto", "cuda", "triton", "torch")
-TRAINERS = ("reference", "fast")
+# 'reference' runs the plain oracle trainer; the others run the fast trainer with that ops backend.
+BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -65,8 +66,13 @@ class RunConfig:
     # --- run control
     seed: int = 0
     device: str = "auto"               # one of DEVICES; auto picks CUDA when present
-    trainer: str = "reference"         # one of TRAINERS
-    backend: str = "auto"              # one of BACKENDS, for the fused ops (env RWP_FAST_BACKEND)
+    backend: str = "auto"              # one of BACKENDS: fused-op backend of the fast trainer, or 'reference'
+    # --- fast trainer only (None / 'auto': on for CUDA, off for CPU)
+    precision: str = "auto"            # one of PRECISIONS; auto is bf16 autocast on CUDA, fp32 on CPU
+    compile: bool | None = None        # torch.compile the model (--no-compile to switch off)
+    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead, max-autotune
+    channels_last: bool | None = None  # channels-last weights (convolutions then run NHWC)
+    input_only_grads: bool = True      # freeze the weights during the attack (no weight-grad convs)
     eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all)
     train_examples: int = 0            # use only the first N training examples (0 = all)
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
@@ -95,7 +101,8 @@ class RunConfig:
         """Raise ConfigError naming the first invalid field and its allowed values; return self."""
         choices = dict(dataset=DATASETS, model=MODELS, method=METHODS, perturb=PERTURBS, norm=NORMS,
                        rwp_update=RWP_UPDATES, norm_scope=NORM_SCOPES, lr_schedule=LR_SCHEDULES,
-                       backend=BACKENDS, trainer=TRAINERS, device=DEVICES)
+                       backend=BACKENDS, device=DEVICES, precision=PRECISIONS,
+                       compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")

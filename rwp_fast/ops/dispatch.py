@@ -57,7 +57,7 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(backend, op):
     """Import the module that implements `op` for `backend`; raises the original ImportError."""
     if backend == "triton":
@@ -86,7 +86,7 @@ def _can_run(backend, op, device_type):
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _auto_choice(op, device_type):
     order = AUTO_ORDER[op][0] if device_type == "cuda" else ("torch",)
     for backend in order:

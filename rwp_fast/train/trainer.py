@@ -3,7 +3,8 @@
 The loop owns data order, the per-iteration lr schedule, the weight-perturbation warm-up (counted in
 epochs), the per-epoch PGD-20 evaluation, metrics.jsonl, checkpoints (best.pt by test PGD-20, last.pt)
 and resume. What one step computes is delegated to a step function with the signature of
-``rwp_fast.reference.train_step_ref``; ``cfg.trainer`` picks the reference oracle or the fast path.
+``rwp_fast.reference.train_step_ref``: ``cfg.backend == 'reference'`` runs that oracle, any other backend
+the fast path (``FastTrainStep``) with the fused ops on that backend.
 
 Reproducibility: every random draw of a step (augmentation, attack start) comes from generators seeded
 by (seed, epoch, step), never from global RNG state, so a run resumed from the checkpoint written at
@@ -113,7 +114,7 @@ class EpochStats:
     def add(self, result, y):
         self.images += len(y)
         self.loss_sum += result.loss * len(y)
-        self.correct += (result.logits_adv.argmax(1) == y).sum().item()
+        self.correct += (result.logits_adv.argmax(1) == y).sum()  # device tensors: no sync per step
         info = result.search
         if info.mask_fractions:
             self.search_calls += 1
@@ -129,13 +130,13 @@ class EpochStats:
     def summary(self):
         calls = max(self.search_calls, 1)
         return {
-            "train_robust_loss": self.loss_sum / max(self.images, 1),
-            "train_robust_acc": self.correct / max(self.images, 1),
+            "train_robust_loss": float(self.loss_sum) / max(self.images, 1),
+            "train_robust_acc": float(self.correct) / max(self.images, 1),
             # LSC diagnostics: fraction of the batch inside [p, q) at probe k (averaged over the batches
             # that reached probe k), mean number of gradient probes before the break, and ‖v‖/‖w‖.
-            "lsc_mask_fraction": [s / c for s, c in zip(self.mask_sums, self.mask_counts)],
+            "lsc_mask_fraction": [float(s) / c for s, c in zip(self.mask_sums, self.mask_counts)],
             "rwp_steps_mean": self.steps_taken / calls if self.search_calls else 0.0,
-            "v_norm_ratio": self.v_ratio_sum / calls if self.search_calls else 0.0,
+            "v_norm_ratio": float(self.v_ratio_sum) / calls if self.search_calls else 0.0,
         }
 
 
@@ -158,6 +159,11 @@ class Trainer:
         self.iters_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch))
+        if step_fn is None and cfg.backend != "reference":
+            from ..ops import set_backend
+            from .fast_step import FastTrainStep
+            set_backend(cfg.backend)
+            step_fn = FastTrainStep(self.model, self.optimizer, cfg, self.device)
         self.step_fn = step_fn or train_step_ref
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
@@ -249,18 +255,20 @@ class Trainer:
             gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, epoch, i))
             result = self.step_fn(self.model, self.optimizer, x, y, cfg, perturb_active=perturb_active,
                                   generator=gen)
+            lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
             stats.add(result, y)
-            elapsed = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(img_s=f"{stats.images / max(elapsed, 1e-9):.0f}", loss=f"{result.loss:.3f}",
-                            acc=f"{stats.correct / stats.images:.3f}")
+            if not bar.disable and (i % 10 == 0 or i + 1 == self.iters_per_epoch):  # reading syncs
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(img_s=f"{stats.images / max(elapsed, 1e-9):.0f}",
+                                loss=f"{float(result.loss):.3f}", acc=f"{float(stats.correct) / stats.images:.3f}")
         bar.close()
+        out = stats.summary()  # reads the device-side sums: the epoch's work is done after this
         seconds = time.perf_counter() - start
-        out = stats.summary()
-        out.update(seconds=seconds, images_per_second=stats.images / max(seconds, 1e-9),
-                   lr=self.optimizer.param_groups[0]["lr"], perturb_active=perturb_active)
+        out.update(seconds=seconds, images_per_second=stats.images / max(seconds, 1e-9), lr=lr,
+                   perturb_active=perturb_active)
         return out
 
     def evaluate(self):

@@ -1,0 +1,168 @@
+"""Triton kernels for the fused op ``weight_perturb``: per-tensor squared norms, the running-sum update
+a ← β·a + g, and w ← w ± s·a, over all perturbed weight tensors at once. SPEC.md §2; the oracle is
+``rwp_fast.reference.weight_perturb``.
+
+The L perturbed tensors are segments of one flat 1-D buffer, described by a ``SegmentTable``
+(``rwp_fast.ops.weight_perturb``): the buffer is cut into chunks of at most ``table.chunk`` elements that
+never straddle a segment, and one program handles one chunk. So every launch covers all L tensors and
+the number of launches per call is fixed (1 or 2), whatever L is: PreAct ResNet-18 has 21 perturbed
+tensors, WRN-34-10 has 35.
+
+Norms are two-stage and deterministic, without atomics: each chunk writes its fp32 partial Σx² to an
+(M,) buffer, then ``_segment_sum_kernel`` (one program per segment) sums that segment's partials in a
+fixed order. Elementwise arithmetic is fp32, rounded to the buffer's dtype on store. The elementwise
+kernels are launched with ``NO_FMA`` (``enable_fp_fusion=False``) so that s·a is rounded before the add,
+exactly as the reference's two torch ops: ``perturb_axpy_`` then matches ``perturb_axpy_ref`` bit for
+bit in fp32 (and in fp16/bf16, which round the same fp32 value once).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, new_output
+
+# Chunk partials summed per iteration of the per-segment reduction. WRN-34-10's largest tensor
+# (640·640·3·3 = 3.7M elements) has 900 chunks of 4096: 8 iterations.
+REDUCE_BLOCK = 128
+# Launch option for the elementwise kernels: s·a (and β·a) rounded before the add, as the reference's
+# separate torch ops do, instead of one FMA rounding. Free for memory-bound kernels.
+NO_FMA = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _chunk_extent(chunk_seg_ptr, chunk_start_ptr, offsets_ptr, CHUNK: tl.constexpr):
+    """(segment, element offsets of this program's chunk, in-bounds mask)."""
+    chunk = tl.program_id(0)
+    seg = tl.load(chunk_seg_ptr + chunk)
+    start = tl.load(chunk_start_ptr + chunk)
+    end = tl.load(offsets_ptr + seg + 1)
+    offs = start + tl.arange(0, CHUNK)
+    return seg, offs, offs < end
+
+
+@triton.jit
+def _segment_sq_norm_partial_kernel(x_ptr, chunk_seg_ptr, chunk_start_ptr, offsets_ptr, partial_ptr,
+                                    CHUNK: tl.constexpr):
+    _seg, offs, inb = _chunk_extent(chunk_seg_ptr, chunk_start_ptr, offsets_ptr, CHUNK)
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _accumulate_sq_norm_partial_kernel(a_ptr, g_ptr, beta_ptr, chunk_seg_ptr, chunk_start_ptr, offsets_ptr,
+                                       partial_ptr, CHUNK: tl.constexpr, HAS_BETA: tl.constexpr):
+    seg, offs, inb = _chunk_extent(chunk_seg_ptr, chunk_start_ptr, offsets_ptr, CHUNK)
+    a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_BETA:
+        a = tl.load(beta_ptr + seg) * a + g
+    else:
+        a = a + g
+    a_stored = a.to(a_ptr.dtype.element_ty)
+    tl.store(a_ptr + offs, a_stored, mask=inb)
+    # The norm of a as stored (after rounding to a's dtype), as accumulate_sq_norm_ref defines it.
+    a = a_stored.to(tl.float32)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(a * a, axis=0))
+
+
+@triton.jit
+def _segment_sum_kernel(partial_ptr, seg_chunk_start_ptr, out_ptr, BLOCK: tl.constexpr):
+    seg = tl.program_id(0)
+    first = tl.load(seg_chunk_start_ptr + seg)
+    last = tl.load(seg_chunk_start_ptr + seg + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(first, last, BLOCK):
+        idx = c + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + idx, mask=idx < last, other=0.0)
+    tl.store(out_ptr + seg, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _perturb_axpy_kernel(w_ptr, a_ptr, scale_ptr, chunk_seg_ptr, chunk_start_ptr, offsets_ptr,
+                         CHUNK: tl.constexpr, SIGN: tl.constexpr):
+    seg, offs, inb = _chunk_extent(chunk_seg_ptr, chunk_start_ptr, offsets_ptr, CHUNK)
+    w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    step = tl.load(scale_ptr + seg) * a
+    if SIGN > 0:
+        w = w + step
+    else:
+        w = w - step
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=inb)
+
+
+def _num_warps(chunk):
+    # 4096 fp32 over 8 warps is 16 elements per thread.
+    return 8 if chunk >= 4096 else (4 if chunk >= 512 else 1)
+
+
+def _check_table(table, device):
+    for name in ("offsets", "chunk_seg", "chunk_start", "seg_chunk_start"):
+        t = getattr(table, name)
+        if t.device != device:
+            raise ValueError(f"table: its {name} is on {t.device} but the buffers are on {device}; "
+                             f"call table.to({str(device)!r}) once")
+
+
+def _check_flat(name, x, table, ref_name=None, ref=None):
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, device=None if ref is None else ref.device, ndim=1)
+    if x.numel() != table.numel:
+        raise ValueError(f"{name}: expected {table.numel} elements (table.numel), got {x.numel()}")
+    if ref is not None:
+        check_same_dtype(name, x, ref_name, ref)
+
+
+def _check_per_segment(name, t, table, device):
+    check_tensor(name, t, dtypes=(torch.float32,), device=device, shape=(table.num_segments,))
+
+
+def _segment_sum(partial, table, device):
+    out = new_output((table.num_segments,), torch.float32, device)
+    _segment_sum_kernel[(table.num_segments,)](partial, table.seg_chunk_start, out, BLOCK=REDUCE_BLOCK,
+                                               num_warps=1)
+    return out
+
+
+def segment_sq_norm(x, table):
+    """Per-segment Σ x², (L,) fp32. x: (N,) contiguous fp32/fp16/bf16 with N = table.numel."""
+    _check_flat("x", x, table)
+    _check_table(table, x.device)
+    partial = new_output((table.num_chunks,), torch.float32, x.device)
+    _segment_sq_norm_partial_kernel[(table.num_chunks,)](
+        x, table.chunk_seg, table.chunk_start, table.offsets, partial,
+        CHUNK=table.chunk, num_warps=_num_warps(table.chunk))
+    return _segment_sum(partial, table, x.device)
+
+
+def accumulate_sq_norm_(a, g, table, beta):
+    """In place a ← β_l·a + g per segment (β None means 1); returns per-segment Σ a² of the new a as
+    stored, (L,) fp32. a, g: (N,) contiguous, same dtype (fp32/fp16/bf16); beta: None or (L,) fp32.
+    """
+    _check_flat("a", a, table)
+    _check_flat("g", g, table, "a", a)
+    _check_table(table, a.device)
+    if beta is not None:
+        _check_per_segment("beta", beta, table, a.device)
+    partial = new_output((table.num_chunks,), torch.float32, a.device)
+    _accumulate_sq_norm_partial_kernel[(table.num_chunks,)](
+        a, g, a if beta is None else beta, table.chunk_seg, table.chunk_start, table.offsets, partial,
+        CHUNK=table.chunk, HAS_BETA=beta is not None, num_warps=_num_warps(table.chunk), **NO_FMA)
+    return _segment_sum(partial, table, a.device)
+
+
+def perturb_axpy_(w, a, scale, table, sign):
+    """In place w ← w + sign·(scale_l·a) per segment (fp32 math, rounded to w's dtype); returns w.
+
+    w, a: (N,) contiguous, same dtype (fp32/fp16/bf16); scale: (L,) fp32; sign: +1 or −1.
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
+    _check_flat("w", w, table)
+    _check_flat("a", a, table, "w", w)
+    _check_table(table, w.device)
+    _check_per_segment("scale", scale, table, w.device)
+    _perturb_axpy_kernel[(table.num_chunks,)](
+        w, a, scale, table.chunk_seg, table.chunk_start, table.offsets,
+        CHUNK=table.chunk, SIGN=int(sign), num_warps=_num_warps(table.chunk), **NO_FMA)
+    return w

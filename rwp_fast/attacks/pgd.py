@@ -1,0 +1,84 @@
+"""Fast attacks: the reference's PGD and TRADES loops on the fused ``pgd_step`` op, with no waste.
+
+Same semantics and same random draws as ``rwp_fast.reference.attacks`` (the tests compare them):
+
+* the start and every step go through ``rwp_fast.ops.pgd_step`` (sign step, projection and box clamp in
+  one kernel, in place on the iterate);
+* gradients are taken with respect to the input only, and the model's parameters are frozen
+  (``requires_grad=False``) for the duration of the attack. In eager mode ``autograd.grad(loss, x)``
+  already skips the weight-gradient convolutions, but a ``torch.compile``'d backward is traced for
+  every input that requires grad and would compute them anyway; freezing makes both modes skip them
+  (SPEC.md §6: ≈ K1·2 forward units instead of K1·3);
+* no host synchronisation inside the loop.
+
+``forward`` is the (possibly compiled) model; ``autocast`` a context manager factory for AMP.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import pgd_random_init, pgd_step_
+from ..reference.attacks import TRADES_INIT_STD, margin_loss, trades_kl_sum
+from ..reference.pgd_step import draw_random_init_noise
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Temporarily set requires_grad=False on `params` (input-only gradients), then restore it."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _objective(logits, y, loss):
+    if loss == "ce":
+        return F.cross_entropy(logits.float(), y, reduction="sum")
+    if loss == "cw":
+        return margin_loss(logits, y).sum()
+    raise ValueError(f"loss: expected 'ce' or 'cw', got {loss!r}")
+
+
+def pgd_attack(forward, x, y, eps, alpha, steps, norm="linf", random_start=True, loss="ce", generator=None,
+               params=(), autocast=contextlib.nullcontext, input_only=True):
+    """PGD-`steps` on CE or the C&W margin; returns a detached x_adv (B, C, H, W) in [0, 1].
+
+    params: the model's parameters, frozen during the attack when input_only is True (pass
+    ``input_only=False`` to measure what freezing saves).
+    """
+    if random_start:
+        noise, radius = draw_random_init_noise(x, norm, generator)
+        x_adv = pgd_random_init(x, noise, eps, norm, radius)
+    else:
+        x_adv = x.clone()
+    with frozen(params) if input_only else contextlib.nullcontext():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with autocast():
+                logits = forward(x_adv)
+            (grad,) = torch.autograd.grad(_objective(logits, y, loss), x_adv)
+            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm)
+    return x_adv.detach()
+
+
+def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, params=(),
+                  autocast=contextlib.nullcontext, input_only=True):
+    """TRADES KL attack from x + 0.001·N(0, 1), as ``trades_attack_ref``; returns a detached x_adv."""
+    with torch.no_grad(), autocast():
+        p_nat = F.softmax(forward(x).float(), dim=1)
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
+    with frozen(params) if input_only else contextlib.nullcontext():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with autocast():
+                logits = forward(x_adv)
+            (grad,) = torch.autograd.grad(trades_kl_sum(logits, p_nat), x_adv)
+            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm)
+    return x_adv.detach()

@@ -1,0 +1,66 @@
+"""Public op ``pgd_step``: one fused PGD step, and the PGD random start (SPEC.md §1).
+
+Every function takes ``backend=None`` (None: ``dispatch.requested_backend()``; 'auto' picks per
+device). The triton and cuda backends write into a caller-visible buffer; the torch backend is the
+reference ``rwp_fast.reference.pgd_step``.
+"""
+
+import math
+
+import torch
+
+from ..reference.pgd_step import pgd_random_init_ref, pgd_step_ref
+from . import dispatch
+
+OP = "pgd_step"
+
+
+def _check_radius(name, value):
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name}: expected a number >= 0 (pixel units, e.g. 8/255), got {value}")
+    return value
+
+
+def _new_like(x):
+    # Not empty_like: that keeps a non-contiguous input's strides, and the kernels need contiguous out.
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def pgd_step(x_adv, grad, x_nat, alpha, eps, norm="linf", out=None, backend=None):
+    """Next PGD iterate clamp(x_nat + Π_ε(x_adv − x_nat + α·step(grad)), 0, 1), out of place.
+
+    x_adv, grad, x_nat: (B, ...) same shape and dtype (fp32, fp16, bf16); alpha, eps >= 0 in pixel
+    units; norm 'linf' or 'l2'. out: optional (B, ...) buffer to write into. Returns out (or a new tensor).
+    """
+    alpha, eps = _check_radius("alpha", alpha), _check_radius("eps", eps)
+    name = dispatch.choose_backend(OP, x_adv.device, backend)
+    if name == "torch":
+        result = pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = _new_like(x_adv)
+    return dispatch.backend_module(name, OP).pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out)
+
+
+def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm="linf", backend=None):
+    """In-place PGD step: x_adv is overwritten with the next iterate and returned."""
+    alpha, eps = _check_radius("alpha", alpha), _check_radius("eps", eps)
+    name = dispatch.choose_backend(OP, x_adv.device, backend)
+    if name == "torch":
+        return x_adv.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm))
+    return dispatch.backend_module(name, OP).pgd_step(x_adv, grad, x_nat, alpha, eps, norm, x_adv)
+
+
+def pgd_random_init(x_nat, noise, eps, norm="linf", radius=None, backend=None):
+    """Random start inside the ε-ball, box-clamped; a new tensor of x_nat's shape and dtype.
+
+    noise: fp32, x_nat's shape (U(−1, 1) for 'linf', N(0, 1) for 'l2'); radius: (B,) fp32 U(0, 1) draws,
+    'l2' only. ``rwp_fast.reference.draw_random_init_noise`` draws both.
+    """
+    eps = _check_radius("eps", eps)
+    name = dispatch.choose_backend(OP, x_nat.device, backend)
+    if name == "torch":
+        return pgd_random_init_ref(x_nat, noise, eps, norm, radius)
+    out = _new_like(x_nat)
+    return dispatch.backend_module(name, OP).pgd_random_init(x_nat, noise, eps, norm, radius, out)

@@ -1,0 +1,73 @@
+"""All perturbed weights of a model as views into one flat buffer, and their gradients likewise.
+
+The ``weight_perturb`` op works on one contiguous (N,) buffer split into L segments (SegmentTable).
+``FlatWeights`` moves every perturbed parameter (``*weight`` with dim > 1, in ``named_parameters``
+order: the reference's ``perturbed_parameters``) into such a buffer, and points each ``.grad`` into a
+second buffer of the same layout:
+
+    param.data = flat_w[off:off + n].as_strided(param.shape, param.stride())
+    param.grad = flat_g[off:off + n].as_strided(param.shape, param.stride())
+
+A segment holds its tensor's elements in memory order, so channels-last strides survive, and norms and
+elementwise updates over the flat buffer equal those over the tensors. Autograd accumulates into an
+existing ``.grad`` in place, so a backward writes the flat gradient directly, with no concatenation.
+Addresses never change afterwards, which is what CUDA graphs need.
+
+Rules that keep the views alive: zero gradients with ``FlatWeights.zero_grad()`` (or
+``optimizer.zero_grad(set_to_none=False)``), never by setting ``.grad = None``; and convert the model's
+memory format (``channels_last``) *before* building FlatWeights.
+"""
+
+import torch
+
+from ..ops.weight_perturb import SegmentTable
+from ..reference.perturbation_search import perturbed_parameters
+
+
+def _check_dense(name, p):
+    # as_strided over a segment of exactly numel elements needs a dense, non-overlapping layout
+    if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{name}: parameter with strides {p.stride()} is neither contiguous nor "
+                         "channels-last; FlatWeights needs a dense layout")
+
+
+class FlatWeights:
+    """Flat weight and gradient buffers for the perturbed parameters of `model`.
+
+    Attributes: names (L,), params (L,), w (N,) and g (N,) flat buffers in the parameters' dtype,
+    table (SegmentTable on the parameters' device).
+    """
+
+    def __init__(self, model):
+        named = perturbed_parameters(model)
+        if not named:
+            raise ValueError("model: has no perturbable weight (a '*weight' parameter with dim > 1)")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        dtypes = {p.dtype for p in self.params}
+        devices = {p.device for p in self.params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"model: perturbed weights must share one dtype and device, got {dtypes}, {devices}")
+        for n, p in named:
+            _check_dense(n, p)
+        (dtype,), (device,) = dtypes, devices
+        numels = [p.numel() for p in self.params]
+        self.table = SegmentTable.from_numels(numels).to(device)
+        self.w = torch.empty(self.table.numel, dtype=dtype, device=device)
+        self.g = torch.zeros(self.table.numel, dtype=dtype, device=device)
+        offsets = self.table.offsets.tolist()
+        with torch.no_grad():
+            for p, start, n in zip(self.params, offsets, numels):
+                w_view = self.w[start:start + n].as_strided(p.shape, p.stride())
+                w_view.copy_(p)
+                p.data = w_view
+                p.grad = self.g[start:start + n].as_strided(p.shape, p.stride())
+
+    def zero_grad(self):
+        """Zero the flat gradient in place (one launch), keeping every .grad a view of it."""
+        self.g.zero_()
+
+    def grads_are_views(self):
+        """True while every perturbed parameter's .grad still lives in the flat gradient buffer."""
+        base = self.g.untyped_storage().data_ptr()
+        return all(p.grad is not None and p.grad.untyped_storage().data_ptr() == base for p in self.params)

@@ -1,0 +1,225 @@
+"""The fused op ``lsc_loss`` against its reference ``rwp_fast.reference.lsc_loss`` (SPEC.md §2):
+per-example loss, LSC mask p ≤ ℓᵢ < q, masked mean over the whole batch, and the backward against
+autograd of the reference.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rwp_fast import ops
+from rwp_fast.ops import dispatch
+from rwp_fast.reference.lsc_loss import lsc_loss_ref, lsc_loss_trades_ref, lsc_mask_ref
+
+# Batch 1, 7, 129; C = 10, 100, 1000, and 2500 (three 1024-wide blocks: the online log-sum-exp).
+SIZES = [(1, 10), (7, 10), (129, 10), (7, 100), (129, 100), (7, 1000), (2, 2500)]
+# Per-example loss: lse summed over C exp terms in another order (tree vs torch's), plus a differently
+# rounded subtraction: a few ulps of lse ≤ ~12 (ulp 1e-6), so atol 5e-6 with rtol 1e-5.
+LOSS_TOL = {"rtol": 1e-5, "atol": 5e-6}
+# Gradients: softmax via exp(z − lse) vs torch's exp(log_softmax): relative error ≈ ulp(lse)·few
+# ≈ 2e-6, on values ≤ grad_out/B; atol covers probabilities that underflow differently near 1e-38.
+GRAD_TOL = {"rtol": 2e-5, "atol": 1e-8}
+TRADES_BETA = 6.0
+
+
+def make_logits(batch, classes, device, dtype=torch.float32, scale=3.0):
+    logits = (torch.randn(batch, classes, device=device) * scale).to(dtype)
+    target = torch.randint(0, classes, (batch,), device=device)
+    return logits, target
+
+
+def ref_with_grad(fn, *logits_and_rest, grad_out=0.7):
+    """Run a reference entry on fresh leaf copies of the logits; return its outputs and their grads."""
+    n_logits = sum(isinstance(t, torch.Tensor) and t.is_floating_point() for t in logits_and_rest)
+    leaves = [t.detach().clone().requires_grad_(True) for t in logits_and_rest[:n_logits]]
+    outputs = fn(*leaves, *logits_and_rest[n_logits:])
+    (outputs[0] * grad_out).backward()
+    return outputs, [leaf.grad for leaf in leaves]
+
+
+def check_mask(loss, mask, ref_loss, ref_mask, p, q):
+    """The backend's mask is its own loss thresholded (exactly); it equals the reference's mask except
+    where a loss lies within the loss tolerance of p or q."""
+    assert torch.equal(mask, lsc_mask_ref(loss, p, q))
+    near = ((ref_loss - p).abs() < 1e-4) | ((ref_loss - q).abs() < 1e-4)
+    assert torch.equal(mask[~near], ref_mask[~near])
+
+
+def _ranges(ref_loss_median):
+    """[0, inf) (AWP), and a range that keeps roughly the middle of the losses (RWP-like)."""
+    return [(0.0, math.inf), (0.5 * ref_loss_median, 1.5 * ref_loss_median)]
+
+
+@pytest.mark.parametrize("batch,classes", SIZES)
+def test_forward_and_backward_match_reference(backend, device, batch, classes):
+    logits, target = make_logits(batch, classes, device)
+    median = lsc_loss_ref(logits, target)[1].median().item()
+    for p, q in _ranges(median):
+        (ref_mean, ref_loss, ref_mask, _), (ref_grad,) = ref_with_grad(lsc_loss_ref, logits, target, p, q)
+        x = logits.clone().requires_grad_(True)
+        mean, loss, mask, count = ops.lsc_loss(x, target, p, q, backend=backend)
+        assert mean.shape == () and mean.dtype == torch.float32
+        assert loss.dtype == torch.float32 and mask.dtype == torch.bool
+        assert count.shape == () and count.dtype == torch.int64
+        torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+        check_mask(loss, mask, ref_loss, ref_mask, p, q)
+        assert count.item() == mask.sum().item()
+        torch.testing.assert_close(mean, (loss * mask).sum() / batch, **LOSS_TOL)
+        torch.testing.assert_close(mean, ref_mean, **LOSS_TOL)
+        (mean * 0.7).backward()
+        torch.testing.assert_close(x.grad, ref_grad, **GRAD_TOL)
+        assert (x.grad[~mask] == 0).all()  # masked-out examples get no gradient
+
+
+@pytest.mark.parametrize("batch,classes", SIZES)
+def test_trades_forward_and_backward_match_reference(backend, device, batch, classes):
+    nat, target = make_logits(batch, classes, device)
+    adv = nat + torch.randn_like(nat)
+    median = lsc_loss_trades_ref(nat, adv, target, TRADES_BETA)[1].median().item()
+    for p, q in _ranges(median):
+        (ref_mean, ref_loss, ref_mask, _), (ref_d_nat, ref_d_adv) = ref_with_grad(
+            lsc_loss_trades_ref, nat, adv, target, TRADES_BETA, p, q)
+        x_nat, x_adv = nat.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+        mean, loss, mask, count = ops.lsc_loss_trades(x_nat, x_adv, target, TRADES_BETA, p, q,
+                                                      backend=backend)
+        # β·KL multiplies the KL's own few-ulp error by 6: loosen atol accordingly.
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=3e-5)
+        check_mask(loss, mask, ref_loss, ref_mask, p, q)
+        assert count.item() == mask.sum().item()
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=3e-5)
+        (mean * 0.7).backward()
+        torch.testing.assert_close(x_nat.grad, ref_d_nat, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(x_adv.grad, ref_d_adv, rtol=2e-5, atol=1e-7)
+
+
+def test_trades_kl_output(kernel_backend, device):
+    """The backend-level kl (B,) is Σ_c p_nat (log p_nat − log p_adv), ≥ 0, and 0 for identical logits."""
+    impl = dispatch.backend_module(kernel_backend, "lsc_loss")
+    nat, target = make_logits(7, 100, device)
+    adv = nat + torch.randn_like(nat)
+    out = impl.lsc_loss_trades_fwd(nat, adv, target, TRADES_BETA, 0.0, math.inf)
+    kl = out[6]
+    log_p_nat, log_p_adv = nat.log_softmax(1), adv.log_softmax(1)
+    torch.testing.assert_close(kl, (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1), rtol=1e-5, atol=5e-6)
+    same = impl.lsc_loss_trades_fwd(nat, nat, target, TRADES_BETA, 0.0, math.inf)[6]
+    assert same.abs().max() < 1e-6  # ≈ Σ p·(rounding of two equal lse) ≈ ulp(lse)
+
+
+def test_mask_upper_bound_is_strict(backend, device):
+    """A loss exactly equal to q is masked out; exactly equal to p is kept (p ≤ ℓ < q)."""
+    # Rows of equal logits have CE = log C, the same fp32 value in every such row.
+    logits, target = make_logits(7, 10, device)
+    logits[:3] = 0.0
+    loss = ops.lsc_loss(logits, target, backend=backend)[1]
+    q = loss[0].item()  # the backend's own fp32 value: passed as fp32, it compares exactly
+    assert loss[1].item() == q and loss[2].item() == q
+    _, _, mask, count = ops.lsc_loss(logits, target, 0.0, q, backend=backend)
+    assert not mask[:3].any()
+    assert torch.equal(mask[3:], loss[3:] < q)
+    assert count.item() == (loss < q).sum().item()
+    _, _, mask, _ = ops.lsc_loss(logits, target, q, math.inf, backend=backend)
+    assert mask[:3].all()
+    # One class: CE = lse − z_y = 0 exactly in any arithmetic, so q = 0 masks everything out.
+    one = torch.randn(5, 1, device=device)
+    mean, loss, mask, count = ops.lsc_loss(one, torch.zeros(5, dtype=torch.int64, device=device), 0.0, 0.0,
+                                           backend=backend)
+    assert (loss == 0).all() and not mask.any() and count.item() == 0 and mean.item() == 0
+
+
+def test_masked_mean_divides_by_batch(backend, device):
+    """(1/B)·Σ Vᵢℓᵢ: one example in range out of 7 gives ℓ/7, not ℓ (the mean over the masked ones)."""
+    logits, target = make_logits(7, 10, device, scale=0.0)  # every loss is log 10 ≈ 2.30
+    logits[4, target[4]] = 5.0  # this one is confidently right: ℓ ≈ 0.06
+    x = logits.clone().requires_grad_(True)
+    mean, loss, mask, count = ops.lsc_loss(x, target, 0.0, 1.0, backend=backend)
+    assert count.item() == 1 and mask[4]
+    torch.testing.assert_close(mean, loss[4] / 7, rtol=1e-6, atol=0)
+    mean.backward()
+    expected = (logits[4].softmax(0) - torch.nn.functional.one_hot(target[4], 10)) / 7
+    torch.testing.assert_close(x.grad[4], expected, **GRAD_TOL)
+
+
+def test_empty_mask_gives_zero_mean_and_gradient(backend, device):
+    logits, target = make_logits(7, 10, device)
+    x = logits.clone().requires_grad_(True)
+    mean, _, mask, count = ops.lsc_loss(x, target, 0.0, 0.0, backend=backend)
+    assert count.item() == 0 and mean.item() == 0 and not mask.any()
+    mean.backward()
+    assert (x.grad == 0).all()
+
+
+def test_validation_names_the_argument(kernel_backend, device, arg_error):
+    logits, target = make_logits(4, 10, device)
+    kw = {"backend": kernel_backend}
+    with arg_error(ValueError, "logits"):
+        ops.lsc_loss(logits[0], target, **kw)
+    with arg_error(TypeError, "logits"):
+        ops.lsc_loss(logits.double(), target, **kw)
+    with arg_error(ValueError, "logits"):
+        ops.lsc_loss(logits.t().contiguous().t(), target, **kw)
+    with arg_error(TypeError, "target"):
+        ops.lsc_loss(logits, target.int(), **kw)
+    with arg_error(ValueError, "target"):
+        ops.lsc_loss(logits, target[:3], **kw)
+    with arg_error(ValueError, "target"):
+        ops.lsc_loss(logits, target.to("cpu" if device.type == "cuda" else "meta"), **kw)
+    with arg_error(ValueError, "p, q"):
+        ops.lsc_loss(logits, target, 2.0, 1.0, **kw)
+    with arg_error(TypeError, "logits_adv"):
+        ops.lsc_loss_trades(logits, logits.half(), target, TRADES_BETA, **kw)
+    with arg_error(ValueError, "logits_adv"):
+        ops.lsc_loss_trades(logits, logits[:, :9].contiguous(), target, TRADES_BETA, **kw)
+    impl = dispatch.backend_module(kernel_backend, "lsc_loss")
+    _loss, mask, _count, _masked_mean, lse = impl.lsc_loss_fwd(logits, target, 0.0, math.inf)
+    with arg_error(ValueError, "grad_out"):
+        impl.lsc_loss_bwd(torch.ones(2, device=device), logits, target, lse, mask)
+    with arg_error(TypeError, "mask"):
+        impl.lsc_loss_bwd(torch.ones((), device=device), logits, target, lse, mask.float())
+    with arg_error(ValueError, "lse"):
+        impl.lsc_loss_bwd(torch.ones((), device=device), logits, target, lse[:3], mask)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run the kernels")
+def test_triton_kernels_compile_for_sm90(require_backend):
+    """The interpreter does not type-check like the compiler: compile every lsc_loss kernel variant for
+    sm_90 without a GPU (front end + ptxas), and check that NO_FMA launches contain no FMA."""
+    require_backend("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "rwp_fast.kernels._compile_check", "lsc_loss"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- fp16 / bf16 on GPU
+def _fp64_truth(logits, target, mask, grad_out):
+    """Masked mean CE and its gradient in fp64 from the same low-precision logits (the truth)."""
+    z = logits.double().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(z, target, reduction="none")
+    ((loss * mask).sum() / logits.shape[0] * grad_out).backward()
+    return loss.detach(), z.grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,classes", [(512, 10), (128, 100), (128, 1000)])
+def test_low_precision_logits(backend, device, dtype, batch, classes):
+    """The loss is fp32 math on the same low-precision inputs, so fp32 tolerances; the gradient is
+    rounded to the logits' dtype, so its error vs the fp64 truth may be ~2× the reference's own."""
+    logits, target = make_logits(batch, classes, device, dtype)
+    (ref_mean, ref_loss, ref_mask, _), (ref_grad,) = ref_with_grad(lsc_loss_ref, logits, target, 0.0, 3.0)
+    x = logits.clone().requires_grad_(True)
+    mean, loss, mask, _ = ops.lsc_loss(x, target, 0.0, 3.0, backend=backend)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    check_mask(loss, mask, ref_loss, ref_mask, 0.0, 3.0)
+    torch.testing.assert_close(mean, ref_mean, **LOSS_TOL)
+    (mean * 0.7).backward()
+    assert x.grad.dtype == dtype
+    _, truth = _fp64_truth(logits, target, ref_mask, 0.7)
+    ref_err = (ref_grad.double() - truth).abs().max().item()
+    err = (x.grad.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-7, (err, ref_err)

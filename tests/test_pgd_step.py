@@ -1,0 +1,248 @@
+"""The fused op ``pgd_step`` against its reference ``rwp_fast.reference.pgd_step`` (SPEC.md §1).
+
+L∞ must be bit-exact in fp32 (same fp32 ops, same order). L2 differs from the reference only by the
+order of the fp32 sums in ‖g‖ and ‖δ'‖; each tolerance below says why it is that size.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rwp_fast import ops
+from rwp_fast.reference.pgd_step import pgd_random_init_ref, pgd_step_ref
+
+EPS_LINF, ALPHA_LINF = 8 / 255, 2 / 255
+EPS_L2, ALPHA_L2 = 128 / 255, 15 / 255
+# Odd sizes: batch 1, 7, 129; 7·5 = 35 and 129·192 elements are not multiples of any block size;
+# (2, 3, 48, 48) rows (6912) exceed the L2 one-pass limit of 4096, so they stream.
+SHAPES = [(1, 3, 32, 32), (7, 3, 32, 32), (129, 3, 8, 8), (7, 5), (1, 1), (2, 3, 48, 48)]
+# |kernel − reference| for L2: both compute ‖·‖ as an fp32 sum of ≤ 7K squares in a different order,
+# a relative difference of ~1e-6 at most; it scales |δ| ≤ ε < 1, so the output differs by < 1e-6,
+# plus one fp32 ulp of the final x_nat + δ (6e-8 below 1).
+L2_ATOL = 1e-6
+
+
+def make_inputs(shape, device, eps, dtype=torch.float32, zero_frac=0.1):
+    """x_nat with some saturated pixels, x_adv inside the ε-box, and a gradient with exact zeros."""
+    x_nat = torch.rand(shape, device=device)
+    x_nat.view(-1)[::11] = 0.0
+    x_nat.view(-1)[5::13] = 1.0
+    x_adv = (x_nat + (torch.rand(shape, device=device) * 2 - 1) * eps).clamp(0, 1)
+    grad = torch.randn(shape, device=device)
+    grad[torch.rand(shape, device=device) < zero_frac] = 0.0
+    return x_adv.to(dtype), grad.to(dtype), x_nat.to(dtype)
+
+
+def make_l2_inputs(shape, device, dtype=torch.float32):
+    """As make_inputs, with x_adv − x_nat of per-example norm U(0, 1.5)·ε: after the step about half of
+    the batch lies outside the ball, so both branches of min(1, ε/‖δ'‖) run."""
+    x_adv, grad, x_nat = make_inputs(shape, device, 0.0)
+    u = torch.randn(shape, device=device)
+    radius = torch.rand(shape[0], device=device) * 1.5 * EPS_L2
+    u = u * (radius / u.flatten(1).norm(dim=1)).view(-1, *[1] * (len(shape) - 1))
+    x_adv = (x_nat.float() + u).clamp(0, 1)
+    return x_adv.to(dtype), grad.to(dtype), x_nat.to(dtype)
+
+
+def nan_like(x):
+    return torch.full_like(x, float("nan"))
+
+
+# The L2 kernels have two Triton launch paths: rows ≤ L2_ONE_PASS_MAX elements held in registers, and
+# streamed rows; "triton-streaming" lowers the limit to 0 so that small images exercise the second.
+L2_BACKENDS = ["torch", "triton", "triton-streaming"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=L2_BACKENDS)
+def l2_backend(request, require_backend, monkeypatch):
+    name = require_backend(request.param.removesuffix("-streaming"))
+    if request.param.endswith("-streaming"):
+        from rwp_fast.kernels import pgd_step as kernel
+        monkeypatch.setattr(kernel, "L2_ONE_PASS_MAX", 0)
+    return name
+
+
+# --------------------------------------------------------------------------------------------- L∞
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linf_step_is_bit_exact(backend, device, shape):
+    x_adv, grad, x_nat = make_inputs(shape, device, EPS_LINF)
+    expected = pgd_step_ref(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf")
+    out = ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", out=nan_like(x_adv), backend=backend)
+    assert torch.equal(out, expected)
+    # In place: out is x_adv itself.
+    x_inplace = x_adv.clone()
+    returned = ops.pgd_step_(x_inplace, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", backend=backend)
+    assert returned.data_ptr() == x_inplace.data_ptr()
+    assert torch.equal(x_inplace, expected)
+    # Out of place without an `out`: allocates.
+    assert torch.equal(ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, backend=backend), expected)
+
+
+def test_linf_zero_gradient_does_not_move(backend, device):
+    """sign(0) = 0 (and sign(−0) = 0): an iterate inside the ball and the box stays put exactly."""
+    x_adv, _, x_nat = make_inputs((7, 3, 8, 8), device, EPS_LINF)
+    grad = torch.zeros_like(x_adv)
+    grad.view(-1)[::2] = -0.0
+    out = ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", out=nan_like(x_adv), backend=backend)
+    assert torch.equal(out, x_adv)
+
+
+def test_linf_projection_and_box(backend, device):
+    """Inside ball and box: a step of α < ε moves every pixel by exactly ±α; a huge step lands on the
+    ε-box face, cut by [0, 1]."""
+    shape = (7, 3, 8, 8)
+    x_nat = 0.2 + 0.6 * torch.rand(shape, device=device)  # ε-box stays inside [0, 1]
+    grad = torch.randn(shape, device=device)
+    out = ops.pgd_step(x_nat, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", out=nan_like(x_nat), backend=backend)
+    assert torch.equal(out, x_nat + ALPHA_LINF * torch.sign(grad))
+    big = ops.pgd_step(x_nat, grad, x_nat, 1.0, EPS_LINF, "linf", out=nan_like(x_nat), backend=backend)
+    assert torch.equal(big, x_nat + EPS_LINF * torch.sign(grad))
+    # Near the box edges the [0, 1] clamp wins over the ε-box.
+    edge = torch.rand(shape, device=device) * 0.01
+    edge.view(-1)[::2] += 0.99
+    big = ops.pgd_step(edge, grad, edge, 1.0, EPS_LINF, "linf", out=nan_like(edge), backend=backend)
+    assert big.min() >= 0 and big.max() <= 1
+    assert ((big - edge).abs() <= EPS_LINF + 1e-7).all()  # 1e-7: one fp32 ulp of x_nat + δ near 1
+
+
+# ---------------------------------------------------------------------------------------------- L2
+@pytest.mark.parametrize("shape", SHAPES)
+def test_l2_step_matches_reference(l2_backend, device, shape):
+    x_adv, grad, x_nat = make_l2_inputs(shape, device)
+    expected = pgd_step_ref(x_adv, grad, x_nat, ALPHA_L2, EPS_L2, "l2")
+    outside = (expected - x_nat).flatten(1).norm(dim=1) > EPS_L2 * (1 - 1e-4)
+    if shape[0] > 100:
+        assert 0 < outside.sum() < shape[0]  # both the projected and the unprojected branch ran
+    out = ops.pgd_step(x_adv, grad, x_nat, ALPHA_L2, EPS_L2, "l2", out=nan_like(x_adv), backend=l2_backend)
+    torch.testing.assert_close(out, expected, atol=L2_ATOL, rtol=0)
+    x_inplace = x_adv.clone()
+    ops.pgd_step_(x_inplace, grad, x_nat, ALPHA_L2, EPS_L2, "l2", backend=l2_backend)
+    torch.testing.assert_close(x_inplace, expected, atol=L2_ATOL, rtol=0)
+
+
+def test_l2_zero_gradient(l2_backend, device):
+    """g = 0: g/(‖g‖ + 1e-10) = 0, no NaN; inside the ball and box the iterate stays put (up to the
+    one-ulp rounding of x_nat + (x_adv − x_nat))."""
+    x_adv, _, x_nat = make_inputs((7, 3, 8, 8), device, 1e-3)
+    out = ops.pgd_step(x_adv, torch.zeros_like(x_adv), x_nat, ALPHA_L2, EPS_L2, "l2", out=nan_like(x_adv),
+                       backend=l2_backend)
+    torch.testing.assert_close(out, x_adv, atol=1.2e-7, rtol=0)
+
+
+def test_l2_inside_ball_and_projection(l2_backend, device):
+    """‖δ'‖ ≤ ε: no shrink (out = x_nat + α·g/‖g‖); ‖δ'‖ > ε: the step lands on the sphere ‖δ‖ = ε."""
+    shape = (7, 3, 8, 8)
+    x_nat = 0.3 + 0.4 * torch.rand(shape, device=device)
+    grad = torch.randn(shape, device=device)
+    alpha = 0.05  # ‖δ'‖ = α < ε, and |δ'| per pixel ≤ 0.05 keeps the box inactive
+    out = ops.pgd_step(x_nat, grad, x_nat, alpha, EPS_L2, "l2", out=nan_like(x_nat), backend=l2_backend)
+    unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, x_nat + alpha * unit, atol=L2_ATOL, rtol=0)
+    eps = 0.5  # α = 2 > ε: projected; |δ| per pixel ≤ 0.5·max|unit| stays well inside the box here
+    out = ops.pgd_step(x_nat, grad, x_nat, 2.0, eps, "l2", out=nan_like(x_nat), backend=l2_backend)
+    assert ((x_nat + eps * unit - 0.5).abs() < 0.5).all()  # the box does not bind, so ‖δ‖ = ε exactly
+    norms = (out - x_nat).flatten(1).norm(dim=1)
+    # fp32 rounding of 192 pixel differences of size ~0.04 (ulp 4e-9 at 0.5): relative 1e-5 is ample.
+    torch.testing.assert_close(norms, torch.full_like(norms, eps), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out, x_nat + eps * unit, atol=L2_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ random start
+@pytest.mark.parametrize("shape", [(129, 3, 8, 8), (7, 5), (2, 3, 48, 48)])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_init_matches_reference(l2_backend, device, shape, norm):
+    x_nat = torch.rand(shape, device=device)
+    eps = EPS_LINF if norm == "linf" else EPS_L2
+    if norm == "linf":
+        noise, radius = torch.rand(shape, device=device) * 2 - 1, None
+    else:
+        noise, radius = torch.randn(shape, device=device), torch.rand(shape[0], device=device)
+    expected = pgd_random_init_ref(x_nat, noise, eps, norm, radius)
+    out = ops.pgd_random_init(x_nat, noise, eps, norm, radius, backend=l2_backend)
+    if norm == "linf" and l2_backend != "cuda":
+        # Triton launches with FMA contraction off, so x + ε·noise rounds as in torch: exact.
+        assert torch.equal(out, expected)
+    else:
+        # L∞ on CUDA: an FMA may round x + ε·noise once instead of twice, 1 ulp (1.2e-7 near 1).
+        # L2: ‖noise‖ summed in another order, as for the L2 step.
+        torch.testing.assert_close(out, expected, atol=L2_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _other_device(device):
+    return "cpu" if device.type == "cuda" else "meta"
+
+
+def test_validation_names_the_argument(kernel_backend, device, arg_error):
+    x_adv, grad, x_nat = make_inputs((4, 3, 8, 8), device, EPS_LINF)
+    step = ops.pgd_step
+    kw = {"backend": kernel_backend}
+    with arg_error(TypeError, "grad"):
+        step(x_adv, grad.double(), x_nat, ALPHA_LINF, EPS_LINF, **kw)
+    with arg_error(TypeError, "x_nat"):
+        step(x_adv, grad, x_nat.to(torch.float16), ALPHA_LINF, EPS_LINF, **kw)
+    with arg_error(ValueError, "x_nat"):
+        step(x_adv, grad, x_nat[:3], ALPHA_LINF, EPS_LINF, **kw)
+    with arg_error(ValueError, "grad"):
+        step(x_adv, grad.transpose(2, 3), x_nat, ALPHA_LINF, EPS_LINF, **kw)
+    with arg_error(ValueError, "grad"):
+        step(x_adv, grad.to(_other_device(device)), x_nat, ALPHA_LINF, EPS_LINF, **kw)
+    with arg_error(ValueError, "out"):
+        step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, out=torch.empty(4, 3, 8, 9, device=device), **kw)
+    with arg_error(ValueError, "norm"):
+        step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "l1", **kw)
+    with arg_error(ValueError, "radius"):
+        ops.pgd_random_init(x_nat, grad, EPS_L2, "l2", None, **kw)
+    with arg_error(ValueError, "radius"):
+        ops.pgd_random_init(x_nat, grad, EPS_L2, "l2", torch.rand(5, device=device), **kw)
+    with arg_error(TypeError, "noise"):
+        ops.pgd_random_init(x_nat, grad.double(), EPS_LINF, "linf", **kw)
+
+
+def test_negative_radius_or_step_is_rejected(backend, device):
+    x_adv, grad, x_nat = make_inputs((2, 3), device, EPS_LINF)
+    with pytest.raises(ValueError, match="eps"):
+        ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, -EPS_LINF, backend=backend)
+    with pytest.raises(ValueError, match="alpha"):
+        ops.pgd_step_(x_adv, grad, x_nat, -ALPHA_LINF, EPS_LINF, backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        ops.pgd_random_init(x_nat, grad, float("nan"), backend=backend)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run the kernels")
+def test_triton_kernels_compile_for_sm90(require_backend):
+    """The interpreter does not type-check like the compiler: compile every pgd_step kernel variant for
+    sm_90 without a GPU (front end + ptxas), and check that NO_FMA launches contain no FMA."""
+    require_backend("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "rwp_fast.kernels._compile_check", "pgd_step"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- fp16 / bf16 on GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_low_precision_step(backend, device, dtype, norm):
+    """Same fp32 math as the reference, rounded once on store. L∞: bit-exact at any dtype. L2: the error
+    against the fp32 truth (the reference on upcast inputs, not rounded) is at most ~2× the reference's
+    own rounding error at that dtype."""
+    eps, alpha = (EPS_LINF, ALPHA_LINF) if norm == "linf" else (EPS_L2, ALPHA_L2)
+    shape = (128, 3, 32, 32)
+    x_adv, grad, x_nat = make_inputs(shape, device, eps, dtype) if norm == "linf" else make_l2_inputs(
+        shape, device, dtype)
+    expected = pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm)
+    out = ops.pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out=nan_like(x_adv), backend=backend)
+    assert out.dtype == dtype
+    if norm == "linf":
+        assert torch.equal(out, expected)
+        return
+    truth = pgd_step_ref(x_adv.float(), grad.float(), x_nat.float(), alpha, eps, norm)
+    ref_err = (expected.float() - truth).abs().max().item()
+    err = (out.float() - truth).abs().max().item()
+    assert err <= 2 * ref_err + L2_ATOL, (err, ref_err)
