@@ -7,7 +7,8 @@
     cw        C&W∞: PGD-100 on the margin max_{j≠y} z_j − z_y, random start
     autoattack  AutoAttack 'standard' (APGD-CE, APGD-T, FAB-T, Square) through ``pyautoattack``
 
-PGD and C&W use the run's step size α (2/255 for the CIFAR L∞ presets, as SPEC.md §4 prescribes;
+PGD and C&W run the fast attack (fused ``pgd_step``, weights frozen; with the torch backend it is
+exactly the reference's ``pgd_attack_ref``) with the run's step size α (2/255 for the CIFAR L∞ presets, as SPEC.md §4 prescribes;
 15/255 for L2). AutoAttack is the reference implementation from the ``pyautoattack`` package (the
 ``eval`` extra); it is never skipped silently: without the package, asking for it raises
 AutoAttackUnavailable with the install command.
@@ -18,7 +19,8 @@ import time
 
 import torch
 
-from ..reference import fgsm_ref, pgd_attack_ref
+from ..attacks import pgd_attack
+from ..reference import fgsm_ref
 
 ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
 INSTALL_HINT = "pip install 'rwp-fast[eval]'   (or: pip install pyautoattack)"
@@ -55,10 +57,11 @@ def _adversarial(name, model, x, y, eps, alpha, norm, gen):
         if norm != "linf":
             raise ValueError("attacks: fgsm is defined for norm 'linf' only")
         return fgsm_ref(model, x, y, eps)
+    params = list(model.parameters())  # frozen during the attack: input gradients only
     if name in ("pgd20", "pgd100"):
-        return pgd_attack_ref(model, x, y, eps, alpha, int(name[3:]), norm, True, "ce", gen)
+        return pgd_attack(model, x, y, eps, alpha, int(name[3:]), norm, True, "ce", gen, params)
     if name == "cw":
-        return pgd_attack_ref(model, x, y, eps, alpha, 100, norm, True, "cw", gen)
+        return pgd_attack(model, x, y, eps, alpha, 100, norm, True, "cw", gen, params)
     raise AssertionError(name)
 
 

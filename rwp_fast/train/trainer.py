@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..config import RunConfig
 from ..data import BatchIterator, load_dataset
 from ..models import build_model
-from ..reference import pgd_attack_ref, train_step_ref
+from ..attacks import pgd_attack
+from ..reference import train_step_ref
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 METRICS_FILE = "metrics.jsonl"
@@ -76,7 +77,9 @@ def _accuracy_and_loss(model, x, y):
 def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device, seed=0):
     """Natural and PGD-`steps` accuracy/loss of `model` in eval mode on uint8 images (N, C, H, W).
 
-    The attack start is drawn from a generator seeded with `seed`, so the evaluation is repeatable.
+    The attack start is drawn from a generator seeded with `seed`, so the evaluation is repeatable. It
+    runs the fast attack (fused ``pgd_step``, weights frozen) in fp32 on the eager model; with the torch
+    backend that is exactly ``pgd_attack_ref``.
     """
     was_training = model.training
     model.eval()
@@ -89,7 +92,8 @@ def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device
         totals["natural_correct"] += c
         totals["natural_loss"] += loss
         if steps > 0:
-            x_adv = pgd_attack_ref(model, x, y, cfg.eps, cfg.step_size, steps, cfg.norm, True, "ce", gen)
+            x_adv = pgd_attack(model, x, y, cfg.eps, cfg.step_size, steps, cfg.norm, True, "ce", gen,
+                               params=list(model.parameters()))
             c, loss = _accuracy_and_loss(model, x_adv, y)
             totals["robust_correct"] += c
             totals["robust_loss"] += loss
