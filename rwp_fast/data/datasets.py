@@ -183,7 +183,8 @@ def make_synthetic(n_train=SYNTHETIC_TRAIN, n_test=SYNTHETIC_TEST, num_classes=1
     Each class has a blocky template (a 4×4 grid of U(64, 192) values per channel, nearest-upsampled).
     Per pixel the noise (std 48) exceeds the template spread (std 37), but over a whole 3×32×32 image the
     classes are easy: the nearest class mean scores 100% on clean test images. It exists for tests and
-    throughput, where losses should move; it is no measure of accuracy or robustness. Returns ((train_x, train_y), (test_x, test_y), extra) with extra = (x, y) of n_extra more
+    throughput, where losses should move; it is no measure of accuracy or robustness.
+    Returns ((train_x, train_y), (test_x, test_y), extra) with extra = (x, y) of n_extra more
     images when n_extra > 0, else None. Deterministic in ``seed``; each split has its own stream.
     """
     c, h, w = shape
@@ -206,7 +207,8 @@ def make_synthetic(n_train=SYNTHETIC_TRAIN, n_test=SYNTHETIC_TEST, num_classes=1
 def load_dataset(cfg):
     """The dataset of ``cfg`` (fields dataset, data_dir, download, train_examples, method, rst_extra).
 
-    train_examples > 0 keeps the first N training examples (synthetic: generates N). For ``method='rst'`` the bundle also holds the
+    train_examples > 0 keeps the first N training examples (synthetic: generates N).
+    For ``method='rst'`` the bundle also holds the
     extra data: ``cfg.rst_extra`` (see ``load_rst_extra``), or for the synthetic dataset, when no file is
     given, as many generated extra images as training images.
     Raises DatasetNotFoundError for missing files, ValueError for an unknown dataset name.

@@ -19,7 +19,6 @@ All losses are computed in fp32, whatever the logits' dtype. Gradients flow thro
 
 import math
 
-import torch
 import torch.nn.functional as F
 
 
