@@ -85,6 +85,29 @@ for op in pgd_step lsc_loss weight_perturb; do
         ${COMPILE_FLAG[@]+"${COMPILE_FLAG[@]}"}
 done
 
+# ==================== end-to-end throughput (issue 7: bench/bench_e2e.py) ====================
+# `python -m bench --plan device`: images/s of full training steps, most important first: PreAct ResNet-18
+# b128 released + fast (the 6x and AT-RWP/AT <= 2.4 targets), WRN-34-10 b128 and PreAct-18 b512 fast +
+# released, then reference and the ablations of PreAct-18 b128. It gets what is left of a 9-minute whole
+# (RWP_E2E_TOTAL_S, default 540) after the parts above, minus 30 s for the report, capped at
+# RWP_E2E_LIMIT_S (default 300). The suite starts no new configuration in its last 20 s and rewrites
+# $OUT/e2e.json after each one, so a timeout keeps what was measured (missing rows say "skipped").
+# RWP_E2E=0 skips this part; RWP_E2E_ARGS adds flags (e.g. "--variants reference,no-amp" for a second
+# run of what the first one had no time for). The table is printed last, below.
+if [ "${RWP_E2E:-1}" != "0" ]; then
+    E2E_LEFT=$(( ${RWP_E2E_TOTAL_S:-540} - ($(date +%s) - T0) - 30 ))
+    E2E_LIMIT=${RWP_E2E_LIMIT_S:-300}
+    [ "$E2E_LEFT" -lt "$E2E_LIMIT" ] && E2E_LIMIT=$E2E_LEFT
+    if [ "$E2E_LIMIT" -ge 90 ]; then
+        step e2e "$E2E_LIMIT" "$PYTHON" -m bench --device cuda --plan device --steps 3 --repeats 3 \
+            --warmup 2 --time-budget $(( E2E_LIMIT - 20 )) --json "$OUT/e2e.json" ${RWP_E2E_ARGS:-}
+    else
+        echo "e2e: SKIPPED, ${E2E_LEFT}s left of ${RWP_E2E_TOTAL_S:-540}s; run it alone with" \
+             "RWP_E2E_TOTAL_S=9999 or: python -m bench --device cuda --plan device" | tee -a "$SUMMARY"
+    fi
+fi
+# ==================== end of the end-to-end section ====================
+
 # 4. Short report, last: step outcomes, test summaries, benchmark tables.
 echo
 echo "==================== summary ($(( $(date +%s) - T0 ))s) ===================="
@@ -105,3 +128,9 @@ if rows:
           f"copy ceiling {rows[0]['copy_gbps'] or 0:.0f} GB/s")
     common.print_table(rows)
 EOF
+# ==================== end-to-end table, last (issue 7) ====================
+if [ -f "$OUT/e2e.json" ]; then
+    echo
+    echo "==================== end-to-end throughput (e2e.json; progress in e2e.log) ===================="
+    "$PYTHON" -m bench --table-from "$OUT/e2e.json" 2>&1 || echo "e2e: could not print the table, see e2e.log"
+fi

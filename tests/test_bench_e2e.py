@@ -1,0 +1,259 @@
+"""The end-to-end throughput suite (``bench/bench_e2e.py``) and its released-code baseline, on the CPU.
+
+(a) ``python -m bench --smoke`` runs end to end and gives a row for every variant and method, without
+    touching bench/results; (b) the released baseline computes the reference's v (rtol 1e-3, the
+    released code's own rounding, SPEC.md §2) and leaves the model's BN buffers alone; its full step and
+    its attack match the reference; (c) the FLOP counter sees the attack's weight-gradient convolutions
+    exactly when they are computed: eager ``autograd.grad`` prunes them, ``backward()`` does not, and a
+    compiled backward computes them unless the weights are frozen.
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo root on sys.path
+    sys.path.insert(0, ROOT)
+
+from bench import bench_e2e  # noqa: E402
+from bench.released_baseline import (ReleasedAWP, ReleasedRWP, ReleasedTrainStep,  # noqa: E402
+                                     attack_pgd_released)
+from rwp_fast.config import RunConfig  # noqa: E402
+from rwp_fast.models import build_model  # noqa: E402
+from rwp_fast.reference import (perturbed_parameters, pgd_attack_ref, train_step_ref,  # noqa: E402
+                                weight_perturbation_search_ref)
+
+GAMMA = 0.01
+
+
+def small_model(seed=0):
+    """small_cnn on 3 channels: three convs with BN (running stats to protect) and a linear layer."""
+    torch.manual_seed(seed)
+    return build_model("small_cnn", 10, 3, (0.5,) * 3, (0.25,) * 3)
+
+
+def batch(n=32, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def rel_err(a, b):
+    a = torch.cat([t.detach().reshape(-1).double() for t in a])
+    b = torch.cat([t.detach().reshape(-1).double() for t in b])
+    return ((a - b).norm() / b.norm()).item()
+
+
+def mid_gap_c_min(model, x, y):
+    """A c_min in the widest gap between the middle per-example losses, so that the mask is mixed and no
+    loss sits near the threshold (a 1e-4 move of a loss cannot flip it)."""
+    with torch.no_grad():
+        losses = torch.sort(F.cross_entropy(copy.deepcopy(model).train()(x), y, reduction="none")).values
+    n = len(losses)
+    lo, hi = n // 4, 3 * n // 4
+    gaps = losses[lo + 1:hi + 1] - losses[lo:hi]
+    i = lo + int(gaps.argmax())
+    assert losses[i + 1] - losses[i] > 1e-3
+    return float((losses[i] + losses[i + 1]) / 2)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------- (a)
+@pytest.mark.slow
+def test_smoke_suite_runs_every_variant(tmp_path):
+    out = tmp_path / "e2e.json"
+    results = os.path.join(ROOT, "bench", "results", "e2e.jsonl")
+    before = os.stat(results).st_mtime_ns if os.path.exists(results) else None
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--device", "cpu", "--smoke", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    e2e = [r for r in rows if r["kind"] == "e2e"]
+    assert {(r["variant"], r["method_key"]) for r in e2e} == \
+        {(v, m) for v in bench_e2e.VARIANTS for m in bench_e2e.METHODS}
+    for r in e2e:
+        assert bench_e2e.SMOKE_LABEL in r["note"]
+        if r["variant"] in bench_e2e.NOT_IMPLEMENTED:
+            assert r["images_per_s"] is None and "not implemented" in r["note"]
+            continue
+        assert r["images_per_s"] > 0, r
+        assert r["probes"] == r["expected_probes"], r
+        assert r["flops_per_step_useful"] > 0 and r["flops_per_step_own"] >= r["flops_per_step_useful"]
+        assert r["tflops"] > 0 and r["device"] and r["git_commit"] and r["config"]["batch_size"] == r["batch"]
+    targets = [r for r in rows if r["kind"] == "target"]
+    assert len(targets) == 2 and all(r["status"] in ("n/a (smoke)", "not measured") for r in targets)
+    (check,) = [r for r in rows if r["kind"] == "check"]
+    assert "compiled skips only when frozen: True" in check["answer"], check["answer"]
+    assert "| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU |" in proc.stdout
+    after = os.stat(results).st_mtime_ns if os.path.exists(results) else None
+    assert after == before, "a smoke run must not write bench/results"
+
+
+def test_expected_probe_counts_and_regimes():
+    """c_min = inf passes config validation (all K2 probes), c_min = 0 gives the empty mask [0, 0)."""
+    all_probes = bench_e2e.make_cfg("small_cnn", 8, "at-rwp-all", "fast", "cpu")
+    assert all_probes.c_min == math.inf and all_probes.lsc_range == (0.0, math.inf)
+    assert bench_e2e.expected_probes(all_probes, "fast") == 10
+    brk = bench_e2e.make_cfg("small_cnn", 8, "at-rwp-break", "fast", "cpu")
+    assert brk.lsc_range == (0.0, 0.0)
+    assert bench_e2e.expected_probes(brk, "fast") == 1
+    assert bench_e2e.expected_probes(bench_e2e.make_cfg("small_cnn", 8, "at-rwp-break", "released", "cpu"),
+                                     "released") == 10  # the released loop never breaks
+
+
+# ------------------------------------------------------------------------------------------------- (b)
+@pytest.mark.parametrize("perturb,scope", [("rwp", "global"), ("rwp", "layer"), ("awp", "layer")])
+def test_released_v_matches_reference_and_keeps_bn(perturb, scope):
+    model = small_model()
+    x_adv, y = batch()
+    k2, c_min = (4, mid_gap_c_min(model, x_adv, y)) if perturb == "rwp" else (1, math.inf)
+    ref_model = copy.deepcopy(model)
+    v_ref, info = weight_perturbation_search_ref(
+        ref_model, lambda m: F.cross_entropy(m(x_adv).float(), y, reduction="none"), GAMMA, k2,
+        (0.0, c_min), "accumulate", scope)
+    if perturb == "rwp":
+        assert info.steps_taken == k2 and 0 < info.mask_fractions[0] < 1  # a mixed mask, every probe
+
+    before = snapshot(model)
+    adversary = ReleasedRWP(model, GAMMA, k2, c_min, scope) if perturb == "rwp" else ReleasedAWP(model, GAMMA, scope)
+    diff_scale = adversary.calc(x_adv, y)
+    v_released = [GAMMA * diff_scale[n] for n, _ in perturbed_parameters(model)]
+    assert list(diff_scale) == [n for n, _ in perturbed_parameters(model)]
+    err = rel_err(v_released, v_ref)
+    assert err < 1e-3, err  # the fp32 difference of two proxy copies: ~1e-4 here
+    # the probes ran on the proxies: the model's weights and BN running statistics are bit-identical
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k
+    # ...and the proxies did run in train mode (their running statistics moved)
+    proxy = adversary.proxy_2 if perturb == "rwp" else adversary.proxy
+    assert not torch.equal(proxy.state_dict()["net.bn1.running_mean"], before["net.bn1.running_mean"])
+
+
+@pytest.mark.parametrize("perturb", ["rwp", "awp", "none"])
+def test_released_step_matches_reference_step(perturb):
+    """With the same x_adv, one released step (perturb, SGD at w + v, restore) lands where the reference
+    step lands: weights and BN statistics to 1e-4 relative (the released v differs by ~1e-4)."""
+    model = small_model()
+    x, y = batch()
+    kw = dict(dataset="synthetic", model="small_cnn", perturb=perturb, gamma=GAMMA, k2=4, lr=0.1,
+              momentum=0.9, weight_decay=5e-4, norm_scope="global" if perturb == "rwp" else "layer", device="cpu")
+    if perturb == "rwp":
+        kw["c_min"] = mid_gap_c_min(model, x, y)
+    cfg = RunConfig(**kw).validate()
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    step = ReleasedTrainStep(model, cfg)
+    step.keep_v = True
+    for i in range(2):
+        res = step(model, opt, x, y, cfg, x_adv=x)
+        ref = train_step_ref(ref_model, ref_opt, x, y, cfg, x_adv=x)
+        assert res.loss == pytest.approx(ref.loss, rel=1e-4)
+        if perturb != "none":
+            assert rel_err(res.v, ref.v) < 1e-3
+    ref_state = ref_model.state_dict()
+    for k, t in model.state_dict().items():
+        if t.is_floating_point():
+            assert rel_err([t], [ref_state[k]]) < 1e-4, k
+
+
+def test_released_attack_matches_reference_and_computes_weight_grads():
+    model = small_model().train()
+    x, y = batch()
+    eps, alpha = 8 / 255, 2 / 255
+    x_rel = attack_pgd_released(model, x, y, eps, alpha, 3, torch.Generator().manual_seed(5))
+    # the released attack calls backward(): the weight gradients were computed (and left in .grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in perturbed_parameters(model))
+    model.zero_grad(set_to_none=True)
+    x_ref = pgd_attack_ref(model, x, y, eps, alpha, 3, generator=torch.Generator().manual_seed(5))
+    assert (x_rel - x).abs().max() <= eps + 1e-6 and x_rel.min() >= 0 and x_rel.max() <= 1
+    # same start and same sign steps; delta-space vs x-space rounding may flip the odd sign(·)
+    assert ((x_rel - x_ref).abs() > 1e-5).float().mean() < 0.01
+
+
+# ------------------------------------------------------------------------------------------------- (c)
+def test_flop_counter_sees_attack_weight_grads():
+    model = small_model().train()
+    x, y = batch(8, 16)
+    flops = bench_e2e.attack_step_flops(model, x, y)
+    (frozen, f_ops), (unfrozen, _), (backward, b_ops) = flops["frozen"], flops["unfrozen"], flops["backward"]
+    conv = "aten.convolution"
+    conv_bwd = "aten.convolution_backward"
+    # frozen: each convolution_backward only computes the input gradient, as many FLOPs as the forward conv
+    assert f_ops[conv_bwd] == f_ops[conv]
+    # backward() also computes every weight gradient: twice the forward conv FLOPs
+    assert b_ops[conv_bwd] == 2 * b_ops[conv]
+    assert frozen / backward == pytest.approx(2 / 3, abs=0.01)
+    # eager autograd.grad w.r.t. the input prunes the weight-gradient convs even with trainable weights
+    assert unfrozen == frozen
+
+
+def test_compiled_backward_computes_weight_grads_unless_frozen():
+    model = small_model().train()
+    x, y = batch(8, 16)
+    n_frozen, w_frozen = bench_e2e.compiled_conv_weight_grads(model, x, y, freeze=True)
+    n_unfrozen, w_unfrozen = bench_e2e.compiled_conv_weight_grads(model, x, y, freeze=False)
+    assert n_frozen == n_unfrozen == 3  # small_cnn's three convs
+    assert w_frozen == 0 and w_unfrozen == 3
+    assert all(p.requires_grad for p in model.parameters())  # frozen() restored them
+
+
+def test_step_flops_follow_the_cost_model():
+    """Per image, fast AT = K1·(F + F) + 3F and each all-probes RWP probe adds 3F (SPEC.md §6); the
+    released step adds K1 weight-gradient passes and one forward; its break regime still runs K2 probes."""
+    count = bench_e2e.count_step_flops
+    fast_at = count("fast", "small_cnn", "at", "cpu", smoke=True)        # K1 = 2, K2 = 3
+    fast_all = count("fast", "small_cnn", "at-rwp-all", "cpu", smoke=True)
+    fast_brk = count("fast", "small_cnn", "at-rwp-break", "cpu", smoke=True)
+    rel_at = count("released", "small_cnn", "at", "cpu", smoke=True)
+    rel_brk = count("released", "small_cnn", "at-rwp-break", "cpu", smoke=True)
+    forward = (fast_brk - fast_at)  # the break regime's single probe forward
+    assert fast_at == pytest.approx(7 * forward, rel=0.02)
+    assert fast_all == pytest.approx(fast_at + 3 * 3 * forward, rel=0.02)
+    assert rel_at == pytest.approx(fast_at + 2 * forward + forward, rel=0.02)
+    assert rel_brk == pytest.approx(rel_at + 3 * 3 * forward, rel=0.02)
+
+
+def test_summary_reports_targets_met_and_missed():
+    """The target logic on fabricated CUDA rows: 7× released is met, an AT-RWP/AT ratio of 2.5 missed."""
+    meta = {"device_type": "cuda", "device": "NVIDIA H100"}
+
+    def row(variant, method_key, ips, model="preact_resnet18", batch=128):
+        return {**meta, "kind": "e2e", "variant": variant, "model": model, "batch": batch,
+                "method_key": method_key, "images_per_s": ips}
+    rows = [row("released", "at-rwp-all", 100.0), row("fast", "at-rwp-all", 700.0), row("fast", "at", 1750.0),
+            row("fast", "at-rwp-break", 1500.0)]
+    out = bench_e2e.summary_rows(rows, {}, meta, smoke=False)
+    assert rows[1]["speedup_vs_released"] == pytest.approx(7.0)
+    (speed,) = [r for r in out if r["kind"] == "target" and "6x" in r["name"]]
+    assert speed["status"] == "met" and speed["value"] == pytest.approx(7.0)
+    (ratio,) = [r for r in out if r["kind"] == "target" and "2.4" in r["name"]]
+    assert ratio["status"] == "missed" and ratio["value"] == pytest.approx(2.5)
+    rows[0]["images_per_s"] = 200.0  # 3.5×: missed
+    out = bench_e2e.summary_rows(rows, {}, meta, smoke=False)
+    assert [r["status"] for r in out if r["kind"] == "target" and "6x" in r["name"]] == ["missed"]
+    cpu = bench_e2e.summary_rows(rows, {}, {"device_type": "cpu"}, smoke=False)
+    assert all(r["status"].startswith("n/a") for r in cpu if r["kind"] == "target")
+
+
+def test_device_plan_puts_the_target_rows_first():
+    args = bench_e2e.parse_args(["--device", "cpu", "--plan", "device"])
+    plan = bench_e2e.build_plan(args)
+    assert plan[:2] == [("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast")]
+    assert {v for _, _, v in plan} == set(bench_e2e.VARIANTS)  # every variant appears, cuda-graphs included
+    assert list(bench_e2e.METHODS)[:2] == ["at-rwp-all", "at"]
+    args = bench_e2e.parse_args(["--device", "cpu", "--models", "wrn-34-10", "--batch-sizes", "128",
+                                 "--variants", "fast,released"])
+    assert bench_e2e.build_plan(args) == [("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast")]
