@@ -86,9 +86,9 @@ def make_state(shapes, device):
     w0 = torch.randn(table.numel, device=device) * 0.05
     a = torch.randn(table.numel, device=device) * 1e-3
     g = torch.randn(table.numel, device=device) * 1e-3
-    w_sq = segment_sq_norm_ref(w0, table.offsets)
-    s_old = perturb_scale_ref(w_sq, segment_sq_norm_ref(a, table.offsets), GAMMA)
-    w = perturb_axpy_ref(w0, a, s_old, table.offsets, +1)
+    w_sq = segment_sq_norm_ref(w0, table.offset_list)
+    s_old = perturb_scale_ref(w_sq, segment_sq_norm_ref(a, table.offset_list), GAMMA)
+    w = perturb_axpy_ref(w0, a, s_old, table.offset_list, +1)
     return {"shapes": shapes, "numels": numels, "table": table, "w": w, "a": a, "g": g, "w_sq": w_sq,
             "s_old": s_old}
 
@@ -126,7 +126,7 @@ def compiled_eager_impl(state):
 
 def eager_flat_impl(state):
     """The oracle functions of rwp_fast.reference.weight_perturb on the flat buffer."""
-    w, a, g, offsets = state["w"].clone(), state["a"].clone(), state["g"], state["table"].offsets
+    w, a, g, offsets = state["w"].clone(), state["a"].clone(), state["g"], state["table"].offset_list
     box = {"s": state["s_old"]}
 
     def step():

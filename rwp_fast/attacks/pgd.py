@@ -46,15 +46,16 @@ def _objective(logits, y, loss):
 
 
 def pgd_attack(forward, x, y, eps, alpha, steps, norm="linf", random_start=True, loss="ce", generator=None,
-               params=(), autocast=contextlib.nullcontext, input_only=True):
+               params=(), autocast=contextlib.nullcontext, input_only=True, backend=None):
     """PGD-`steps` on CE or the C&W margin; returns a detached x_adv (B, C, H, W) in [0, 1].
 
     params: the model's parameters, frozen during the attack when input_only is True (pass
-    ``input_only=False`` to measure what freezing saves).
+    ``input_only=False`` to measure what freezing saves). backend: of the ``pgd_step`` op (None: the
+    process-wide choice, ``rwp_fast.ops.set_backend``).
     """
     if random_start:
         noise, radius = draw_random_init_noise(x, norm, generator)
-        x_adv = pgd_random_init(x, noise, eps, norm, radius)
+        x_adv = pgd_random_init(x, noise, eps, norm, radius, backend=backend)
     else:
         x_adv = x.clone()
     with frozen(params) if input_only else contextlib.nullcontext():
@@ -63,12 +64,12 @@ def pgd_attack(forward, x, y, eps, alpha, steps, norm="linf", random_start=True,
             with autocast():
                 logits = forward(x_adv)
             (grad,) = torch.autograd.grad(_objective(logits, y, loss), x_adv)
-            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm)
+            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm, backend=backend)
     return x_adv.detach()
 
 
 def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, params=(),
-                  autocast=contextlib.nullcontext, input_only=True):
+                  autocast=contextlib.nullcontext, input_only=True, backend=None):
     """TRADES KL attack from x + 0.001·N(0, 1), as ``trades_attack_ref``; returns a detached x_adv."""
     with torch.no_grad(), autocast():
         p_nat = F.softmax(forward(x).float(), dim=1)
@@ -80,5 +81,5 @@ def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, pa
             with autocast():
                 logits = forward(x_adv)
             (grad,) = torch.autograd.grad(trades_kl_sum(logits, p_nat), x_adv)
-            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm)
+            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm, backend=backend)
     return x_adv.detach()

@@ -64,6 +64,7 @@ class SegmentTable:
         chunk_seg = torch.repeat_interleave(torch.arange(len(lengths)), chunks_per_seg)
         chunk_start = offsets[chunk_seg] + (torch.arange(num_chunks) - seg_chunk_start[chunk_seg]) * chunk
         self.offsets = offsets
+        self.offset_list = offsets.tolist()  # host copy: the torch backend slices with it, no device sync
         self.chunk_seg = chunk_seg.to(torch.int32)
         self.chunk_start = chunk_start
         self.seg_chunk_start = seg_chunk_start.to(torch.int32)
@@ -108,7 +109,7 @@ def segment_sq_norm(x, table, backend=None):
     """Per-segment Σ x², (L,) fp32. x: (N,) fp32/fp16/bf16 flat buffer described by `table`."""
     name = _backend(x, backend)
     if name == "torch":
-        return segment_sq_norm_ref(x, table.offsets)
+        return segment_sq_norm_ref(x, table.offset_list)
     return dispatch.backend_module(name, OP).segment_sq_norm(x, table)
 
 
@@ -119,7 +120,7 @@ def accumulate_sq_norm_(a, g, table, beta=None, backend=None):
     """
     name = _backend(a, backend)
     if name == "torch":
-        a_new, sq = accumulate_sq_norm_ref(a, g, table.offsets, beta)
+        a_new, sq = accumulate_sq_norm_ref(a, g, table.offset_list, beta)
         a.copy_(a_new)
         return sq
     return dispatch.backend_module(name, OP).accumulate_sq_norm_(a, g, table, beta)
@@ -137,6 +138,6 @@ def perturb_axpy_(w, a, scale, table, sign, backend=None):
     """In place w ← w + sign·(scale_l·a) per segment; returns w. w, a: (N,); scale: (L,) fp32; sign ±1."""
     name = _backend(w, backend)
     if name == "torch":
-        w.copy_(perturb_axpy_ref(w, a, scale, table.offsets, sign))
+        w.copy_(perturb_axpy_ref(w, a, scale, table.offset_list, sign))
         return w
     return dispatch.backend_module(name, OP).perturb_axpy_(w, a, scale, table, sign)

@@ -22,18 +22,19 @@ NORM_SCOPES = ("layer", "global")
 SCALE_EPS = 1e-20
 
 
-def segment_ids(offsets, device=None):
-    """(N,) int64 segment index of every element of the flat buffer."""
-    lengths = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(len(lengths), device=device or offsets.device), lengths)
+def segment_bounds(offsets):
+    """[(start, end)] of every segment; offsets: (L + 1,) int64 tensor or a sequence of ints."""
+    o = offsets.tolist() if isinstance(offsets, torch.Tensor) else [int(v) for v in offsets]
+    return list(zip(o[:-1], o[1:]))
 
+
+# The functions below loop over the L segments in Python: the plain per-layer torch sequence, which is
+# both the readable oracle and the honest "no fused ops" baseline (no N-sized index tensors).
 
 def segment_sq_norm_ref(x, offsets):
     """Per-segment Σ x², shape (L,), fp32 (accumulated in fp64 here, the most accurate oracle)."""
-    seg = segment_ids(offsets, x.device)
-    out = torch.zeros(len(offsets) - 1, dtype=torch.float64, device=x.device)
-    out.index_add_(0, seg, x.double() ** 2)
-    return out.float()
+    norms = [torch.linalg.vector_norm(x[a:b], dtype=torch.float64) for a, b in segment_bounds(offsets)]
+    return torch.stack(norms).square().float()
 
 
 def accumulate_sq_norm_ref(a, g, offsets, beta=None):
@@ -42,12 +43,12 @@ def accumulate_sq_norm_ref(a, g, offsets, beta=None):
     a, g: (N,) same dtype. beta: None or (L,) fp32. Returns (a_new (N,) in a's dtype, sq (L,) fp32);
     the norm is of a_new as stored (after rounding to a's dtype).
     """
-    af, gf = a.float(), g.float()
     if beta is None:
-        a_new = (af + gf).to(a.dtype)
+        a_new = (a.float() + g.float()).to(a.dtype)
     else:
-        seg = segment_ids(offsets, a.device)
-        a_new = (beta.float()[seg] * af + gf).to(a.dtype)
+        a_new = torch.empty_like(a)
+        for l, (s, e) in enumerate(segment_bounds(offsets)):
+            a_new[s:e] = (beta[l].float() * a[s:e].float() + g[s:e].float()).to(a.dtype)
     return a_new, segment_sq_norm_ref(a_new, offsets)
 
 
@@ -67,7 +68,8 @@ def perturb_axpy_ref(w, a, scale, offsets, sign=1):
     """w_new = w + sign·(s_l·a) elementwise per segment; sign ∈ {+1, −1}. Returns a new tensor."""
     if sign not in (1, -1):
         raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
-    seg = segment_ids(offsets, w.device)
-    step = scale.float()[seg] * a.float()
-    out = w.float() + step if sign == 1 else w.float() - step
-    return out.to(w.dtype)
+    out = torch.empty_like(w)
+    for l, (s, e) in enumerate(segment_bounds(offsets)):
+        step = scale[l].float() * a[s:e].float()
+        out[s:e] = (w[s:e].float() + step if sign == 1 else w[s:e].float() - step).to(w.dtype)
+    return out

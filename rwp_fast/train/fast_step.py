@@ -79,10 +79,10 @@ class FastTrainStep:
         if cfg.method == "at":
             model.train()
             return pgd_attack(self.forward, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm, True, "ce",
-                              generator, self.params, self.autocast, self.input_only)
+                              generator, self.params, self.autocast, self.input_only, self.backend)
         model.eval()
         x_adv = trades_attack(self.forward, x, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm, generator,
-                              self.params, self.autocast, self.input_only)
+                              self.params, self.autocast, self.input_only, self.backend)
         model.train()
         return x_adv
 
