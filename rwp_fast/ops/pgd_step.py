@@ -40,16 +40,22 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, norm="linf", out=None, backend=None
         return result if out is None else out.copy_(result)
     if out is None:
         out = _new_like(x_adv)
-    return dispatch.backend_module(name, OP).pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out)
+    return dispatch.backend_module(name, OP).pgd_step(x_adv.contiguous(), grad.contiguous(), x_nat.contiguous(),
+                                                      alpha, eps, norm, out)
 
 
 def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm="linf", backend=None):
-    """In-place PGD step: x_adv is overwritten with the next iterate and returned."""
+    """In-place PGD step: x_adv (contiguous) is overwritten with the next iterate and returned.
+
+    grad and x_nat may have any layout: with channels-last weights autograd returns a channels-last
+    input gradient, which is copied to the contiguous layout the kernels read (one B·C·H·W copy).
+    """
     alpha, eps = _check_radius("alpha", alpha), _check_radius("eps", eps)
     name = dispatch.choose_backend(OP, x_adv.device, backend)
     if name == "torch":
         return x_adv.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm))
-    return dispatch.backend_module(name, OP).pgd_step(x_adv, grad, x_nat, alpha, eps, norm, x_adv)
+    return dispatch.backend_module(name, OP).pgd_step(x_adv, grad.contiguous(), x_nat.contiguous(), alpha, eps,
+                                                      norm, x_adv)
 
 
 def pgd_random_init(x_nat, noise, eps, norm="linf", radius=None, backend=None):
