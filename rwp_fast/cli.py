@@ -214,7 +214,7 @@ def main(argv=None):
     try:
         args.func(args)
     except (ConfigError, DatasetNotFoundError, CheckpointError, AutoAttackUnavailable, FileNotFoundError,
-            ValueError) as exc:
+            ValueError, ImportError) as exc:  # ImportError: an explicit --backend that is not installed
         if os.environ.get("RWP_FAST_DEBUG") == "1":
             raise
         print(f"rwp-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -199,3 +199,31 @@ def test_bf16_compiled_fast_path_tracks_the_fp32_reference_on_gpu():
         agree += f.search.steps_taken == r.search.steps_taken
     assert sum(gaps) / len(gaps) < 0.03
     assert agree >= 40, f"early-break probe counts agree in only {agree}/50 steps"
+
+
+def test_fp16_search_stops_at_an_overflowed_probe_gradient_and_keeps_weights_finite():
+    from rwp_fast.perturb import FlatWeights, WeightPerturbation
+    _, model = twin_models()
+    flat = FlatWeights(model)
+    w0 = flat.w.clone()
+    search = WeightPerturbation(flat, list(model.buffers()), 0.01, 3, (0.0, float("inf")))
+    x = torch.rand(4, 1, 8, 8)
+
+    def probe():  # an fp16-style overflow: the scaled loss's gradient is inf
+        loss = model(x).float().sum() * torch.tensor(float("inf"))
+        return loss, None, None, torch.tensor(4)
+    info = search.search(probe, 4, grad_scale=2.0 ** 16)
+    assert info.nonfinite and info.steps_taken == 0
+    assert torch.equal(flat.w, w0)  # no NaN written into the weights
+    search.remove()
+    assert torch.equal(flat.w, w0)
+
+
+def test_a_fresh_run_drops_a_stale_metrics_file(tmp_path):
+    from rwp_fast.train import Trainer
+    cfg = make_cfg("torch", perturb="none", epochs=1, train_examples=64, batch_size=32, eval_examples=16,
+                   attack_steps=1, eval_attack_steps=1, quiet=True, out_dir=str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "stale": true}\n')  # crashed before last.pt
+    Trainer(cfg, log=lambda *_: None).fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "stale" not in lines[0]

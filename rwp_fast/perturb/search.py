@@ -41,6 +41,7 @@ class FastSearchInfo:
     steps_taken: int = 0
     mask_fractions: list = field(default_factory=list)
     v_norm_ratio: object = 0.0
+    nonfinite: bool = False  # fp16: a probe gradient overflowed and the search stopped there
 
 
 class WeightPerturbation:
@@ -87,6 +88,11 @@ class WeightPerturbation:
                 else:
                     (masked_mean * grad_scale).backward()
                     flat.g.div_(grad_scale)
+                    # fp16 only: an overflowed probe gradient would make ‖a‖ = inf and v = 0·inf = NaN in
+                    # the weights for good. Keep the v found so far instead (a second sync, fp16 only).
+                    if not bool(torch.isfinite(flat.g).all()):
+                        info.nonfinite = True
+                        break
                 if info.steps_taken:
                     perturb_axpy_(flat.w, self.a, self.scale, table, -1, backend=be)
                 beta = self.scale if (self.update == "paper" and info.steps_taken) else None
@@ -95,6 +101,9 @@ class WeightPerturbation:
                 perturb_axpy_(flat.w, self.a, self.scale, table, +1, backend=be)
                 info.steps_taken += 1
                 self.active = True
+        except BaseException:
+            self.remove()  # leave the weights unperturbed for a caller that recovers
+            raise
         finally:
             _foreach_copy_(self.buffers, self.snapshot)
         if info.steps_taken:

@@ -190,6 +190,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
+            # fp16 fast path: the loss scale, so that a resumed run scales exactly as an uninterrupted one
+            "grad_scaler": scaler.state_dict() if (scaler := getattr(self.step_fn, "scaler", None)) else {},
         }
 
     def load_state_dict(self, state, source="checkpoint"):
@@ -208,6 +210,9 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.metrics_lines = state["metrics_lines"]
+        scaler = getattr(self.step_fn, "scaler", None)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         set_rng_state(state["rng"])
 
     @classmethod
@@ -219,18 +224,23 @@ class Trainer:
         trainer = cls(cfg, log=log)
         state["config"] = cfg.to_dict()  # overrides (quiet, device) are not part of the run's identity
         trainer.load_state_dict(state, source=f"checkpoint {path}")
-        trainer._truncate_metrics()
         return trainer
 
     def _truncate_metrics(self):
-        """Drop metrics lines written after the checkpoint (an epoch that was interrupted)."""
+        """Keep only the metrics lines that belong to the current state (0 for a fresh run): drops an
+        epoch logged after the last checkpoint, or a stale file of a run that never checkpointed.
+        Rewritten atomically, so a crash here cannot lose the lines that are kept."""
         path = os.path.join(self.out_dir, METRICS_FILE)
         if not os.path.exists(path):
             return
         with open(path) as f:
             lines = f.readlines()[: self.metrics_lines]
-        with open(path, "w") as f:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ running
     def _write_run_files(self):
@@ -289,6 +299,7 @@ class Trainer:
     def fit(self):
         """Train until cfg.epochs; returns the list of per-epoch metric dicts written this call."""
         self._write_run_files()
+        self._truncate_metrics()
         written = []
         while self.epoch < self.cfg.epochs:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
