@@ -10,8 +10,8 @@
 PGD and C&W run the fast attack (fused ``pgd_step``, weights frozen; with the torch backend it is
 exactly the reference's ``pgd_attack_ref``) with the run's step size α (2/255 for the CIFAR L∞
 presets, as SPEC.md §4 prescribes; 15/255 for L2). AutoAttack is the reference implementation
-from the ``pyautoattack`` package (the ``eval`` extra); it is never skipped silently: without the package, asking for it raises
-AutoAttackUnavailable with the install command.
+from the ``pyautoattack`` package (the ``eval`` extra); it is never skipped silently: without the
+package, asking for it raises AutoAttackUnavailable with the install command.
 """
 
 import json

@@ -47,8 +47,8 @@ def accumulate_sq_norm_ref(a, g, offsets, beta=None):
         a_new = (a.float() + g.float()).to(a.dtype)
     else:
         a_new = torch.empty_like(a)
-        for l, (s, e) in enumerate(segment_bounds(offsets)):
-            a_new[s:e] = (beta[l].float() * a[s:e].float() + g[s:e].float()).to(a.dtype)
+        for seg, (s, e) in enumerate(segment_bounds(offsets)):
+            a_new[s:e] = (beta[seg].float() * a[s:e].float() + g[s:e].float()).to(a.dtype)
     return a_new, segment_sq_norm_ref(a_new, offsets)
 
 
@@ -69,7 +69,7 @@ def perturb_axpy_ref(w, a, scale, offsets, sign=1):
     if sign not in (1, -1):
         raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
     out = torch.empty_like(w)
-    for l, (s, e) in enumerate(segment_bounds(offsets)):
-        step = scale[l].float() * a[s:e].float()
+    for seg, (s, e) in enumerate(segment_bounds(offsets)):
+        step = scale[seg].float() * a[s:e].float()
         out[s:e] = (w[s:e].float() + step if sign == 1 else w[s:e].float() - step).to(w.dtype)
     return out
