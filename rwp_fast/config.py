@@ -23,6 +23,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# The LSC range that masks nothing: the plain batch mean.
+FULL_RANGE = (-math.inf, math.inf)
+
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the allowed values."""
 
@@ -90,8 +94,9 @@ class RunConfig:
 
     @property
     def lsc_range(self):
-        """[p, q) of the LSC mask: [lsc_low, c_min) for RWP, [0, ∞) for AWP."""
-        return (self.lsc_low, self.c_min) if self.perturb == "rwp" else (0.0, math.inf)
+        """[p, q) of the LSC mask: [lsc_low, c_min) for RWP; no mask, (−∞, ∞), for AWP (SPEC.md §2):
+        a TRADES loss can round to −1e-8 and must not drop out of an unmasked objective."""
+        return (self.lsc_low, self.c_min) if self.perturb == "rwp" else FULL_RANGE
 
     @property
     def perturb_steps(self):

@@ -29,9 +29,9 @@ OPS = ("pgd_step", "lsc_loss", "weight_perturb")
 # On CPU, ``auto`` always uses ``torch``: the Triton interpreter is a correctness tool, not a fast path.
 AUTO_ORDER = {
     # op:             (order on CUDA,              evidence)
-    "pgd_step":       (("triton", "cuda", "torch"), "unmeasured: no GPU run yet"),
-    "lsc_loss":       (("triton", "cuda", "torch"), "unmeasured: no GPU run yet"),
-    "weight_perturb": (("triton", "cuda", "torch"), "unmeasured: no GPU run yet"),
+    "pgd_step":       (("triton", "cuda", "torch"), "unmeasured as of 2026-11-28: no GPU run yet"),
+    "lsc_loss":       (("triton", "cuda", "torch"), "unmeasured as of 2026-11-28: no GPU run yet"),
+    "weight_perturb": (("triton", "cuda", "torch"), "unmeasured as of 2026-11-28: no GPU run yet"),
 }
 
 _override = None  # set by set_backend(); takes precedence over the environment

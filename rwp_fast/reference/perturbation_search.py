@@ -11,6 +11,7 @@ copies do). The probes must not change the model's BatchNorm running statistics,
 snapshotted before the search and copied back after it.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,12 +58,12 @@ def add_perturbation(params, v, sign=1):
         p.add_(vi, alpha=sign)
 
 
-def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range=(0.0, float("inf")),
+def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range=(-math.inf, math.inf),
                                    update="accumulate", scope="layer"):
     """Find v by K2 masked ascent steps (Algorithm 1). Returns (v: list of tensors, SearchInfo).
 
     per_example_loss: callable model -> (B,) fp32 losses, differentiable w.r.t. the weights.
-    lsc_range: the LSC range [p, q); RWP is (0, c_min), AWP is (0, inf) with k2 = 1.
+    lsc_range: the LSC range [p, q); RWP is [0, c_min), AWP is (−inf, inf) (no mask) with k2 = 1.
     update: 'accumulate' (released code: a ← a + g, v = γ‖w‖a/‖a‖) or 'paper' (v ← v + g, renormalise).
     scope: 'layer' (‖v_l‖ = γ‖w_l‖) or 'global' (‖v‖ = γ‖w‖).
     The model's parameters are left unperturbed and its buffers unchanged on return.

@@ -16,11 +16,11 @@ The attacks and losses dispatch through ``rwp_fast.ops`` (backend from ``cfg.bac
 """
 
 import contextlib
-import math
 
 import torch
 
 from ..attacks.pgd import pgd_attack, trades_attack
+from ..config import FULL_RANGE
 from ..ops import lsc_loss, lsc_loss_trades
 from ..perturb.flat import FlatWeights
 from ..perturb.search import FastSearchInfo, WeightPerturbation
@@ -120,7 +120,7 @@ class FastTrainStep:
                                             grad_scale)
 
         self._zero_grad()
-        masked_mean, _, _, _, logits_adv = self.losses(x, x_adv, y, (0.0, math.inf))
+        masked_mean, _, _, _, logits_adv = self.losses(x, x_adv, y, FULL_RANGE)
         self._backward(masked_mean)
         if self.scaler is None:
             optimizer.step()
