@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rwp_fast import ops
+from rwp_fast.ops import dispatch
 from rwp_fast.reference.pgd_step import pgd_random_init_ref, pgd_step_ref
 
 EPS_LINF, ALPHA_LINF = 8 / 255, 2 / 255
@@ -183,8 +184,14 @@ def test_validation_names_the_argument(kernel_backend, device, arg_error):
         step(x_adv, grad, x_nat.to(torch.float16), ALPHA_LINF, EPS_LINF, **kw)
     with arg_error(ValueError, "x_nat"):
         step(x_adv, grad, x_nat[:3], ALPHA_LINF, EPS_LINF, **kw)
+    # Any layout is accepted by the op (channels-last input gradients are copied to contiguous); the
+    # kernel-level host function itself still refuses a non-contiguous operand, naming it.
+    g_t = grad.transpose(2, 3)
+    assert torch.equal(step(x_adv, g_t, x_nat, ALPHA_LINF, EPS_LINF, **kw),
+                       step(x_adv, g_t.contiguous(), x_nat, ALPHA_LINF, EPS_LINF, **kw))
+    impl = dispatch.backend_module(kernel_backend, "pgd_step")
     with arg_error(ValueError, "grad"):
-        step(x_adv, grad.transpose(2, 3), x_nat, ALPHA_LINF, EPS_LINF, **kw)
+        impl.pgd_step(x_adv, g_t, x_nat, ALPHA_LINF, EPS_LINF, "linf", torch.empty_like(x_adv))
     with arg_error(ValueError, "grad"):
         step(x_adv, grad.to(_other_device(device)), x_nat, ALPHA_LINF, EPS_LINF, **kw)
     with arg_error(ValueError, "out"):
