@@ -14,7 +14,9 @@ The extension is built when there are sources in csrc/, torch is importable in t
 Python backends are installed. A machine does not need a GPU to *compile* the extension.
 
 The top-level ``kernels/`` folder (Triton kernels) ships as ``rwp_fast.kernels``: a top-level
-``kernels`` module would clash with an unrelated PyPI package of that name.
+``kernels`` module would clash with an unrelated PyPI package of that name. Likewise ``bench/`` (the
+throughput suite behind ``rwp-fast bench``) ships as ``rwp_fast.bench``; ``python -m bench`` still runs
+it from a checkout.
 """
 
 import glob
@@ -111,8 +113,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rwp_fast", "rwp_fast.*"]) + ["rwp_fast.kernels"],
-    package_dir={"rwp_fast.kernels": "kernels"},
+    packages=find_packages(include=["rwp_fast", "rwp_fast.*"]) + ["rwp_fast.kernels", "rwp_fast.bench"],
+    package_dir={"rwp_fast.kernels": "kernels", "rwp_fast.bench": "bench"},
     install_requires=[
         # 2.11 is the GPU machine's torch, 2.14.1 the CI machine's; both must satisfy these.
         "torch>=2.11,<2.15",

@@ -3,6 +3,6 @@
 The per-op microbenchmarks run as ``python -m bench.bench_<op>``.
 """
 
-from bench.bench_e2e import main
+from .bench_e2e import main
 
 main()

@@ -28,10 +28,7 @@ import functools
 
 import torch
 
-try:
-    from bench import common
-except ImportError:  # pytest imports bench/ files as top-level modules
-    import common
+from . import common  # relative: this package is `bench` in a checkout, `rwp_fast.bench` installed
 
 from rwp_fast import ops
 from rwp_fast.ops.weight_perturb import SegmentTable
@@ -227,7 +224,8 @@ def main(argv=None):
 
 
 if pytest is not None:
-    @pytest.mark.parametrize("impl", ["eager", "eager_flat", "foreach", "triton"])
+    # Not "eager": the expected values come from it, so it would compare with itself.
+    @pytest.mark.parametrize("impl", ["eager_flat", "foreach", "triton"])
     def test_weight_perturb_bench(benchmark, impl):
         """CPU smoke: every implementation runs and matches the per-layer reference (tiny sizes)."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
