@@ -10,6 +10,14 @@ zero-initialised (1,) outputs, so the RWP loop can read ΣVᵢ (its early-exit t
 another pass over the batch. The fp32 atomic sum is order-dependent on a GPU: the masked mean is
 reproducible to fp32 rounding (about B·2⁻²⁴ relative), not bit for bit.
 
+Rounding on a GPU. The divisions by B are IEEE (``tl.div_rn``; a plain ``/`` is ``div.full.f32``, 2 ulp).
+``tl.exp`` and ``tl.log`` stay the hardware approximations, for speed: ``exp(x)`` is
+``ex2.approx.f32(x·log2 e)``, relative error ≤ 2 ulp of ex2 plus |x|·2⁻²⁴ from rounding the argument;
+``log`` is ``lg2.approx.f32``·ln 2, absolute error ≤ 2⁻²² in log2 units. For logits within ±88 of the row max (beyond,
+exp underflows in fp32) the loss is within about 100·2⁻²⁴·(1 + ℓ) ≈ 6e-6·(1 + ℓ) of the IEEE value,
+which is what the GPU tolerance of tests/test_lsc_loss.py allows. The compile check asserts that no
+``div.full`` and no ``.approx`` other than ``ex2``/``lg2`` is in these kernels.
+
 A target outside [0, C) is not checked on the host (that would cost a device sync per call); the
 kernel masks the out-of-range load instead, so that row's loss is NaN rather than a stray read.
 """
@@ -55,7 +63,7 @@ def _lsc_reduce(loss, row, loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, batch
     tl.store(loss_ptr + row, loss)
     tl.store(mask_ptr + row, in_range)
     tl.atomic_add(count_ptr, in_range.to(tl.int32))
-    tl.atomic_add(masked_mean_ptr, tl.where(in_range, loss / batch, 0.0))
+    tl.atomic_add(masked_mean_ptr, tl.where(in_range, tl.div_rn(loss, batch), 0.0))
 
 
 @triton.jit
@@ -75,7 +83,7 @@ def _lsc_loss_bwd_kernel(grad_out_ptr, logits_ptr, target_ptr, lse_ptr, mask_ptr
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * n_cols
     # d masked_mean / d ℓᵢ = grad_out·Vᵢ/B; d ℓᵢ / d z = softmax(z) − onehot(y).
-    c = tl.load(grad_out_ptr) / batch * tl.load(mask_ptr + row).to(tl.float32)
+    c = tl.div_rn(tl.load(grad_out_ptr), batch) * tl.load(mask_ptr + row).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     y = tl.load(target_ptr + row)
     for start in range(0, n_cols, BLOCK):
@@ -117,7 +125,7 @@ def _lsc_loss_trades_bwd_kernel(grad_out_ptr, nat_ptr, adv_ptr, target_ptr, lse_
                                 kl_ptr, mask_ptr, d_nat_ptr, d_adv_ptr, n_cols, batch, beta,
                                 BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    c = tl.load(grad_out_ptr) / batch * tl.load(mask_ptr + row).to(tl.float32)
+    c = tl.div_rn(tl.load(grad_out_ptr), batch) * tl.load(mask_ptr + row).to(tl.float32)
     lse_nat = tl.load(lse_nat_ptr + row)
     lse_adv = tl.load(lse_adv_ptr + row)
     kl = tl.load(kl_ptr + row)

@@ -7,6 +7,13 @@ fp16 or bf16), the result is rounded to the dtype of ``out`` on store.
 * L∞ is elementwise and does the reference's fp32 operations in the reference's order, so it matches
   ``pgd_step_ref`` bit for bit. (α·sign(g) is exactly ±α or 0, so an FMA contraction of x_adv + α·sign(g)
   would round the same; the kernel is launched with ``NO_FMA`` anyway, as the random start must be.)
+* Every clamp is NaN-propagating (``propagate_nan=ALL``: PTX ``min.NaN.f32``/``max.NaN.f32``), as
+  torch.clamp is: with the default, sm_90 lowers them to ``min.f32``/``max.f32``, which return the
+  non-NaN operand, and ptxas even folds the [0, 1] clamp into ``FADD.SAT``, so a NaN became 0 or 1 on
+  a GPU while the reference, the interpreter and the CUDA extension give NaN.
+* Divisions and square roots are IEEE round-to-nearest (``tl.div_rn``, ``tl.sqrt_rn``): a plain ``/``
+  lowers to ``div.full.f32`` (2 ulp) and ``tl.sqrt`` to ``sqrt.approx.ftz.f32``, which the interpreter
+  does not model. The compile check asserts that no ``.approx`` and no ``div.full`` is left here.
 * L2 needs two per-example norms (‖g‖ and ‖δ'‖), so one program owns one example. Rows of up to
   ``L2_ONE_PASS_MAX`` elements (CIFAR's 3·32·32 = 3072) are held in registers and read once; longer
   rows are streamed three times (‖g‖², then δ' and ‖δ'‖², then the write), re-reading from L2 cache.
@@ -33,6 +40,13 @@ NO_FMA = {"enable_fp_fusion": False}
 
 
 @triton.jit
+def _clamp(x, lo, hi):
+    """torch.clamp(x, lo, hi): NaN in, NaN out (see the module docstring)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _pgd_step_linf_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, out_ptr, n_elements, alpha, eps,
                           BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -44,17 +58,16 @@ def _pgd_step_linf_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, out_ptr, n_elements, a
     # torch.sign: +1, −1, and 0 for g == 0 (a zero gradient must not move the pixel).
     sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
     delta = x_adv + alpha * sign - x_nat
-    delta = tl.minimum(tl.maximum(delta, -eps), eps)
-    x = x_nat + delta
-    x = tl.minimum(tl.maximum(x, 0.0), 1.0)
+    delta = _clamp(delta, -eps, eps)
+    x = _clamp(x_nat + delta, 0.0, 1.0)
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
 def _l2_shrink(sq, eps):
     """min(1, ε/‖δ‖) as the reference's _l2_shrink: torch.where(n > ε, ε / max(n, 1e-30), 1)."""
-    n = tl.sqrt(sq)
-    return tl.where(n > eps, eps / tl.maximum(n, 1e-30), 1.0)
+    n = tl.sqrt_rn(sq)
+    return tl.where(n > eps, tl.div_rn(eps, tl.maximum(n, 1e-30, propagate_nan=tl.PropagateNan.ALL)), 1.0)
 
 
 @triton.jit
@@ -68,10 +81,10 @@ def _pgd_step_l2_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, out_ptr, row_numel, alph
         g = tl.load(grad_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
         x_adv = tl.load(x_adv_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
         x_nat = tl.load(x_nat_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-        denom = tl.sqrt(tl.sum(g * g, axis=0)) + grad_eps
-        delta = x_adv - x_nat + alpha * (g / denom)
+        denom = tl.sqrt_rn(tl.sum(g * g, axis=0)) + grad_eps
+        delta = x_adv - x_nat + alpha * tl.div_rn(g, denom)
         factor = _l2_shrink(tl.sum(delta * delta, axis=0), eps)
-        x = tl.minimum(tl.maximum(x_nat + delta * factor, 0.0), 1.0)
+        x = _clamp(x_nat + delta * factor, 0.0, 1.0)
         tl.store(out_ptr + base + cols, x.to(out_ptr.dtype.element_ty), mask=inb)
     else:
         # Pass 1: ‖g‖². Lane-wise partial sums, one tree reduction at the end.
@@ -80,7 +93,7 @@ def _pgd_step_l2_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, out_ptr, row_numel, alph
             cols = start + tl.arange(0, BLOCK)
             g = tl.load(grad_ptr + base + cols, mask=cols < row_numel, other=0.0).to(tl.float32)
             acc += g * g
-        denom = tl.sqrt(tl.sum(acc, axis=0)) + grad_eps
+        denom = tl.sqrt_rn(tl.sum(acc, axis=0)) + grad_eps
         # Pass 2: ‖δ'‖² with δ' = x_adv − x_nat + α·g/(‖g‖ + 1e-10).
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, row_numel, BLOCK):
@@ -89,7 +102,7 @@ def _pgd_step_l2_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, out_ptr, row_numel, alph
             g = tl.load(grad_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
             x_adv = tl.load(x_adv_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
             x_nat = tl.load(x_nat_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            delta = x_adv - x_nat + alpha * (g / denom)
+            delta = x_adv - x_nat + alpha * tl.div_rn(g, denom)
             acc += delta * delta
         factor = _l2_shrink(tl.sum(acc, axis=0), eps)
         # Pass 3: recompute δ' (bit-identical to pass 2) and write. In place (out is x_adv) is safe:
@@ -100,8 +113,8 @@ def _pgd_step_l2_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, out_ptr, row_numel, alph
             g = tl.load(grad_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
             x_adv = tl.load(x_adv_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
             x_nat = tl.load(x_nat_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            delta = x_adv - x_nat + alpha * (g / denom)
-            x = tl.minimum(tl.maximum(x_nat + delta * factor, 0.0), 1.0)
+            delta = x_adv - x_nat + alpha * tl.div_rn(g, denom)
+            x = _clamp(x_nat + delta * factor, 0.0, 1.0)
             tl.store(out_ptr + base + cols, x.to(out_ptr.dtype.element_ty), mask=inb)
 
 
@@ -113,8 +126,7 @@ def _pgd_random_init_linf_kernel(x_nat_ptr, noise_ptr, out_ptr, n_elements, eps,
     x_nat = tl.load(x_nat_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     noise = tl.load(noise_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     # Launched with NO_FMA: the reference rounds ε·noise before adding x_nat.
-    x = x_nat + eps * noise
-    x = tl.minimum(tl.maximum(x, 0.0), 1.0)
+    x = _clamp(x_nat + eps * noise, 0.0, 1.0)
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=inb)
 
 
@@ -130,8 +142,8 @@ def _pgd_random_init_l2_kernel(x_nat_ptr, noise_ptr, radius_ptr, out_ptr, row_nu
         inb = cols < row_numel
         noise = tl.load(noise_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
         x_nat = tl.load(x_nat_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-        norm = tl.maximum(tl.sqrt(tl.sum(noise * noise, axis=0)), 1e-30)
-        x = tl.minimum(tl.maximum(x_nat + noise / norm * r_eps, 0.0), 1.0)
+        norm = tl.maximum(tl.sqrt_rn(tl.sum(noise * noise, axis=0)), 1e-30, propagate_nan=tl.PropagateNan.ALL)
+        x = _clamp(x_nat + tl.div_rn(noise, norm) * r_eps, 0.0, 1.0)
         tl.store(out_ptr + base + cols, x.to(out_ptr.dtype.element_ty), mask=inb)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -139,13 +151,13 @@ def _pgd_random_init_l2_kernel(x_nat_ptr, noise_ptr, radius_ptr, out_ptr, row_nu
             cols = start + tl.arange(0, BLOCK)
             noise = tl.load(noise_ptr + base + cols, mask=cols < row_numel, other=0.0).to(tl.float32)
             acc += noise * noise
-        norm = tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-30)
+        norm = tl.maximum(tl.sqrt_rn(tl.sum(acc, axis=0)), 1e-30, propagate_nan=tl.PropagateNan.ALL)
         for start in range(0, row_numel, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < row_numel
             noise = tl.load(noise_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
             x_nat = tl.load(x_nat_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            x = tl.minimum(tl.maximum(x_nat + noise / norm * r_eps, 0.0), 1.0)
+            x = _clamp(x_nat + tl.div_rn(noise, norm) * r_eps, 0.0, 1.0)
             tl.store(out_ptr + base + cols, x.to(out_ptr.dtype.element_ty), mask=inb)
 
 

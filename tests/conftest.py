@@ -43,6 +43,17 @@ def _seed(request):
 
 
 @pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 means fp32 in every test: the GPU tests compare fp32 results with the reference at fp32
+    tolerances, and on Ampere/Hopper cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa,
+    ~1e-3 relative), which no such tolerance survives. Restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
     """Make the Triton host functions allocate NaN-filled outputs, so unwritten elements fail tests."""
     try:

@@ -42,6 +42,28 @@ def test_segment_table_by_hand():
     assert moved.offsets.device.type == "meta" and t.offsets.device.type == "cpu" and moved.num_chunks == 5
 
 
+@pytest.mark.parametrize("offsets,chunk,align", [
+    ([0, 1, 5, 14], 4, 1), ([0, 16, 48], 4096, 16), ([0, 8, 40], 4096, 8), ([0, 64, 128], 4, 4),
+    ([0, 4096 * 3 + 2], 4096, 2)])
+def test_segment_table_records_alignment(offsets, chunk, align):
+    """table.align is what the Triton kernels hand to tl.multiple_of: it must divide every offset (so
+    every chunk start and segment end), be a power of two, and be as large as that allows (up to 16)."""
+    t = SegmentTable(offsets, chunk)
+    assert t.align == align
+    assert all(o % t.align == 0 for o in t.chunk_start.tolist() + t.offsets.tolist())
+    assert t.to("meta").align == align
+
+
+@pytest.mark.parametrize("name,in_channels", [("small_cnn", 1), ("small_cnn", 3), ("preact_resnet18", 3)])
+def test_flat_weights_of_real_models_are_vector_aligned(name, in_channels):
+    """The segment offsets of the models we train are multiples of 8 elements, so the weight_perturb
+    kernels run their 16-byte vector path (kernels/_compile_check.py proves the vector loads)."""
+    from rwp_fast.models import build_network
+    from rwp_fast.perturb.flat import FlatWeights
+
+    assert FlatWeights(build_network(name, 10, in_channels)).table.align >= 8
+
+
 @pytest.mark.parametrize("offsets,chunk,match", [
     ([1, 5], 4, "offsets"), ([0, 3, 3], 4, "offsets"), ([0], 4, "offsets"), ([0, 5], 3, "chunk")])
 def test_segment_table_rejects_bad_layouts(offsets, chunk, match):
