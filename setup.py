@@ -4,14 +4,20 @@ Environment knobs (all optional):
 
   RWP_FAST_SKIP_CUDA_BUILD=1   do not build the CUDA extension ``rwp_fast._C``; the package then
                                runs on its Triton and torch backends only.
-  RWP_FAST_CUDA_ARCHS="80;90"  SM architectures to compile for (default ``80;90``: A100 and H100/H200).
+  RWP_FAST_REQUIRE_CUDA_EXT=1  make a missing or failed build of ``rwp_fast._C`` an error (CI on a GPU
+                               machine, bench/device_run.sh). Without it the install never fails because of
+                               the extension: it prints one warning line and installs without it.
+  RWP_FAST_CUDA_ARCHS="80;90"  SM architectures to compile for (default ``80;90``: A100 and H100/H200);
+                               ``;`` or ``,`` separated, e.g. ``80,90``.
   CUDA_HOME=/usr/local/cuda    CUDA toolkit root. If unset we look at /usr/local/cuda and at the
                                directory of ``nvcc`` on PATH.
   MAX_JOBS=N                   parallel compile jobs for ninja (default: torch's choice, i.e. #cores).
 
 The extension is built when there are sources in csrc/, torch is importable in the build environment
-(install with ``--no-build-isolation``), and nvcc is found. Otherwise a warning is printed and only the
-Python backends are installed. A machine does not need a GPU to *compile* the extension.
+(install with ``--no-build-isolation``), nvcc is found, and nvcc's CUDA major version is torch's
+(``torch.version.cuda``; torch's cpp_extension would raise on a mismatch). Otherwise, or when the build
+itself fails, one warning line is printed and only the Python backends are installed. A machine does not
+need a GPU to *compile* the extension.
 
 The top-level ``kernels/`` folder (Triton kernels) ships as ``rwp_fast.kernels``: a top-level
 ``kernels`` module would clash with an unrelated PyPI package of that name. Likewise ``bench/`` (the
@@ -21,9 +27,10 @@ it from a checkout.
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
-import warnings
 
 from setuptools import find_packages, setup
 
@@ -42,6 +49,70 @@ def _find_cuda_home():
     return None
 
 
+REQUIRE_ENV = "RWP_FAST_REQUIRE_CUDA_EXT"
+
+
+def _skip_cuda_extension(reason):
+    """Install without rwp_fast._C: one warning line, or an error under RWP_FAST_REQUIRE_CUDA_EXT=1."""
+    if os.environ.get(REQUIRE_ENV, "0") == "1":
+        raise RuntimeError(f"rwp-fast: {reason}; {REQUIRE_ENV}=1 makes this an error")
+    print(f"rwp-fast: WARNING: {reason}; installing without rwp_fast._C (the Triton and torch backends "
+          "still work)", file=sys.stderr)
+
+
+def _nvcc_cuda_version(cuda_home):
+    """(major, minor) of `cuda_home`/bin/nvcc from ``nvcc --version``, or None if it does not say."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60, check=False).stdout
+    except OSError:
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _cuda_version_mismatch(torch_cuda, nvcc_version):
+    """Why torch (built for CUDA `torch_cuda`, e.g. '12.8' or None) cannot build with an nvcc of
+    `nvcc_version` (major, minor), or None if it can. torch's cpp_extension raises on a different
+    major version and only warns on a different minor one, so the major version decides."""
+    if torch_cuda is None:
+        return "torch is a CPU-only build (torch.version.cuda is None)"
+    if nvcc_version is None:
+        return "cannot read nvcc's CUDA version from `nvcc --version`"
+    torch_major = int(str(torch_cuda).split(".")[0])
+    if torch_major != nvcc_version[0]:
+        return (f"nvcc is CUDA {nvcc_version[0]}.{nvcc_version[1]} but torch was built for CUDA {torch_cuda} "
+                "(the major versions must match)")
+    return None
+
+
+def _parse_archs(archs):
+    """'80;90' or '80,90' -> (['80', '90'], nvcc -gencode flags, TORCH_CUDA_ARCH_LIST '8.0;9.0')."""
+    names = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not names:
+        raise ValueError(f"RWP_FAST_CUDA_ARCHS: expected SM numbers such as 80;90, got {archs!r}")
+    flags = []
+    for arch in names:
+        if not arch.isdigit() or len(arch) < 2:
+            raise ValueError(f"RWP_FAST_CUDA_ARCHS: {arch!r} is not an SM number such as 80 or 90")
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return names, flags, ";".join(f"{a[:-1]}.{a[-1]}" for a in names)
+
+
+def _tolerant_build_ext(build_ext_cls):
+    """`build_ext_cls` whose failure (compiler error, ninja error, …) installs without rwp_fast._C."""
+    class TolerantBuildExt(build_ext_cls):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001  any build failure: warn (or raise) and go on
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                _skip_cuda_extension(f"building rwp_fast._C failed ({type(exc).__name__}: {first_line})")
+                self.extensions = []  # so that the install step looks for no .so
+
+    return TolerantBuildExt
+
+
 def _cuda_extension():
     """Return ([ext_modules], cmdclass) for rwp_fast._C, or ([], {}) with a warning why not."""
     if os.environ.get("RWP_FAST_SKIP_CUDA_BUILD", "0") == "1":
@@ -52,34 +123,31 @@ def _cuda_extension():
         return [], {}
     cuda_home = _find_cuda_home()
     if cuda_home is None:
-        warnings.warn("rwp-fast: nvcc not found (set CUDA_HOME); installing the Triton and torch "
-                      "backends only, without rwp_fast._C")
+        _skip_cuda_extension("nvcc not found (set CUDA_HOME)")
         return [], {}
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so set it first.
     os.environ["CUDA_HOME"] = cuda_home
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError as exc:
-        warnings.warn(f"rwp-fast: torch is not importable in the build environment ({exc}); "
-                      "install with --no-build-isolation to build rwp_fast._C")
+        _skip_cuda_extension(f"torch is not importable in the build environment ({exc}); install with "
+                             "--no-build-isolation to build rwp_fast._C")
+        return [], {}
+    mismatch = _cuda_version_mismatch(torch.version.cuda, _nvcc_cuda_version(cuda_home))
+    if mismatch:
+        _skip_cuda_extension(mismatch)
         return [], {}
 
-    archs = os.environ.get("RWP_FAST_CUDA_ARCHS", "80;90")
-    arch_flags = []
-    for arch in [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]:
-        if not arch.isdigit():
-            raise ValueError(f"RWP_FAST_CUDA_ARCHS: {arch!r} is not an SM number such as 80 or 90")
-        arch_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    _, arch_flags, torch_arch_list = _parse_archs(os.environ.get("RWP_FAST_CUDA_ARCHS", "80;90"))
     # cpp_extension would otherwise add flags for the (absent) local GPU or every known arch.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs.split(";") if a)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = torch_arch_list
 
     # rpath: the .so links libc10, libtorch* and libcudart.so.N. Without an rpath it loads only
     # after `import torch` has loaded them, and `import rwp_fast._C` as a first import fails with
     # "libc10.so: cannot open shared object file". torch's lib/ comes first. For libcudart, the copy
     # that torch itself uses (the pip nvidia-*-runtime package next to torch) is preferred, so the
     # process loads a single cudart; the toolkit's lib64 is the fallback.
-    import torch
-
     site = os.path.dirname(os.path.dirname(torch.__file__))
     bundled_cudart = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")))
     rpath = [os.path.join(os.path.dirname(torch.__file__), "lib"),
@@ -101,7 +169,7 @@ def _cuda_extension():
         },
         extra_link_args=[f"-Wl,-rpath,{d}" for d in rpath],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _tolerant_build_ext(BuildExtension.with_options(use_ninja=True))}
 
 
 ext_modules, cmdclass = _cuda_extension()
