@@ -1,4 +1,4 @@
-"""Command line: ``rwp-fast train | eval | presets | plot | demo``.
+"""Command line: ``rwp-fast train | eval | presets | plot | demo | verify | bench``.
 
 ``train`` mirrors RunConfig field for field (``--field-name``); ``--preset NAME`` loads a paper preset
 and explicit flags override it. Errors a user can fix (missing data, bad values, corrupt checkpoints,
@@ -203,6 +203,16 @@ def build_parser():
     d.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    # verify and bench live in their own modules (rwp_fast/verify/run.py, bench/user.py); registered here.
+    from .verify import run as verify_run
+    v = sub.add_parser("verify", help="check the fused kernels against the reference on this machine",
+                       description=verify_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify_run.add_arguments(v).set_defaults(func=verify_run.main)
+    from .bench import user as bench_user
+    b = sub.add_parser("bench", help="training throughput here: released-code structure vs the fast path",
+                       description=bench_user.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_user.add_arguments(b).set_defaults(func=bench_user.main)
     return p
 
 
@@ -212,14 +222,14 @@ def main(argv=None):
     from .train import CheckpointError
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)  # verify and bench return their exit status; the others None
     except (ConfigError, DatasetNotFoundError, CheckpointError, AutoAttackUnavailable, FileNotFoundError,
             ValueError, ImportError) as exc:  # ImportError: an explicit --backend that is not installed
         if os.environ.get("RWP_FAST_DEBUG") == "1":
             raise
         print(f"rwp-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

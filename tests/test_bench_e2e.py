@@ -257,3 +257,38 @@ def test_device_plan_puts_the_target_rows_first():
     args = bench_e2e.parse_args(["--device", "cpu", "--models", "wrn-34-10", "--batch-sizes", "128",
                                  "--variants", "fast,released"])
     assert bench_e2e.build_plan(args) == [("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast")]
+
+
+# ------------------------------------------------------------------------------- rwp-fast bench (user)
+def test_user_bench_smoke_table_json_and_png(tmp_path, capsys):
+    """`rwp-fast bench --smoke` on CPU: the table, the JSON schema, a valid PNG; no MFU on CPU."""
+    from rwp_fast import cli
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    status = cli.main(["bench", "--device", "cpu", "--smoke", "--no-progress", "--json", str(out),
+                       "--plot", str(png)])
+    text = capsys.readouterr().out
+    assert status == 0, text[-2000:]
+    assert "images/s" in text and "×released" in text and "÷AT time" in text
+    assert "algorithmic savings" in text  # the CPU caveat
+    with open(out) as f:
+        report = json.load(f)
+    assert report["schema"] == 1 and report["kind"] == "rwp-fast bench"
+    assert {"device", "torch", "triton", "cuda", "git_commit", "ceiling_tflops"} <= set(report["meta"])
+    assert report["meta"]["ceiling_tflops"] is None  # no CPU "ceiling", so no MFU > 100%
+    got = {(s["method"], s["variant"]) for s in report["summary"]}
+    assert got == {(m, v) for m in ("at", "at-awp", "at-rwp") for v in ("released", "fast")}
+    for s in report["summary"]:
+        assert s["images_per_s"] > 0 and s["mfu"] is None
+        assert s["time_vs_at"] is not None and s["probes"] == s["expected_probes"]
+        assert s["speedup_vs_released"] is not None
+    assert [s["probes"] for s in report["summary"] if s["variant"] == "fast"] == [0, 1, 3]  # AT, AWP, RWP K2=3
+    with open(png, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 100  # width in pixels
+
+
+def test_user_bench_bad_variant_is_one_line_error(capsys):
+    from rwp_fast import cli
+    assert cli.main(["bench", "--device", "cpu", "--variants", "fast,turbo"]) == 2
+    err = capsys.readouterr().err
+    assert "--variants" in err and "released" in err and "Traceback" not in err

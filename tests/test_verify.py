@@ -1,0 +1,113 @@
+"""``rwp-fast verify`` on the CPU (Triton interpreter): it passes on the real kernels, it reports FAIL and
+exits 1 when a backend function it calls is broken on purpose (mask ``<=`` instead of ``<``, L∞ sign(0)
+changed, one axpy element skipped), and a missing backend is listed as skipped, not passed.
+
+The mutations monkeypatch the very backend function that the check reaches through ``rwp_fast.ops``
+(``dispatch.backend_module(...)`` looks it up per call), so each test proves that verify would catch it.
+"""
+
+import json
+
+import pytest
+import torch
+
+from rwp_fast import cli
+from rwp_fast.ops import dispatch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/interpreter form of verify")
+
+
+def run_verify(tmp_path, *flags):
+    path = tmp_path / "verify.json"
+    status = cli.main(["verify", "--device", "cpu", "--quick", "--json", str(path), *flags])
+    with open(path) as f:
+        return status, json.load(f)
+
+
+def failing(report):
+    return {(r["op"], r["function"], r["family"]) for r in report["rows"] if r["status"] == "FAIL"}
+
+
+def test_verify_passes_on_the_real_kernels(tmp_path, capsys):
+    status, report = run_verify(tmp_path)
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+    assert report["verdict"] == "PASS" and report["fails"] == 0
+    assert report["backends_checked"] == ["triton"]
+    functions = {(r["op"], r["function"]) for r in report["rows"]}
+    for op, fn in [("pgd_step", "step linf"), ("pgd_step", "step l2"), ("pgd_step", "random start l2"),
+                   ("lsc_loss", "ce"), ("lsc_loss", "trades"), ("weight_perturb", "segment_sq_norm"),
+                   ("weight_perturb", "accumulate_sq_norm_ β"), ("weight_perturb", "perturb_axpy_ -1"),
+                   ("weight_perturb", "perturb_scale global")]:
+        assert (op, fn) in functions
+    for r in report["rows"]:
+        assert r["tolerance"] and r["why"] and "worst_ulp" in r
+    meta = report["meta"]
+    for key in ("device", "driver", "torch", "triton", "cuda", "commit"):
+        assert key in meta
+    # CPU/--quick says what it left out
+    assert any("prime" in s["what"] for s in report["skipped"])
+    assert "verify: PASS" in out
+
+
+def test_mask_made_less_or_equal_fails(tmp_path, monkeypatch):
+    kernel = dispatch.backend_module("triton", "lsc_loss")
+    real = kernel.lsc_loss_fwd
+
+    def mutated(logits, target, p, q):
+        loss, mask, count, mean, lse = real(logits, target, p, q)
+        mask = (loss >= p) & (loss <= q)  # the planted bug: an inclusive upper bound
+        return loss, mask, mask.sum().to(count.dtype), (loss * mask).sum() / loss.shape[0], lse
+    monkeypatch.setattr(kernel, "lsc_loss_fwd", mutated)
+    status, report = run_verify(tmp_path, "--ops", "lsc_loss", "--families", "boundary")
+    assert status == 1 and report["verdict"] == "FAIL"
+    assert ("lsc_loss", "ce", "mask boundary") in failing(report)
+
+
+def test_linf_sign_of_zero_changed_fails(tmp_path, monkeypatch):
+    kernel = dispatch.backend_module("triton", "pgd_step")
+    real = kernel.pgd_step
+
+    def mutated(x_adv, grad, x_nat, alpha, eps, norm, out):
+        if norm == "linf":  # the planted bug: sign(0) = +1
+            grad = torch.where(grad == 0, torch.ones_like(grad), grad)
+        return real(x_adv, grad, x_nat, alpha, eps, norm, out)
+    monkeypatch.setattr(kernel, "pgd_step", mutated)
+    status, report = run_verify(tmp_path, "--ops", "pgd_step", "--families", "random")
+    assert status == 1
+    assert ("pgd_step", "step linf", "random") in failing(report)
+    assert ("pgd_step", "step l2", "random") not in failing(report)
+
+
+def test_one_axpy_element_skipped_fails(tmp_path, monkeypatch):
+    kernel = dispatch.backend_module("triton", "weight_perturb")
+    real = kernel.perturb_axpy_
+
+    def mutated(w, a, scale, table, sign):
+        last = w[-1].clone()
+        real(w, a, scale, table, sign)
+        w[-1] = last  # the planted bug: the tail element is never written
+        return w
+    monkeypatch.setattr(kernel, "perturb_axpy_", mutated)
+    status, report = run_verify(tmp_path, "--ops", "weight_perturb", "--families", "odd")
+    assert status == 1
+    assert ("weight_perturb", "perturb_axpy_ +1", "odd sizes") in failing(report)
+    assert ("weight_perturb", "segment_sq_norm", "odd sizes") not in failing(report)
+
+
+def test_missing_backend_is_skipped_not_passed(tmp_path, monkeypatch):
+    real_load = dispatch._load
+
+    def no_triton(backend, op):
+        if backend == "triton":
+            raise ImportError("No module named 'triton' (simulated)")
+        return real_load(backend, op)
+    monkeypatch.setattr(dispatch, "_load", no_triton)
+    status, report = run_verify(tmp_path, "--ops", "weight_perturb", "--families", "odd")
+    assert status == 0  # missing is not a failure ...
+    assert report["rows"] == [] and report["backends_checked"] == []
+    skipped = {s["what"]: s["reason"] for s in report["skipped"]}
+    assert "simulated" in skipped["backend triton"] and "CUDA" in skipped["backend cuda"]
+    status, report = run_verify(tmp_path, "--ops", "weight_perturb", "--families", "odd", "--require", "triton")
+    assert status == 1  # ... unless it is required
+    assert [r["backend"] for r in report["rows"] if r["status"] == "FAIL"] == ["triton"]
