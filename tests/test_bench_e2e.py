@@ -292,3 +292,27 @@ def test_user_bench_bad_variant_is_one_line_error(capsys):
     assert cli.main(["bench", "--device", "cpu", "--variants", "fast,turbo"]) == 2
     err = capsys.readouterr().err
     assert "--variants" in err and "released" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------- bench/device_run.sh dry run
+def test_device_run_dry_run_on_cpu(tmp_path):
+    """The GPU script end to end on CPU with tiny sizes: a shell or Python error shows here, not in the
+    short GPU time. Every part runs and says ok, and $OUT holds at most 8 files, each under 16 MiB, one of
+    them a results.json with every part's status."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, TOTAL_S="300")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_run.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) <= 8 and all(os.path.getsize(tmp_path / f) < 16 * 2 ** 20 for f in files), files
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    parts = {p["part"]: p["status"] for p in results["parts"]}
+    for name in ("install", "verify", "sanitizer", "headline", "micro", "tracking"):
+        assert parts.get(name) == "ok", (name, parts, proc.stdout[-3000:])
+    assert "extras" in parts  # run, or skipped with the reason
+    assert results["verify"]["verdict"] == "PASS" and results["headline"]["summary"]
+    assert results["sanitizer"].startswith("not supported")
+    assert any(r["impl"] == "triton" and r["us_p50"] for r in results["micro"])
+    assert "skipped" in results["tracking"]  # collected by name and skipped without CUDA
+    assert "collect errors" not in proc.stdout

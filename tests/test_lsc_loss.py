@@ -11,6 +11,7 @@ import torch
 from rwp_fast import ops
 from rwp_fast.ops import dispatch
 from rwp_fast.reference.lsc_loss import lsc_loss_ref, lsc_loss_trades_ref, lsc_mask_ref
+from rwp_fast.verify import tolerances
 
 # Batch 1, 7, 129; C = 10, 100, 1000, and 2500 (three 1024-wide blocks: the online log-sum-exp).
 SIZES = [(1, 10), (7, 10), (129, 10), (7, 100), (129, 100), (7, 1000), (2, 2500)]
@@ -19,10 +20,10 @@ SIZES = [(1, 10), (7, 10), (129, 10), (7, 100), (129, 100), (7, 1000), (2, 2500)
 # On a GPU the Triton kernels add the hardware exp/log (ex2.approx/lg2.approx: ≤ 2 ulp, plus |z − max|·2⁻²⁴
 # relative from rounding the exp argument; kernels/lsc_loss.py): for |z − max| ≤ 20 here that is ≤ 22 ulp
 # of one exp term, about 1.3e-6 relative, inside rtol 1e-5. The divisions by B are IEEE (tl.div_rn).
-LOSS_TOL = {"rtol": 1e-5, "atol": 5e-6}
+LOSS_TOL = tolerances.LSC_LOSS_TOL  # the one table, shared with `rwp-fast verify`
 # Gradients: softmax via exp(z − lse) vs torch's exp(log_softmax): relative error ≈ ulp(lse)·few
 # ≈ 2e-6, on values ≤ grad_out/B; atol covers probabilities that underflow differently near 1e-38.
-GRAD_TOL = {"rtol": 2e-5, "atol": 1e-8}
+GRAD_TOL = tolerances.LSC_GRAD_TOL
 TRADES_BETA = 6.0
 
 

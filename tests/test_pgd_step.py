@@ -11,6 +11,7 @@ import torch
 from rwp_fast import ops
 from rwp_fast.ops import dispatch
 from rwp_fast.reference.pgd_step import pgd_random_init_ref, pgd_step_ref
+from rwp_fast.verify import tolerances
 
 EPS_LINF, ALPHA_LINF = 8 / 255, 2 / 255
 EPS_L2, ALPHA_L2 = 128 / 255, 15 / 255
@@ -20,7 +21,7 @@ SHAPES = [(1, 3, 32, 32), (7, 3, 32, 32), (129, 3, 8, 8), (7, 5), (1, 1), (2, 3,
 # |kernel − reference| for L2: both compute ‖·‖ as an fp32 sum of ≤ 7K squares in a different order,
 # a relative difference of ~1e-6 at most; it scales |δ| ≤ ε < 1, so the output differs by < 1e-6,
 # plus one fp32 ulp of the final x_nat + δ (6e-8 below 1).
-L2_ATOL = 1e-6
+L2_ATOL = tolerances.PGD_L2_ATOL  # the one table, shared with `rwp-fast verify`
 
 
 def make_inputs(shape, device, eps, dtype=torch.float32, zero_frac=0.1):

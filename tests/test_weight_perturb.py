@@ -11,6 +11,7 @@ from rwp_fast.ops import dispatch
 from rwp_fast.ops.weight_perturb import SegmentTable
 from rwp_fast.reference.perturbation_search import _rescale
 from rwp_fast.reference.weight_perturb import accumulate_sq_norm_ref, perturb_axpy_ref, segment_sq_norm_ref
+from rwp_fast.verify import tolerances
 
 # Segment sizes: a 1-element segment, sizes that are not multiples of the chunk, and segments of
 # several chunks. With chunk 4096: 4101 is 2 chunks, 8192 exactly 2. With chunk 64 (the "small"
@@ -21,7 +22,7 @@ LAYOUTS = {
 }
 # Norms: fp32 partial sums over ≤ 4096 elements, then a sum of chunk partials, against the reference's
 # fp64 accumulation: relative error ≲ log2(n)·2⁻²⁴ ≈ 1e-6 for tree sums; rtol 1e-5 leaves 10×.
-NORM_TOL = {"rtol": 1e-5, "atol": 0}
+NORM_TOL = tolerances.NORM_TOL  # the one table, shared with `rwp-fast verify`
 
 
 @pytest.fixture(params=list(LAYOUTS))
