@@ -13,7 +13,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 
+from . import config as config_module
 from .config import PRESETS, ConfigError, RunConfig, preset
 
 DEMO_RUNS = ("at", "at-awp", "at-rwp")
@@ -25,7 +27,10 @@ def _field_help():
     for line in inspect.getsource(RunConfig).splitlines():
         m = re.match(r"\s+(\w+): [\w\[\], |]+ = .*?#\s*(.*)$", line)
         if m:
-            helps[m.group(1)] = m.group(2)
+            # "one of DATASETS" in config.py's comment → the values themselves in the help text
+            helps[m.group(1)] = re.sub(r"one of ([A-Z_]+)",
+                                       lambda c: "one of " + ", ".join(getattr(config_module, c.group(1))),
+                                       m.group(2))
     return helps
 
 
@@ -55,6 +60,43 @@ def config_from_args(args):
     return RunConfig(**given).validate()
 
 
+# ------------------------------------------------------------------------------------------ outputs
+def check_writable_dir(path, flag):
+    """Create directory `path` (and its parents) if missing and write a probe file there; a ConfigError
+    naming `flag` if that fails (a parent that is a file, no permission, read-only file system)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".rwp-fast-write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot create or write directory {path!r} ({exc.strerror or exc}); "
+                          "allowed: a writable directory (created if missing)") from None
+
+
+def check_writable_file(path, flag):
+    """An output file may be written at `path`: its directory exists and is writable, and `path` is not a
+    directory. Nothing is created. A ConfigError naming `flag` otherwise."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path!r} is a directory; allowed: a file path in a writable directory")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{flag}: the directory {directory!r} of {path!r} does not exist; allowed: a file "
+                          "path in an existing, writable directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".rwp-fast-write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write in {directory!r} ({exc.strerror or exc}); allowed: a file "
+                          "path in an existing, writable directory") from None
+
+
+def check_int(value, flag, minimum):
+    if value < minimum:
+        raise ConfigError(f"{flag}: must be an integer >= {minimum}, got {value}")
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_presets(args):
     for name in sorted(PRESETS):
@@ -62,22 +104,32 @@ def cmd_presets(args):
 
 
 def cmd_train(args):
-    from .train import Trainer
+    from .train import Trainer, resolve_device
     from .train.plots import plot_runs
     if args.resume:
-        explicit = [f.name for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None
-                    and f.name not in ("quiet", "device")]
+        # quiet and device do not change what is computed; epochs may extend a run (Trainer.resume)
+        allowed = ("quiet", "device", "epochs")
+        explicit = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)
+                    if getattr(args, f.name) is not None and f.name not in allowed]
         if explicit or args.preset:
-            raise ConfigError(f"resume: a resumed run keeps its saved config; drop --preset and "
-                              f"{['--' + e.replace('_', '-') for e in explicit]}")
-        overrides = {k: getattr(args, k) for k in ("quiet", "device") if getattr(args, k) is not None}
+            dropped = (["--preset"] if args.preset else []) + explicit
+            raise ConfigError(f"resume: a resumed run keeps its saved config; drop {', '.join(dropped)} "
+                              f"(allowed with --resume: {', '.join('--' + a for a in allowed)})")
+        if not os.path.isdir(args.resume):
+            raise ConfigError(f"resume: {args.resume!r} is not a directory; allowed: a run directory "
+                              "holding last.pt")
+        check_writable_dir(args.resume, "resume")
+        overrides = {k: getattr(args, k) for k in allowed if getattr(args, k) is not None}
         trainer = Trainer.resume(args.resume, **overrides)
-        print(f"resuming {args.resume} after epoch {trainer.epoch} (step {trainer.step})")
+        print(f"resuming {args.resume} after epoch {trainer.epoch} (step {trainer.step}) "
+              f"of {trainer.cfg.epochs}")
     else:
         cfg = config_from_args(args)
         if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
             raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run (last.pt); continue it with "
                               f"--resume {cfg.out_dir} or choose another --out-dir")
+        resolve_device(cfg.device)  # a missing CUDA device is reported before anything is written
+        check_writable_dir(cfg.out_dir, "out_dir")
         trainer = Trainer(cfg)
     trainer.fit()
     plot = plot_runs([trainer.out_dir], os.path.join(trainer.out_dir, "curves.png"))
@@ -90,28 +142,39 @@ def cmd_eval(args):
 
     from .data import load_dataset
     from .eval import markdown_table, run_eval_suite, write_json
+    from .eval.suite import default_attacks
     from .models import build_model
     from .train import load_checkpoint, resolve_device
+    from .train.checkpoint import weights_mismatch
+    check_int(args.n_examples, "n_examples", 0)
+    check_int(args.batch_size, "batch_size", 1)
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
     state = load_checkpoint(args.checkpoint)
+    check_writable_file(out, "out")  # before minutes of attacks, not after
     cfg = RunConfig.from_dict(state["config"])
     if args.data_dir:
         cfg = cfg.replace(data_dir=args.data_dir)
     device = resolve_device(args.device or "auto")
     data = load_dataset(cfg)
+    mismatch = weights_mismatch(state["model"], cfg.model, data.num_classes, data.in_channels, data.mean,
+                                data.std)
+    if mismatch:
+        raise ConfigError(f"checkpoint {args.checkpoint}: {mismatch}")
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.mean, data.std)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ConfigError(f"checkpoint {args.checkpoint}: weights do not fit model {cfg.model} ({exc})") from None
+    model.load_state_dict(state["model"])
     model.to(device)
     n = args.n_examples or len(data.test_x)
+    attacks = args.attacks
+    if attacks is None:
+        attacks, note = default_attacks(cfg.norm)
+        if note:
+            print(f"note: {note}")
     torch.manual_seed(args.seed)
     results = run_eval_suite(model, data.test_x[:n], data.test_y[:n], cfg.eps, cfg.step_size, cfg.norm,
-                             args.attacks, args.batch_size, device, args.seed, log=print)
+                             attacks, args.batch_size, device, args.seed, log=print)
     title = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or "model"
     table = markdown_table(results, title=title)
     print(table)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
     write_json(out, results, {"checkpoint": os.path.abspath(args.checkpoint), "epoch": state["epoch"],
                               "config": cfg.to_dict(), "table": table})
     print(f"wrote {out}")
@@ -119,6 +182,7 @@ def cmd_eval(args):
 
 def cmd_plot(args):
     from .train.plots import plot_runs
+    check_writable_file(args.out, "out")
     print(plot_runs(args.run_dirs, args.out))
 
 
@@ -126,6 +190,11 @@ def cmd_demo(args):
     """The README's main job: AT, AT-AWP and AT-RWP on the built-in digits data, then a Table-1 summary."""
     from .train import Trainer
     from .train.plots import plot_runs
+    check_int(args.epochs, "epochs", 1)
+    check_writable_dir(args.out_dir, "out_dir")
+    if getattr(args, "lsc_analysis", False):  # rwp_fast/sweep.py: the LSC-range analysis as a sweep
+        from .sweep import lsc_demo
+        return lsc_demo(os.path.join(args.out_dir, "lsc-analysis"), args.epochs, args.quiet, args.device)
     rows, dirs = [], []
     for name in DEMO_RUNS:
         cfg = demo_config(name, args.out_dir, args.epochs, args.quiet, args.device)
@@ -181,9 +250,11 @@ def build_parser():
     e = sub.add_parser("eval", help="the paper's Table 2 evaluation suite on a checkpoint")
     e.add_argument("checkpoint")
     e.add_argument("--n-examples", type=int, default=0, help="evaluate the first N test examples (0 = all)")
-    e.add_argument("--attacks", default="natural,fgsm,pgd20,pgd100,cw,autoattack",
-                   help="comma-separated subset of natural,fgsm,pgd20,pgd100,cw,autoattack")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--attacks", default=None,
+                   help="comma-separated subset of natural,fgsm,fgm,pgd20,pgd100,cw,autoattack (default: "
+                        "natural,fgsm,pgd20,pgd100,cw,autoattack for an L∞ checkpoint; for L2, fgm (one L2 "
+                        "step of size ε) replaces fgsm and every attack runs in L2)")
+    e.add_argument("--batch-size", type=int, default=256, help="examples per attack batch (>= 1)")
     e.add_argument("--data-dir", default=None, help="override the data directory saved in the checkpoint")
     e.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     e.add_argument("--seed", type=int, default=0)
@@ -202,6 +273,8 @@ def build_parser():
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--lsc-analysis", action="store_true",
+                   help="instead: AT-RWP with one LSC range per run (the paper's Fig. 1) in OUT_DIR/lsc-analysis")
     d.set_defaults(func=cmd_demo)
 
     # verify and bench live in their own modules (rwp_fast/verify/run.py, bench/user.py); registered here.
@@ -213,6 +286,10 @@ def build_parser():
     b = sub.add_parser("bench", help="training throughput here: released-code structure vs the fast path",
                        description=bench_user.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_user.add_arguments(b).set_defaults(func=bench_user.main)
+    from . import sweep
+    s = sub.add_parser("sweep", help="run a grid of runs (any field, seeds, LSC ranges) and summarise it",
+                       description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_arguments(s).set_defaults(func=sweep.main)
     return p
 
 

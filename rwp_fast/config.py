@@ -23,6 +23,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# num_workers: accepted and used nowhere (every dataset is a tensor moved to the device once, and
+# batches are cut and augmented there, so there is no DataLoader to give workers to).
+RETIRED_FIELDS = ("num_workers",)
+
 # The LSC range that masks nothing: the plain batch mean.
 FULL_RANGE = (-math.inf, math.inf)
 
@@ -80,7 +84,6 @@ class RunConfig:
     eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all)
     train_examples: int = 0            # use only the first N training examples (0 = all)
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
-    num_workers: int = 2               # DataLoader workers for disk datasets
     quiet: bool = False                # no progress bar
 
     # derived values in pixel units
@@ -111,18 +114,24 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        # Every float field must be a finite number >= 0, except c_min: q = inf is "no upper bound" (the
+        # LSC mask then keeps every loss >= p), so c_min may be inf, never NaN.
         non_negative = ("epsilon", "alpha", "gamma", "c_min", "lsc_low", "trades_beta", "lr",
                         "momentum", "weight_decay")
         for name in non_negative:
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and not math.isnan(value)):
-                raise ConfigError(f"{name}: must be a number >= 0, got {value!r}")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and \
+                (math.isfinite(value) or (name == "c_min" and value == math.inf))
+            if not ok:
+                kind = "a number >= 0 (inf allowed: no upper bound)" if name == "c_min" else "a finite number >= 0"
+                raise ConfigError(f"{name}: must be {kind}, got {value!r}")
         at_least_one = ("k2", "epochs", "batch_size", "lr_decay")
         for name in at_least_one:
-            if not getattr(self, name) >= 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
+                raise ConfigError(f"{name}: must be a finite number >= 1, got {value!r}")
         at_least_zero = ("attack_steps", "eval_attack_steps", "warmup_epochs", "eval_examples",
-                         "train_examples", "num_workers")
+                         "train_examples")
         for name in at_least_zero:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
@@ -144,6 +153,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
+        # Fields that existed once and did nothing: dropped, so that older checkpoints still load.
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"config: unknown field(s) {unknown}")

@@ -40,3 +40,59 @@ def test_trades_attack_matches_reference():
                          params=list(model.parameters()))
     ref = trades_attack_ref(model, x, 32 / 255, 8 / 255, 4, "linf", torch.Generator().manual_seed(1))
     assert torch.equal(fast, ref)
+
+
+# ------------------------------------------------------------------ TRADES KL direction, closed form
+def _linear_model(d=6, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, classes, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(3 * torch.randn(classes, d, generator=g))
+    return model.eval(), model[1].weight.detach().double()
+
+
+def _closed_form_kl_grad(W, x_nat, x_adv):
+    """For f(x) = Wx, p = softmax(W x_nat), q = softmax(W x_adv): KL(p ‖ q) = Σ p (log p − log q) and its
+    gradient in x_adv, (q − p) W (per example), in fp64."""
+    p = torch.softmax(x_nat.flatten(1).double() @ W.T, 1)
+    q = torch.softmax(x_adv.flatten(1).double() @ W.T, 1)
+    return (p * (p.log() - q.log())).sum(), ((q - p) @ W).view_as(x_adv)
+
+
+def test_trades_kl_is_kl_of_natural_to_adversarial_in_closed_form():
+    """trades_kl_sum(z_adv, p_nat) = KL(f(x) ‖ f(x_adv)), value and input gradient, far from x (near x the
+    two directions of KL agree to first order, so only distant points tell them apart)."""
+    from rwp_fast.reference.attacks import trades_kl_sum
+    from rwp_fast.reference.lsc_loss import trades_per_example_ref
+    model, W = _linear_model()
+    x = torch.rand(5, 1, 1, 6)
+    x_adv = (x + 0.8 * torch.randn_like(x)).requires_grad_(True)
+    p_nat = torch.softmax(model(x).float(), 1)
+    value = trades_kl_sum(model(x_adv), p_nat)
+    (grad,) = torch.autograd.grad(value, x_adv)
+    want_value, want_grad = _closed_form_kl_grad(W, x, x_adv.detach())
+    assert value.item() == pytest.approx(want_value.item(), rel=1e-5)
+    assert torch.allclose(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    # the training loss uses the same direction: ℓᵢ = CE(f(x), y) + β·KL(f(x) ‖ f(x_adv))
+    y = torch.randint(0, 4, (5,))
+    per = trades_per_example_ref(model(x), model(x_adv.detach()), y, 6.0)
+    ce = torch.nn.functional.cross_entropy(model(x).double(), y, reduction="sum")
+    assert per.sum().item() == pytest.approx((ce + 6.0 * want_value).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_trades_attack_steps_follow_the_closed_form_gradient(fast):
+    """Two L∞ steps of size ε: the second starts far from x, where KL(p ‖ q) and KL(q ‖ p) point apart."""
+    model, W = _linear_model(seed=1)
+    x = 0.25 + 0.5 * torch.rand(16, 1, 1, 6)
+    eps = alpha = 0.2
+    gen = lambda: torch.Generator().manual_seed(5)
+    if fast:
+        out = trades_attack(model, x, eps, alpha, 2, "linf", gen(), params=list(model.parameters()))
+    else:
+        out = trades_attack_ref(model, x, eps, alpha, 2, "linf", gen())
+    x_adv = x + 0.001 * torch.randn(x.shape, generator=gen())  # TRADES start, same draw as the attack
+    for _ in range(2):
+        _, g = _closed_form_kl_grad(W, x, x_adv)
+        x_adv = torch.min(torch.max(x_adv + alpha * g.sign().float(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(out, x_adv, atol=1e-6)

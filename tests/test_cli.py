@@ -30,9 +30,9 @@ def test_bad_preset_and_bad_value_name_the_problem(tmp_path):
     code, _, err = run_cli("train", "--preset", "cifar10-nope")
     assert code == 2 and "preset: unknown preset 'cifar10-nope'" in err and "cifar10-linf-at-rwp" in err
     code, _, err = run_cli("train", "--epsilon", "-8", "--out-dir", str(tmp_path / "r"))
-    assert code == 2 and "epsilon: must be a number >= 0, got -8.0" in err and "Traceback" not in err
+    assert code == 2 and "epsilon: must be a finite number >= 0, got -8.0" in err and "Traceback" not in err
     code, _, err = run_cli("train", "--k2", "0", "--out-dir", str(tmp_path / "r"))
-    assert code == 2 and "k2: must be >= 1" in err
+    assert code == 2 and "k2: must be a finite number >= 1" in err
 
 
 def test_flags_override_a_preset():
@@ -88,3 +88,155 @@ def test_train_then_eval_writes_table_and_json(tmp_path):
     assert code == 2 and "--resume" in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     os.remove(tmp_path / "e.json")
+
+
+
+# ------------------------------------------------------------------ bad inputs: one line, exit 2
+def one_line_error(capsys, argv, *needles):
+    """main(argv) returns 2 and prints exactly one line on stderr, containing every needle."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-epoch digits run (small CNN); its last.pt serves the eval and resume tests."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--attack-steps", "1", "--eval-attack-steps",
+                 "1", "--train-examples", "64", "--eval-examples", "32", "--batch-size", "32", "--quiet",
+                 "--device", "cpu", "--out-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid where there is a GPU")
+def test_device_cuda_without_a_gpu(tmp_path, tiny_run, capsys):
+    one_line_error(capsys, ["train", "--device", "cuda", "--out-dir", str(tmp_path / "r")],
+                   "device: 'cuda'", "one of auto, cpu")
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+    one_line_error(capsys, ["eval", str(tiny_run / "last.pt"), "--device", "cuda"], "device: 'cuda'",
+                   "one of auto, cpu")
+
+
+def test_unusable_output_paths_name_the_flag(tmp_path, tiny_run, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    one_line_error(capsys, ["train", "--out-dir", str(a_file / "run")], "out_dir: cannot create or write",
+                   "allowed: a writable directory")
+    one_line_error(capsys, ["eval", str(tiny_run / "last.pt"), "--out", str(tmp_path / "missing" / "e.json")],
+                   "out: the directory", "does not exist")
+    one_line_error(capsys, ["plot", str(tiny_run), "--out", str(tmp_path / "missing" / "c.png")],
+                   "out: the directory", "does not exist")
+    one_line_error(capsys, ["plot", str(tiny_run), "--out", str(tmp_path)], "out: ", "is a directory")
+    if os.path.isdir("/sys") and _unwritable("/sys"):
+        # /sys refuses new files even to root (tests may run as root, which a chmod-ed directory won't stop)
+        one_line_error(capsys, ["train", "--out-dir", "/sys/rwp-fast-run"], "out_dir: cannot create or write")
+        one_line_error(capsys, ["plot", str(tiny_run), "--out", "/sys/c.png"], "out: cannot write in '/sys'")
+        one_line_error(capsys, ["eval", str(tiny_run / "last.pt"), "--out", "/sys/e.json"], "out: cannot write")
+    assert a_file.read_text() == "x"
+
+
+def _unwritable(directory):
+    import tempfile
+    try:
+        os.close(tempfile.mkstemp(dir=directory)[0])
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--epsilon", "inf", "epsilon: must be a finite number >= 0, got inf"),
+    ("--alpha", "inf", "alpha: must be a finite number >= 0"),
+    ("--gamma", "nan", "gamma: must be a finite number >= 0"),
+    ("--c-min", "nan", "c_min: must be a number >= 0 (inf allowed: no upper bound), got nan"),
+    ("--lr", "inf", "lr: must be a finite number >= 0"),
+])
+def test_non_finite_floats_are_refused(tmp_path, capsys, flag, value, needle):
+    one_line_error(capsys, ["train", flag, value, "--out-dir", str(tmp_path / "r")], needle)
+
+
+def test_eval_counts_must_be_in_range(tiny_run, capsys):
+    one_line_error(capsys, ["eval", str(tiny_run / "last.pt"), "--n-examples", "-5"],
+                   "n_examples: must be an integer >= 0, got -5")
+    one_line_error(capsys, ["eval", str(tiny_run / "last.pt"), "--batch-size", "0"],
+                   "batch_size: must be an integer >= 1, got 0")
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, capsys):
+    one_line_error(capsys, ["train", "--precision", "fp16", "--device", "cpu", "--out-dir", str(tmp_path / "r")],
+                   "precision: 'fp16' needs a CUDA device", "one of auto, fp32, bf16")
+
+
+def test_plot_of_a_corrupt_metrics_file_names_file_and_line(tmp_path, tiny_run, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = (tiny_run / "metrics.jsonl").read_text().splitlines()[0]
+    (run / "metrics.jsonl").write_text(good + "\n" + good[: len(good) // 2] + "\n")
+    one_line_error(capsys, ["plot", str(run), "--out", str(tmp_path / "c.png")],
+                   str(run / "metrics.jsonl"), "line 2 is not valid JSON")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_checkpoint_of_another_model_says_which_in_one_line(tmp_path, tiny_run, capsys):
+    state = torch.load(tiny_run / "last.pt", weights_only=True)
+    state["config"]["model"] = "preact_resnet18"
+    torch.save(state, tmp_path / "last.pt")
+    err = one_line_error(capsys, ["eval", str(tmp_path / "last.pt")],
+                         "its config says model preact_resnet18, but the weights are from small_cnn", "keys differ")
+    assert len(err) < 400
+    # resume of the same file: the same one-line diagnosis
+    one_line_error(capsys, ["train", "--resume", str(tmp_path)], "the weights are from small_cnn")
+
+
+def test_resume_with_preset_or_flags_says_what_to_drop(tiny_run, capsys):
+    err = one_line_error(capsys, ["train", "--resume", str(tiny_run), "--preset", "cifar10-linf-at-rwp"],
+                         "drop --preset (allowed with --resume: --quiet, --device, --epochs)")
+    assert "[]" not in err
+    one_line_error(capsys, ["train", "--resume", str(tiny_run), "--gamma", "0.02"], "drop --gamma")
+
+
+def test_num_workers_is_no_longer_a_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--num-workers", "4"])
+    assert exc.value.code == 2 and "--num-workers" in capsys.readouterr().err
+
+
+def test_help_lists_the_allowed_values():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "one of digits, cifar10, cifar100, svhn, synthetic" in " ".join(text.split())
+    assert "one of small_cnn, preact_resnet18, wrn-34-10, wrn-28-10" in " ".join(text.split())
+    assert "DATASETS" not in text and "MODELS" not in text
+
+
+def test_eval_default_attacks_fit_an_l2_checkpoint(tmp_path, capsys, monkeypatch):
+    """An L2 run evaluates with its default list: natural, FGM (for FGSM), PGD-20/100, C&W and AutoAttack in
+    L2. AutoAttack is stubbed here (the suite's own AutoAttack test lives in test_eval.py); the stub records
+    the norm it was given."""
+    import types
+    seen = {}
+
+    class FakeAutoAttack:
+        def __init__(self, model, eps, norm, **kw):
+            seen.update(eps=eps, norm=norm)
+
+        def run_standard_evaluation(self, x, y, batch_size):
+            return x, y  # pyautoattack 0.2.0 returns (x_adv, y_adv); here no point is flipped
+
+    monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(AutoAttack=FakeAutoAttack))
+    run = tmp_path / "l2"
+    assert main(["train", "--dataset", "digits", "--norm", "l2", "--epsilon", "128", "--alpha", "32",
+                 "--epochs", "1", "--attack-steps", "1", "--eval-attack-steps", "1", "--train-examples", "64",
+                 "--eval-examples", "16", "--batch-size", "32", "--quiet", "--device", "cpu",
+                 "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run / "last.pt"), "--n-examples", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "note: L2 checkpoint: FGSM (an L∞ attack) is replaced by FGM" in out
+    assert "| l2 | natural | fgm | pgd20 | pgd100 | cw | autoattack |" in out
+    assert seen == {"eps": 128 / 255, "norm": "L2"}
+    res = json.loads((run / "last_eval.json").read_text())["results"]
+    assert set(res) >= {"n", "natural", "fgm", "pgd20", "pgd100", "cw", "autoattack"} and "fgsm" not in res

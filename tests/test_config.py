@@ -8,15 +8,20 @@ from rwp_fast.config import PRESETS, ConfigError, RunConfig, preset
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("epsilon", -1.0, "epsilon: must be a number >= 0"),
-    ("gamma", -0.01, "gamma: must be a number >= 0"),
-    ("c_min", -1.0, "c_min: must be a number >= 0"),
-    ("k2", 0, "k2: must be >= 1"),
+    ("epsilon", -1.0, "epsilon: must be a finite number >= 0"),
+    ("gamma", -0.01, "gamma: must be a finite number >= 0"),
+    ("c_min", -1.0, "c_min: must be a number >= 0 (inf allowed: no upper bound)"),
+    ("c_min", math.nan, "c_min: must be a number >= 0 (inf allowed"),
+    ("k2", 0, "k2: must be a finite number >= 1"),
+    ("lr_decay", math.inf, "lr_decay: must be a finite number >= 1"),
     ("method", "mart", "method: 'mart' is not one of at, trades, rst"),
     ("perturb", "sam", "perturb: 'sam' is not one of none, awp, rwp"),
     ("norm", "l1", "norm: 'l1' is not one of linf, l2"),
     ("lsc_low", 2.0, "lsc_low: the LSC range [lsc_low, c_min) needs lsc_low <= c_min"),
-    ("epsilon", math.nan, "epsilon: must be a number >= 0"),
+    ("epsilon", math.nan, "epsilon: must be a finite number >= 0"),
+    # infinity makes no sense for any of these (an infinite radius, step, weight perturbation, lr, ...)
+    *[(f, math.inf, f"{f}: must be a finite number >= 0") for f in
+      ("epsilon", "alpha", "gamma", "lsc_low", "trades_beta", "lr", "momentum", "weight_decay")],
 ])
 def test_invalid_values_name_the_field_and_the_allowed_range(field, value, needle):
     with pytest.raises(ConfigError) as err:
@@ -63,3 +68,13 @@ def test_config_round_trips_through_a_dict():
     assert RunConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="unknown field"):
         RunConfig.from_dict({**c.to_dict(), "bogus": 1})
+
+
+def test_c_min_may_be_infinite_no_upper_bound():
+    assert RunConfig(perturb="rwp", c_min=math.inf).validate().lsc_range == (0.0, math.inf)
+
+
+def test_retired_num_workers_is_gone_but_old_configs_still_load():
+    assert "num_workers" not in RunConfig().to_dict()
+    old = {**RunConfig().to_dict(), "num_workers": 2}  # a checkpoint written before the field was removed
+    assert RunConfig.from_dict(old) == RunConfig()

@@ -98,8 +98,12 @@ def test_mask_is_strict_at_c_min_and_mean_divides_by_n():
     assert mask.tolist() == [True, True, False, False]  # ℓ = c_min is outside [0, c_min)
     assert count.item() == 2
     assert mean.item() == pytest.approx((0.5 + 1.0) / 4, rel=1e-5)  # divides by n = 4, not by 2
-    _, _, mask_p, _ = lsc_loss_ref(logits, y, 1.0 - 1e-6, math.inf)  # lower bound is inclusive
+    p = per[1].item()  # exactly the loss of example 1, as computed in fp32: the lower bound is inclusive
+    _, _, mask_p, _ = lsc_loss_ref(logits, y, p, math.inf)
     assert mask_p.tolist() == [False, True, True, True]
+    p_up = torch.nextafter(per[1], torch.tensor(math.inf)).item()  # one fp32 ulp above ℓ₁
+    _, _, mask_above, _ = lsc_loss_ref(logits, y, p_up, math.inf)
+    assert mask_above.tolist() == [False, False, True, True]
     with pytest.raises(ValueError, match="p <= q"):
         lsc_loss_ref(logits, y, 2.0, 1.0)
 

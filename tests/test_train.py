@@ -150,3 +150,50 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
     lines_b = [json.loads(x) for x in metrics.read_text().splitlines()]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
     assert [strip(r) for r in lines_a] == [strip(r) for r in lines_b]
+
+
+def test_warmup_epochs_run_no_probe_and_the_next_epoch_does(tmp_path):
+    """warmup_epochs = 2: epochs 0 and 1 (0-based) are plain training, epoch 2 is the first with probes."""
+    from rwp_fast.reference import train_step_ref
+    seen = []
+
+    def recording_step(model, optimizer, x, y, cfg, perturb_active=True, generator=None):
+        result = train_step_ref(model, optimizer, x, y, cfg, perturb_active=perturb_active, generator=generator)
+        seen.append((trainer.epoch, perturb_active, len(result.search.mask_fractions)))
+        return result
+
+    # c_min = 10 nats: every loss is in the mask, so an active search always runs its probes
+    cfg = tiny_cfg(tmp_path, epochs=3, warmup_epochs=2, c_min=10.0, attack_steps=1, eval_attack_steps=0,
+                   train_examples=64, eval_examples=32, backend="reference")
+    trainer = Trainer(cfg, step_fn=recording_step, log=lambda *_: None)
+    rows = trainer.fit()
+    by_epoch = {e: {(a, n) for ep, a, n in seen if ep == e} for e in range(3)}
+    assert by_epoch == {0: {(False, 0)}, 1: {(False, 0)}, 2: {(True, 2)}}
+    assert [r["perturb_active"] for r in rows] == [False, False, True]
+    assert [r["rwp_steps_mean"] for r in rows] == [0.0, 0.0, 2.0]
+    assert rows[1]["lsc_mask_fraction"] == [] and rows[2]["lsc_mask_fraction"] == [1.0, 1.0]
+
+
+def test_resume_may_extend_epochs_and_equals_the_longer_run(tmp_path):
+    """--epochs upward on resume: milestones stay where they were set, and the extended run is step for
+    step the run started with the larger epoch count."""
+    from rwp_fast.config import ConfigError
+    kw = dict(epochs=2, attack_steps=1, eval_attack_steps=1, train_examples=64, eval_examples=32, k2=1)
+    straight = Trainer(tiny_cfg(tmp_path / "a", **{**kw, "epochs": 3}), log=lambda *_: None)
+    straight.fit()
+    short = tiny_cfg(tmp_path / "b", **kw)
+    Trainer(short, log=lambda *_: None).fit()
+    with pytest.raises(ConfigError, match="epochs: a resumed run can only be extended"):
+        Trainer.resume(short.out_dir, epochs=1, log=lambda *_: None)
+    extended = Trainer.resume(short.out_dir, epochs=3, log=lambda *_: None)
+    rows = extended.fit()
+    assert [r["epoch"] for r in rows] == [3] and extended.cfg.epochs == 3
+    assert rows[0]["lr"] == pytest.approx(0.005)  # milestone 1 kept: the added epoch runs at the final lr
+    a, b = straight.model.state_dict(), extended.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.load(open(os.path.join(short.out_dir, "config.json")))["config"]["epochs"] == 3
+    cos = tiny_cfg(tmp_path / "c", **{**kw, "epochs": 1, "lr_schedule": "cosine"})
+    Trainer(cos, log=lambda *_: None).fit()
+    with pytest.raises(ConfigError, match="cosine lr schedule"):
+        Trainer.resume(cos.out_dir, epochs=2, log=lambda *_: None)

@@ -111,3 +111,20 @@ def test_missing_backend_is_skipped_not_passed(tmp_path, monkeypatch):
     status, report = run_verify(tmp_path, "--ops", "weight_perturb", "--families", "odd", "--require", "triton")
     assert status == 1  # ... unless it is required
     assert [r["backend"] for r in report["rows"] if r["status"] == "FAIL"] == ["triton"]
+
+
+def test_whole_step_check(tmp_path, monkeypatch):
+    """--steps K: K fast vs reference steps (fp32, TF32 off) for AT, AT-AWP, AT-RWP, one row per step; here
+    with no kernel backend (cuda is absent on CPU), so the fast step runs its torch ops: seconds. A fast step
+    that leaves the perturbation in the weights (v never removed) is reported FAIL."""
+    status, report = run_verify(tmp_path, "--backends", "cuda", "--steps", "2")
+    assert status == 0
+    assert [(s["method"], s["step"]) for s in report["steps"]] == [
+        (m, k) for m in ("at", "at-awp", "at-rwp") for k in (1, 2)]
+    assert all(s["status"] == "PASS" and s["weight_rel_divergence"] < 1e-5 for s in report["steps"])
+
+    from rwp_fast.perturb.search import WeightPerturbation
+    monkeypatch.setattr(WeightPerturbation, "remove", lambda self: None)  # v stays in the weights
+    status, report = run_verify(tmp_path, "--backends", "cuda", "--steps", "1")
+    assert status == 1
+    assert {s["method"] for s in report["steps"] if s["status"] == "FAIL"} == {"at-awp", "at-rwp"}

@@ -1,7 +1,8 @@
 """The final evaluation suite of the paper's Table 2 (SPEC.md §4), with the model in eval mode.
 
     natural   clean accuracy
-    fgsm      x + ε·sign(∇ₓ CE), no random start
+    fgsm      x + ε·sign(∇ₓ CE), no random start (L∞ only)
+    fgm       x + ε·∇ₓ CE/‖∇ₓ CE‖₂, no random start: the one-step attack of an L2 threat model
     pgd20     PGD-20 on CE, random start
     pgd100    PGD-100 on CE, random start
     cw        C&W∞: PGD-100 on the margin max_{j≠y} z_j − z_y, random start
@@ -20,9 +21,22 @@ import time
 import torch
 
 from ..attacks import pgd_attack
-from ..reference import fgsm_ref
+from ..reference import fgm_ref, fgsm_ref
 
-ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
+ATTACKS = ("natural", "fgsm", "fgm", "pgd20", "pgd100", "cw", "autoattack")
+# The default list per threat model: every attack in the checkpoint's own norm. FGSM is an L∞ attack;
+# an L2 checkpoint gets FGM, its one-step L2 counterpart, in that place.
+DEFAULT_ATTACKS = {"linf": ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"),
+                   "l2": ("natural", "fgm", "pgd20", "pgd100", "cw", "autoattack")}
+
+
+def default_attacks(norm):
+    """(attack names, note or None) of the default evaluation for a threat model 'linf' or 'l2'."""
+    if norm not in DEFAULT_ATTACKS:
+        raise ValueError(f"norm: {norm!r} is not one of {', '.join(DEFAULT_ATTACKS)}")
+    note = ("L2 checkpoint: FGSM (an L∞ attack) is replaced by FGM, one L2 step of size ε; PGD, C&W and "
+            "AutoAttack run in L2" if norm == "l2" else None)
+    return list(DEFAULT_ATTACKS[norm]), note
 INSTALL_HINT = "pip install 'rwp-fast[eval]'   (or: pip install pyautoattack)"
 
 
@@ -30,7 +44,7 @@ class AutoAttackUnavailable(RuntimeError):
     """The ``pyautoattack`` package, needed for the AutoAttack row, is not installed."""
 
 
-def require_autoattack():
+def require_autoattack(norm="linf"):
     """Import pyautoattack.AutoAttack or raise AutoAttackUnavailable saying how to install it."""
     try:
         from pyautoattack import AutoAttack
@@ -38,7 +52,7 @@ def require_autoattack():
         raise AutoAttackUnavailable(
             f"autoattack: the AutoAttack evaluation needs the package 'pyautoattack' ({exc}). "
             f"Install it with:  {INSTALL_HINT}  — or leave it out explicitly with "
-            f"--attacks {','.join(a for a in ATTACKS if a != 'autoattack')}") from None
+            f"--attacks {','.join(a for a in DEFAULT_ATTACKS.get(norm, ATTACKS) if a != 'autoattack')}") from None
     return AutoAttack
 
 
@@ -55,8 +69,12 @@ def _adversarial(name, model, x, y, eps, alpha, norm, gen):
         return x
     if name == "fgsm":
         if norm != "linf":
-            raise ValueError("attacks: fgsm is defined for norm 'linf' only")
+            raise ValueError("attacks: fgsm is defined for norm 'linf' only; for an L2 checkpoint use fgm")
         return fgsm_ref(model, x, y, eps)
+    if name == "fgm":
+        if norm != "l2":
+            raise ValueError("attacks: fgm is defined for norm 'l2' only; for an L∞ checkpoint use fgsm")
+        return fgm_ref(model, x, y, eps)
     params = list(model.parameters())  # frozen during the attack: input gradients only
     if name in ("pgd20", "pgd100"):
         return pgd_attack(model, x, y, eps, alpha, int(name[3:]), norm, True, "ce", gen, params)
@@ -65,15 +83,15 @@ def _adversarial(name, model, x, y, eps, alpha, norm, gen):
     raise AssertionError(name)
 
 
-def run_eval_suite(model, x_all, y_all, eps, alpha, norm="linf", attacks=ATTACKS, batch_size=256,
+def run_eval_suite(model, x_all, y_all, eps, alpha, norm="linf", attacks=None, batch_size=256,
                    device="cpu", seed=0, log=None):
     """Robust accuracy under each attack; returns {attack: accuracy in [0, 1]} plus 'n' and timings.
 
     x_all: (N, C, H, W) uint8 or float in [0, 1]; y_all: (N,) int64. The model is put in eval mode and
-    restored afterwards.
+    restored afterwards. attacks: names or a comma-separated string; None is default_attacks(norm).
     """
-    attacks = parse_attacks(attacks)
-    AutoAttack = require_autoattack() if "autoattack" in attacks else None
+    attacks = parse_attacks(default_attacks(norm)[0] if attacks is None else attacks)
+    AutoAttack = require_autoattack(norm) if "autoattack" in attacks else None
     was_training = model.training
     model.eval()
     device = torch.device(device)

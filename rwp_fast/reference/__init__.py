@@ -4,7 +4,7 @@ One module per fused op (``pgd_step``, ``lsc_loss``, ``weight_perturb``), each f
 ``_ref``; plus the attacks, the weight-perturbation search and the training step built from them.
 """
 
-from .attacks import fgsm_ref, margin_loss, pgd_attack_ref, trades_attack_ref
+from .attacks import fgm_ref, fgsm_ref, margin_loss, pgd_attack_ref, trades_attack_ref
 from .lsc_loss import lsc_loss_ref, lsc_loss_trades_ref, lsc_mask_ref, trades_per_example_ref
 from .perturbation_search import (SearchInfo, add_perturbation, perturbed_parameters,
                                   weight_perturbation_search_ref)
@@ -14,7 +14,7 @@ from .weight_perturb import (accumulate_sq_norm_ref, perturb_axpy_ref, perturb_s
                              segment_sq_norm_ref)
 
 __all__ = [
-    "fgsm_ref", "margin_loss", "pgd_attack_ref", "trades_attack_ref",
+    "fgm_ref", "fgsm_ref", "margin_loss", "pgd_attack_ref", "trades_attack_ref",
     "lsc_loss_ref", "lsc_loss_trades_ref", "lsc_mask_ref", "trades_per_example_ref",
     "SearchInfo", "add_perturbation", "perturbed_parameters", "weight_perturbation_search_ref",
     "draw_random_init_noise", "pgd_random_init_ref", "pgd_step_ref",

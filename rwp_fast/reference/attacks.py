@@ -1,4 +1,4 @@
-"""Reference attacks (SPEC.md §1, §3, §4): PGD (L∞, L2), FGSM, the TRADES KL attack, C&W∞.
+"""Reference attacks (SPEC.md §1, §3, §4): PGD (L∞, L2), FGSM (L∞), FGM (L2), the TRADES KL attack, C&W.
 
 Plain PyTorch loops built on ``pgd_step_ref``. They take gradients with respect to the input only
 (``torch.autograd.grad``), so no ``.grad`` of any model parameter is touched, and they never change the
@@ -63,6 +63,14 @@ def fgsm_ref(model, x, y, eps):
     grad = _input_grad(F.cross_entropy(model(x_req).float(), y, reduction="sum"), x_req)
     # One L∞ step of size ε from x itself is exactly FGSM: the ε-clamp cannot bind.
     return pgd_step_ref(x, grad, x, eps, eps, "linf").detach()
+
+
+def fgm_ref(model, x, y, eps):
+    """FGM, the one-step L2 attack: x + ε·∇ₓCE/‖∇ₓCE‖₂ per example, no random start, box-clamped."""
+    x_req = x.detach().clone().requires_grad_(True)
+    grad = _input_grad(F.cross_entropy(model(x_req).float(), y, reduction="sum"), x_req)
+    # One L2 step of length ε from x itself: the projection onto the ε-ball cannot bind.
+    return pgd_step_ref(x, grad, x, eps, eps, "l2").detach()
 
 
 def trades_kl_sum(logits_adv, p_nat):

@@ -92,3 +92,34 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _key_shapes(state_dict):
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _model_key_shapes(name, num_classes, in_channels, mean, std):
+    """{key: shape} of build_model(name, ...)'s state dict; the network is built on the meta device (no
+    memory, no init: WRN-34-10's 46M weights cost nothing here)."""
+    from ..models import Normalize, build_network
+    with torch.device("meta"):
+        net = build_network(name, num_classes, in_channels)
+    shapes = {f"normalize.{k}": s for k, s in _key_shapes(Normalize(mean, std).state_dict()).items()}
+    shapes.update({f"net.{k}": s for k, s in _key_shapes(net.state_dict()).items()})
+    return shapes
+
+
+def weights_mismatch(weights, model, num_classes, in_channels, mean, std):
+    """None if `weights` (a state dict) fit build_model(model, ...); else one line saying how many keys
+    differ (missing, unexpected or of another shape) and which model of config.MODELS they are from."""
+    from ..config import MODELS
+    want, have = _model_key_shapes(model, num_classes, in_channels, mean, std), _key_shapes(weights)
+    differ = len(set(want) ^ set(have)) + sum(1 for k in set(want) & set(have) if want[k] != have[k])
+    if differ == 0:
+        return None
+    sources = [m for m in MODELS if m != model
+               and _model_key_shapes(m, num_classes, in_channels, mean, std) == have]
+    source = (f"the weights are from {sources[0]}" if sources
+              else "the weights fit no model rwp-fast builds for this data")
+    return (f"its config says model {model}, but {source} "
+            f"({differ} of {len(set(want) | set(have))} keys differ)")

@@ -1,8 +1,12 @@
 """Learning curves from metrics.jsonl, in the style of the paper's Fig. 2(c).
 
-Left: test robust accuracy (PGD-20) per epoch, one line per run, best epoch marked with a star and the
-last with a circle. Right: the LSC diagnostics, the fraction of the batch inside the mask at the first
-RWP probe, per epoch (0 for runs without RWP, whose mask is all-ones or absent).
+Left: test robust accuracy (PGD-k) per epoch, one line per run; the best epoch is marked with a diamond
+and the last with a circle. Runs whose best (or last) points coincide would hide each other's markers,
+so the markers nest: the first run's are the largest and hollow, each later run's smaller,
+and the legend states every run's best and last value. Right: the fraction of the batch inside the
+LSC mask [p, q) at the first RWP probe, per epoch, for the runs that have a mask (RWP); runs without
+one (plain AT, AWP) are not drawn there but named in the panel, since a 0% or 100% line would be a
+mask that does not exist. The title names the data, the model and the threat model.
 """
 
 import json
@@ -10,20 +14,65 @@ import os
 
 
 def read_metrics(run_dir):
+    """The rows of run_dir/metrics.jsonl; a ValueError naming the file and the line if one is corrupt."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run_dir: {run_dir} has no metrics.jsonl; is it an rwp-fast run directory?")
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({exc}); the file is corrupt") from None
+            if not isinstance(row, dict) or "epoch" not in row or "test_robust_acc" not in row:
+                raise ValueError(f"{path}: line {number} is not a metrics row (needs 'epoch' and "
+                                 "'test_robust_acc'); the file is corrupt")
+            rows.append(row)
+    return rows
 
 
-def run_label(run_dir):
+def read_config(run_dir):
+    """The run's config dict from config.json, or None if it cannot be read."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            c = json.load(f)["config"]
+            config = json.load(f)["config"]
+        return config if isinstance(config, dict) else None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def run_label(run_dir, config=None):
+    c = config if config is not None else read_config(run_dir)
+    try:
         return f"{c['method'].upper()}-{c['perturb'].upper()}" if c["perturb"] != "none" else c["method"].upper()
-    except (OSError, KeyError, ValueError):
+    except (KeyError, TypeError, AttributeError):
         return os.path.basename(os.path.normpath(run_dir))
+
+
+def threat_title(configs):
+    """'digits · small_cnn · L∞ ε = 32/255 · PGD-20 test' from the runs' configs (values that differ
+    between runs are joined with '/'; unknown ones are left out)."""
+    def values(key, fmt=str):
+        seen = []
+        for c in configs:
+            if c and key in c and fmt(c[key]) not in seen:
+                seen.append(fmt(c[key]))
+        return "/".join(seen)
+
+    norm = values("norm", lambda n: {"linf": "L∞", "l2": "L2"}.get(n, n))
+    eps = values("epsilon", lambda e: f"{e:g}/255")
+    steps = values("eval_attack_steps")
+    parts = [values("dataset"), values("model"), f"{norm} ε = {eps}" if eps else norm,
+             f"PGD-{steps} test" if steps else ""]
+    return " · ".join(p for p in parts if p)
+
+
+# Nested markers: run i is drawn at size BASE − i·STEP (never below MIN), hollow except the
+# smallest, and later (smaller) runs on top, so up to three coinciding markers stay visible.
+BEST_BASE, LAST_BASE, MARKER_STEP, MARKER_MIN = 17, 13, 5, 4
 
 
 def plot_runs(run_dirs, out_path, labels=None):
@@ -32,27 +81,50 @@ def plot_runs(run_dirs, out_path, labels=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_mask) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, run_dir in enumerate(run_dirs):
-        rows = read_metrics(run_dir)
-        if not rows:
-            continue
-        label = labels[i] if labels else run_label(run_dir)
+    fig, (ax_acc, ax_mask) = plt.subplots(1, 2, figsize=(12, 4.6))
+    configs, unmasked, drawn = [], [], 0
+    runs = [(i, d, read_metrics(d)) for i, d in enumerate(run_dirs)]
+    runs = [(i, d, rows) for i, d, rows in runs if rows]
+    last_run = len(runs) - 1
+    for k, (i, run_dir, rows) in enumerate(runs):
+        config = read_config(run_dir)
+        configs.append(config)
+        label = labels[i] if labels else run_label(run_dir, config)
         epochs = [r["epoch"] for r in rows]
         acc = [100 * r["test_robust_acc"] for r in rows]
-        (line,) = ax_acc.plot(epochs, acc, label=label)
         best = max(range(len(acc)), key=acc.__getitem__)
-        ax_acc.plot(epochs[best], acc[best], "*", color=line.get_color(), markersize=12)
-        ax_acc.plot(epochs[-1], acc[-1], "o", color=line.get_color(), markersize=6)
-        frac = [100 * (r["lsc_mask_fraction"][0] if r.get("lsc_mask_fraction") else 0.0) for r in rows]
-        ax_mask.plot(epochs, frac, label=label, color=line.get_color())
+        (line,) = ax_acc.plot(epochs, acc, zorder=2,
+                              label=f"{label}: best {acc[best]:.2f}% (epoch {epochs[best]}), last {acc[-1]:.2f}%")
+        color = line.get_color()
+        hollow = k < last_run
+        for marker, base, index in (("D", BEST_BASE, best), ("o", LAST_BASE, -1)):
+            size = max(base - MARKER_STEP * k, MARKER_MIN)
+            ax_acc.plot(epochs[index], acc[index], marker, markersize=size, color=color, zorder=3 + k,
+                        markerfacecolor="none" if hollow else color, markeredgewidth=2)
+        masked = config.get("perturb") == "rwp" if config else any(r.get("lsc_mask_fraction") for r in rows)
+        if masked:
+            frac = [100 * r["lsc_mask_fraction"][0] if r.get("lsc_mask_fraction") else float("nan")
+                    for r in rows]
+            ax_mask.plot(epochs, frac, label=label, color=color)
+            drawn += 1
+        else:
+            unmasked.append(label)
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test robust accuracy, PGD-20 (%)")
-    ax_acc.set_title("robust accuracy (★ best, ● last)")
-    ax_acc.legend()
+    ax_acc.set_ylabel("test robust accuracy (%)")
+    ax_acc.set_title("robust accuracy (◆ best, ● last; coinciding markers nest)", fontsize=10)
+    ax_acc.legend(fontsize=8, loc="lower right")
     ax_mask.set_xlabel("epoch")
     ax_mask.set_ylabel("examples with loss in [p, q) at probe 1 (%)")
-    ax_mask.set_title("LSC mask fraction")
+    ax_mask.set_title("LSC mask fraction (runs with a mask)", fontsize=10)
+    ax_mask.set_ylim(-2, 102)
+    if drawn:
+        ax_mask.legend(fontsize=8, loc="lower right")
+    if unmasked:
+        ax_mask.text(0.02, 0.97, "no mask (not drawn): " + ", ".join(unmasked), transform=ax_mask.transAxes,
+                     va="top", fontsize=8, color="0.3")
+    title = threat_title(configs)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

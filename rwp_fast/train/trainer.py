@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import RunConfig
+from ..config import DEVICES, ConfigError, RunConfig
 from ..data import BatchIterator, load_dataset
 from ..models import build_model
 from ..attacks import pgd_attack
 from ..reference import train_step_ref
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                         weights_mismatch)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -36,8 +37,11 @@ CONFIG_FILE = "config.json"
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in DEVICES:
+        raise ConfigError(f"device: {name!r} is not one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was requested but torch sees no CUDA device; use --device auto")
+        raise ConfigError("device: 'cuda' was requested but torch sees no CUDA device; "
+                          "use one of auto, cpu (auto picks CUDA when there is one)")
     return torch.device(name)
 
 
@@ -151,6 +155,11 @@ class Trainer:
         self.cfg = cfg.validate()
         self.log = log
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and cfg.precision == "fp16" and cfg.backend != "reference":
+            # CPU autocast to fp16 runs most ops in fp32 with casts around them: slower than fp32, and
+            # its loss scaling guards a range problem CPUs do not have. Refused rather than run slowly.
+            raise ConfigError("precision: 'fp16' needs a CUDA device (fp16 autocast on CPU is not a speed "
+                              "path); on CPU use one of auto, fp32, bf16")
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg)
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
@@ -200,6 +209,10 @@ class Trainer:
             diff = {k: (v, self.cfg.to_dict()[k]) for k, v in saved.to_dict().items()
                     if self.cfg.to_dict()[k] != v}
             raise CheckpointError(f"{source}: its config differs from this run's: {diff}")
+        d = self.data
+        mismatch = weights_mismatch(state["model"], self.cfg.model, d.num_classes, d.in_channels, d.mean, d.std)
+        if mismatch:
+            raise CheckpointError(f"{source}: {mismatch}")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -217,12 +230,30 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir, log=print, **overrides):
-        """Continue the run in `run_dir` from its last.pt, with its own saved config."""
+        """Continue the run in `run_dir` from its last.pt, with its own saved config.
+
+        overrides: quiet and device (not part of the run's identity), and epochs, only upward, to extend
+        a run. Extending keeps every other setting: a piecewise schedule keeps its milestones at the
+        epochs they were set for, so the added epochs run at the lr reached after the last milestone, and
+        the extended run is step for step the run that was started with the larger `epochs` (the data
+        order and every random draw depend on (seed, epoch, step) only). A cosine schedule is defined over
+        the run's length: extending it would lift the lr from its end value back up, so it is refused.
+        """
         path = os.path.join(run_dir, "last.pt")
         state = load_checkpoint(path)
+        saved = RunConfig.from_dict(state["config"])
+        epochs = overrides.get("epochs")
+        if epochs is not None and epochs != saved.epochs:
+            if epochs < saved.epochs:
+                raise ConfigError(f"epochs: a resumed run can only be extended; {run_dir} was set for "
+                                  f"{saved.epochs} epochs, got --epochs {epochs} (allowed: >= {saved.epochs})")
+            if saved.lr_schedule == "cosine":
+                raise ConfigError(f"epochs: {run_dir} uses the cosine lr schedule, defined over its "
+                                  f"{saved.epochs} epochs; extending it would raise the lr again. Extend "
+                                  "only piecewise runs (allowed lr_schedule: piecewise)")
         cfg = RunConfig.from_dict({**state["config"], **overrides, "out_dir": run_dir})
         trainer = cls(cfg, log=log)
-        state["config"] = cfg.to_dict()  # overrides (quiet, device) are not part of the run's identity
+        state["config"] = cfg.to_dict()  # overrides (quiet, device, epochs) are checked above
         trainer.load_state_dict(state, source=f"checkpoint {path}")
         return trainer
 

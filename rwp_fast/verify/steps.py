@@ -7,6 +7,7 @@ moves the weights far less than the tolerance, across K free-running steps it ne
 """
 
 import contextlib
+import copy
 
 import torch
 
@@ -85,7 +86,8 @@ def whole_step(device, steps, model_name, batch, backend, methods=tuple(METHODS)
                         log(f"steps {method} {k + 1}/{steps}: rel {rel:.2e}")
                     # re-synchronise: both start the next step from the reference's state
                     fast.load_state_dict(ref.state_dict())
-                    opt_fast.load_state_dict(opt_ref.state_dict())
+                    # a copy: load_state_dict keeps same-device tensors, so the momenta would be shared
+                    opt_fast.load_state_dict(copy.deepcopy(opt_ref.state_dict()))
         finally:
             dispatch.set_backend(None)
     return rows
