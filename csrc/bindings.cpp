@@ -15,8 +15,8 @@
 // pytorch/extension-cpp. PYBIND11_MODULE(_C, m) {} would do the same, but it needs
 // torch/extension.h, with pybind11 and torch/python.h: 49 s for no use.
 //
-// Mutating ops (pgd_step, pgd_random_init, accumulate_sq_norm_, perturb_axpy_) declare the tensor
-// they write as Tensor(a!). pgd_step, pgd_random_init and perturb_axpy_ return (); the Python
+// Mutating ops (pgd_step, pgd_step_, pgd_random_init, accumulate_sq_norm_, perturb_axpy_) declare the
+// tensor they write as Tensor(a!). pgd_step, pgd_step_, pgd_random_init and perturb_axpy_ return (); the Python
 // wrappers in rwp_fast/ops/cuda_ops.py return the written tensor. torch.compile's
 // auto-functionalization handles mutable custom ops that return nothing. It does not handle ones
 // that return an alias of an input.
@@ -41,6 +41,9 @@
 
 extern "C" {
 // `import rwp_fast._C` loads this .so, and loading it runs the TORCH_LIBRARY registrations below.
+// It then imports rwp_fast.ops.fake_impls, the ops' fake (meta) implementations, so that loading
+// _C alone is enough for FakeTensor tracing (torch.compile, torch.export): without it, code that
+// imported rwp_fast._C but not rwp_fast.ops.cuda_ops hit "no fake impl" inside torch.compile.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
@@ -49,7 +52,15 @@ PyObject* PyInit__C(void) {
       -1,       // no per-interpreter state
       nullptr,  // no methods
   };
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyObject* fakes = PyImport_ImportModule("rwp_fast.ops.fake_impls");
+  if (fakes == nullptr) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  Py_DECREF(fakes);
+  return module;
 }
 }
 
@@ -177,9 +188,8 @@ cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream()
 // pgd_step / pgd_random_init
 // ------------------------------------------------------------------------------------------------
 
-void pgd_step(const Tensor& x_adv, const Tensor& grad, const Tensor& x_nat, double alpha,
-              double eps, c10::string_view norm, const Tensor& out) {
-  constexpr const char* op = "pgd_step";
+void pgd_step_into(const Tensor& x_adv, const Tensor& grad, const Tensor& x_nat, double alpha,
+                   double eps, c10::string_view norm, const Tensor& out, const char* op) {
   check_main(x_adv, op, "x_adv");
   check_like(grad, x_adv, op, "grad", "x_adv");
   check_like(x_nat, x_adv, op, "x_nat", "x_adv");
@@ -206,6 +216,22 @@ void pgd_step(const Tensor& x_adv, const Tensor& grad, const Tensor& x_nat, doub
                                         stream));
     }
   });
+}
+
+// Out of place: the schema marks only `out` as written, so `out` must not be x_adv (torch.compile's
+// functionalization would not see x_adv change). The in-place step is its own op, pgd_step_.
+void pgd_step(const Tensor& x_adv, const Tensor& grad, const Tensor& x_nat, double alpha,
+              double eps, c10::string_view norm, const Tensor& out) {
+  TORCH_CHECK(x_adv.numel() == 0 || out.data_ptr() != x_adv.data_ptr(),
+              "pgd_step: out must not be x_adv (the schema marks only out as written); use "
+              "pgd_step_ for the in-place step");
+  pgd_step_into(x_adv, grad, x_nat, alpha, eps, norm, out, "pgd_step");
+}
+
+// In place: x_adv <- the next iterate. Schema: Tensor(a!) x_adv.
+void pgd_step_(const Tensor& x_adv, const Tensor& grad, const Tensor& x_nat, double alpha,
+               double eps, c10::string_view norm) {
+  pgd_step_into(x_adv, grad, x_nat, alpha, eps, norm, x_adv, "pgd_step_");
 }
 
 void pgd_random_init(const Tensor& x_nat, const Tensor& noise, double eps, c10::string_view norm,
@@ -541,8 +567,12 @@ void perturb_axpy_(const Tensor& w, const Tensor& a, const Tensor& scale, const 
 // The schemas are the contract that rwp_fast/ops/cuda_ops.py and its register_fake functions
 // follow. Tensor(a!) marks the tensor an op writes in place.
 TORCH_LIBRARY(rwp_fast, m) {
+  // Where the fake impls live (torch checks that register_fake is called from this module).
+  m.set_python_module("rwp_fast.ops.fake_impls");
   m.def("pgd_step(Tensor x_adv, Tensor grad, Tensor x_nat, float alpha, float eps, str norm, "
         "Tensor(a!) out) -> ()");
+  m.def("pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, float alpha, float eps, str norm) "
+        "-> ()");
   m.def("pgd_random_init(Tensor x_nat, Tensor noise, float eps, str norm, Tensor? radius, "
         "Tensor(a!) out) -> ()");
   m.def("lsc_loss_fwd(Tensor logits, Tensor target, float p, float q) "
@@ -564,6 +594,7 @@ TORCH_LIBRARY(rwp_fast, m) {
 
 #define RWP_IMPL_ALL(m)                                         \
   m.impl("pgd_step", &pgd_step);                                \
+  m.impl("pgd_step_", &pgd_step_);                              \
   m.impl("pgd_random_init", &pgd_random_init);                  \
   m.impl("lsc_loss_fwd", &lsc_loss_fwd);                        \
   m.impl("lsc_loss_bwd", &lsc_loss_bwd);                        \

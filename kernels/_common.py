@@ -3,6 +3,8 @@
 Kept free of ``@triton.jit`` code so that the checks read the same in every op.
 """
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,3 +50,13 @@ def check_tensor(name, t, *, dtypes=None, device=None, shape=None, ndim=None, co
 def check_same_dtype(name, t, ref_name, ref):
     if t.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+
+
+def on_device(t):
+    """Context that makes t's CUDA device current around a Triton launch; a no-op for CPU tensors.
+
+    Triton launches on the *current* device (and its current stream), not on the tensors' device: a
+    call with tensors on cuda:1 while cuda:0 is current would run the kernel on cuda:0 with cuda:1
+    pointers. The CUDA extension uses a CUDAGuard for the same reason.
+    """
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

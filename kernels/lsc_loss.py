@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, new_output
 
 # Classes per block. 1024 covers CIFAR-10/100 and ImageNet's 1000 classes in one block.
@@ -202,8 +203,9 @@ def lsc_loss_fwd(logits, target, p, q):
     loss, mask, count, masked_mean = _new_reduce_outputs(batch, logits.device)
     lse = new_output((batch,), torch.float32, logits.device)
     block, num_warps = _launch_params(n_cols)
-    _lsc_loss_fwd_kernel[(batch,)](logits, target, loss, mask, count, masked_mean, lse,
-                                   n_cols, float(batch), p, q, BLOCK=block, num_warps=num_warps)
+    with _common.on_device(logits):
+        _lsc_loss_fwd_kernel[(batch,)](logits, target, loss, mask, count, masked_mean, lse,
+                                       n_cols, float(batch), p, q, BLOCK=block, num_warps=num_warps)
     return loss, mask, count, masked_mean, lse
 
 
@@ -220,8 +222,9 @@ def lsc_loss_bwd(grad_out, logits, target, lse, mask):
     batch, n_cols = logits.shape
     dlogits = new_output((batch, n_cols), logits.dtype, logits.device)
     block, num_warps = _launch_params(n_cols)
-    _lsc_loss_bwd_kernel[(batch,)](grad_out, logits, target, lse, mask, dlogits, n_cols, float(batch),
-                                   BLOCK=block, num_warps=num_warps)
+    with _common.on_device(logits):
+        _lsc_loss_bwd_kernel[(batch,)](grad_out, logits, target, lse, mask, dlogits, n_cols, float(batch),
+                                       BLOCK=block, num_warps=num_warps)
     return dlogits
 
 
@@ -243,9 +246,10 @@ def lsc_loss_trades_fwd(logits_nat, logits_adv, target, beta, p, q):
     loss, mask, count, masked_mean = _new_reduce_outputs(batch, device)
     lse_nat, lse_adv, kl = (new_output((batch,), torch.float32, device) for _ in range(3))
     block, num_warps = _launch_params(n_cols)
-    _lsc_loss_trades_fwd_kernel[(batch,)](logits_nat, logits_adv, target, loss, mask, count, masked_mean,
-                                          lse_nat, lse_adv, kl, n_cols, float(batch), float(beta), p, q,
-                                          BLOCK=block, num_warps=num_warps)
+    with _common.on_device(logits_nat):
+        _lsc_loss_trades_fwd_kernel[(batch,)](logits_nat, logits_adv, target, loss, mask, count, masked_mean,
+                                              lse_nat, lse_adv, kl, n_cols, float(batch), float(beta), p, q,
+                                              BLOCK=block, num_warps=num_warps)
     return loss, mask, count, masked_mean, lse_nat, lse_adv, kl
 
 
@@ -264,7 +268,8 @@ def lsc_loss_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_a
     d_nat = new_output((batch, n_cols), logits_nat.dtype, logits_nat.device)
     d_adv = new_output((batch, n_cols), logits_nat.dtype, logits_nat.device)
     block, num_warps = _launch_params(n_cols)
-    _lsc_loss_trades_bwd_kernel[(batch,)](grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl,
-                                          mask, d_nat, d_adv, n_cols, float(batch), float(beta),
-                                          BLOCK=block, num_warps=num_warps)
+    with _common.on_device(logits_nat):
+        _lsc_loss_trades_bwd_kernel[(batch,)](grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl,
+                                              mask, d_nat, d_adv, n_cols, float(batch), float(beta),
+                                              BLOCK=block, num_warps=num_warps)
     return d_nat, d_adv

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference.pgd_step import L2_GRAD_EPS, NORMS
+from . import _common
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 # Elements per program of the elementwise (L∞) kernels. 2048 fp32 = 8 KiB per operand; with 4 warps
@@ -199,15 +200,23 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out):
     if norm == "linf":
         n = x_adv.numel()
         grid = (triton.cdiv(n, LINF_BLOCK),)
-        _pgd_step_linf_kernel[grid](x_adv, grad, x_nat, out, n, alpha, eps, BLOCK=LINF_BLOCK, num_warps=4,
-                                    **NO_FMA)
+        with _common.on_device(x_adv):
+            _pgd_step_linf_kernel[grid](x_adv, grad, x_nat, out, n, alpha, eps, BLOCK=LINF_BLOCK, num_warps=4,
+                                        **NO_FMA)
         return out
     batch = x_adv.shape[0]
     row_numel = x_adv.numel() // batch
     block, one_pass, num_warps = _l2_launch_params(row_numel)
-    _pgd_step_l2_kernel[(batch,)](x_adv, grad, x_nat, out, row_numel, alpha, eps, L2_GRAD_EPS,
-                                  BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+    with _common.on_device(x_adv):
+        _pgd_step_l2_kernel[(batch,)](x_adv, grad, x_nat, out, row_numel, alpha, eps, L2_GRAD_EPS,
+                                      BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
     return out
+
+
+def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm):
+    """In-place PGD step: x_adv is overwritten with the next iterate and returned (see pgd_step).
+    Each element is read before it is written by the same program, so out = x_adv is race-free."""
+    return pgd_step(x_adv, grad, x_nat, alpha, eps, norm, x_adv)
 
 
 def pgd_random_init(x_nat, noise, eps, norm, radius, out):
@@ -231,12 +240,14 @@ def pgd_random_init(x_nat, noise, eps, norm, radius, out):
     if norm == "linf":
         n = x_nat.numel()
         grid = (triton.cdiv(n, LINF_BLOCK),)
-        _pgd_random_init_linf_kernel[grid](x_nat, noise, out, n, eps, BLOCK=LINF_BLOCK, num_warps=4,
-                                           **NO_FMA)
+        with _common.on_device(x_nat):
+            _pgd_random_init_linf_kernel[grid](x_nat, noise, out, n, eps, BLOCK=LINF_BLOCK, num_warps=4,
+                                               **NO_FMA)
         return out
     batch = x_nat.shape[0]
     row_numel = x_nat.numel() // batch
     block, one_pass, num_warps = _l2_launch_params(row_numel)
-    _pgd_random_init_l2_kernel[(batch,)](x_nat, noise, radius, out, row_numel, eps,
-                                         BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+    with _common.on_device(x_nat):
+        _pgd_random_init_l2_kernel[(batch,)](x_nat, noise, radius, out, row_numel, eps,
+                                             BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, new_output
 
 # Chunk partials summed per iteration of the per-segment reduction. WRN-34-10's largest tensor
@@ -127,8 +128,9 @@ def _check_per_segment(name, t, table, device):
 
 def _segment_sum(partial, table, device):
     out = new_output((table.num_segments,), torch.float32, device)
-    _segment_sum_kernel[(table.num_segments,)](partial, table.seg_chunk_start, out, BLOCK=REDUCE_BLOCK,
-                                               num_warps=1)
+    with _common.on_device(partial):
+        _segment_sum_kernel[(table.num_segments,)](partial, table.seg_chunk_start, out, BLOCK=REDUCE_BLOCK,
+                                                   num_warps=1)
     return out
 
 
@@ -137,9 +139,10 @@ def segment_sq_norm(x, table):
     _check_flat("x", x, table)
     _check_table(table, x.device)
     partial = new_output((table.num_chunks,), torch.float32, x.device)
-    _segment_sq_norm_partial_kernel[(table.num_chunks,)](
-        x, table.chunk_seg, table.chunk_start, table.offsets, partial,
-        CHUNK=table.chunk, ALIGN=table.align, num_warps=_num_warps(table.chunk))
+    with _common.on_device(x):
+        _segment_sq_norm_partial_kernel[(table.num_chunks,)](
+            x, table.chunk_seg, table.chunk_start, table.offsets, partial,
+            CHUNK=table.chunk, ALIGN=table.align, num_warps=_num_warps(table.chunk))
     return _segment_sum(partial, table, x.device)
 
 
@@ -153,9 +156,11 @@ def accumulate_sq_norm_(a, g, table, beta):
     if beta is not None:
         _check_per_segment("beta", beta, table, a.device)
     partial = new_output((table.num_chunks,), torch.float32, a.device)
-    _accumulate_sq_norm_partial_kernel[(table.num_chunks,)](
-        a, g, a if beta is None else beta, table.chunk_seg, table.chunk_start, table.offsets, partial,
-        CHUNK=table.chunk, ALIGN=table.align, HAS_BETA=beta is not None, num_warps=_num_warps(table.chunk), **NO_FMA)
+    with _common.on_device(a):
+        _accumulate_sq_norm_partial_kernel[(table.num_chunks,)](
+            a, g, a if beta is None else beta, table.chunk_seg, table.chunk_start, table.offsets, partial,
+            CHUNK=table.chunk, ALIGN=table.align, HAS_BETA=beta is not None, num_warps=_num_warps(table.chunk),
+            **NO_FMA)
     return _segment_sum(partial, table, a.device)
 
 
@@ -170,7 +175,8 @@ def perturb_axpy_(w, a, scale, table, sign):
     _check_flat("a", a, table, "w", w)
     _check_table(table, w.device)
     _check_per_segment("scale", scale, table, w.device)
-    _perturb_axpy_kernel[(table.num_chunks,)](
-        w, a, scale, table.chunk_seg, table.chunk_start, table.offsets,
-        CHUNK=table.chunk, ALIGN=table.align, SIGN=int(sign), num_warps=_num_warps(table.chunk), **NO_FMA)
+    with _common.on_device(w):
+        _perturb_axpy_kernel[(table.num_chunks,)](
+            w, a, scale, table.chunk_seg, table.chunk_start, table.offsets,
+            CHUNK=table.chunk, ALIGN=table.align, SIGN=int(sign), num_warps=_num_warps(table.chunk), **NO_FMA)
     return w

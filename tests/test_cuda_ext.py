@@ -130,6 +130,8 @@ def test_cuda_kernels_vectorize_and_do_not_spill_on_sm90():
 SCHEMAS = {
     "pgd_step": "rwp_fast::pgd_step(Tensor x_adv, Tensor grad, Tensor x_nat, float alpha, float eps, "
                 "str norm, Tensor(a!) out) -> ()",
+    "pgd_step_": "rwp_fast::pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, float alpha, float eps, "
+                 "str norm) -> ()",
     "pgd_random_init": "rwp_fast::pgd_random_init(Tensor x_nat, Tensor noise, float eps, str norm, "
                        "Tensor? radius, Tensor(a!) out) -> ()",
     "lsc_loss_fwd": "rwp_fast::lsc_loss_fwd(Tensor logits, Tensor target, float p, float q) "
@@ -151,7 +153,8 @@ SCHEMAS = {
                      "Tensor chunk_seg, Tensor chunk_start, Tensor seg_chunk_start, int chunk, "
                      "int sign) -> ()",
 }
-MUTATED = {"pgd_step": "out", "pgd_random_init": "out", "accumulate_sq_norm_": "a", "perturb_axpy_": "w"}
+MUTATED = {"pgd_step": "out", "pgd_step_": "x_adv", "pgd_random_init": "out", "accumulate_sq_norm_": "a",
+           "perturb_axpy_": "w"}
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
@@ -164,7 +167,7 @@ def test_op_is_registered_with_its_schema(c, name):
 
 def test_backend_module_has_the_triton_contract(c):
     """rwp_fast.ops calls this module and the Triton modules by the same names."""
-    for name in ("pgd_step", "pgd_random_init", "lsc_loss_fwd", "lsc_loss_bwd", "lsc_loss_trades_fwd",
+    for name in ("pgd_step", "pgd_step_", "pgd_random_init", "lsc_loss_fwd", "lsc_loss_bwd", "lsc_loss_trades_fwd",
                  "lsc_loss_trades_bwd", "segment_sq_norm", "accumulate_sq_norm_", "perturb_axpy_"):
         assert callable(getattr(c, name))
 
@@ -248,12 +251,69 @@ def test_compile_fullgraph_over_meta_tensors(c):
     assert [t.shape for t in out] == [x.shape, logits.shape, (1,), w.shape]
 
 
+def _opcheck_cases():
+    """(op name, args) on meta tensors for every op of rwp_fast._C."""
+    x = torch.empty(7, 3, 4, 4, device=META)
+    logits = torch.empty(7, 10, device=META)
+    target = torch.empty(7, device=META, dtype=torch.long)
+    rows = torch.empty(7, device=META)
+    mask = torch.empty(7, device=META, dtype=torch.bool)
+    grad_out = torch.empty((), device=META)
+    t = SegmentTable.from_numels([5, 1, 9000], 4096).to(META)
+    table = (t.offsets, t.chunk_seg, t.chunk_start, t.seg_chunk_start, t.chunk)
+    w = torch.empty(t.numel, device=META)
+    per_seg = torch.empty(t.num_segments, device=META)
+    e = lambda: torch.empty_like(x)
+    return {
+        "pgd_step": (e(), e(), e(), 0.1, 0.2, "l2", e()),
+        "pgd_step_": (e(), e(), e(), 0.1, 0.2, "linf"),
+        "pgd_random_init": (e(), e(), 0.2, "l2", rows.clone(), e()),
+        "lsc_loss_fwd": (logits, target, 0.0, 1.7),
+        "lsc_loss_bwd": (grad_out, logits, target, rows, mask),
+        "lsc_loss_trades_fwd": (logits, logits.clone(), target, TRADES_BETA, 0.0, 1.7),
+        "lsc_loss_trades_bwd": (grad_out, logits, logits.clone(), target, rows, rows.clone(), rows.clone(), mask,
+                                TRADES_BETA),
+        "segment_sq_norm": (w, *table),
+        "accumulate_sq_norm_": (w, w.clone(), per_seg, *table),
+        "perturb_axpy_": (w, w.clone(), per_seg, *table, -1),
+    }
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_opcheck_on_meta_tensors(c, name):
+    """torch.library.opcheck on every op, on meta tensors (the ops have no CPU kernel, and the CPU
+    registration only rejects CPU tensors): the schema (mutations and aliasing declared), the autograd
+    registration, the fake impl under FakeTensorMode, and AOT dispatch with dynamic shapes
+    (functionalization of the Tensor(a!) arguments)."""
+    args = _opcheck_cases()[name]
+    result = torch.library.opcheck(getattr(torch.ops.rwp_fast, name).default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_loading_the_extension_alone_registers_the_fakes():
+    """`import rwp_fast._C` (not rwp_fast.ops.cuda_ops) must be enough to trace the ops with fake
+    tensors: the .so imports rwp_fast.ops.fake_impls when it loads."""
+    if not _built_extension():
+        pytest.skip("rwp_fast._C is not built")
+    code = ("import sys, torch, rwp_fast._C\n"
+            "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "assert 'rwp_fast.ops.cuda_ops' not in sys.modules\n"
+            "with FakeTensorMode():\n"
+            "    out = torch.ops.rwp_fast.lsc_loss_fwd(torch.empty(3, 10), torch.empty(3, dtype=torch.long), 0., 1.)\n"
+            "print([tuple(t.shape) for t in out])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[(3,), (3,), (1,), (1,), (3,)]"
+
+
 def test_cpu_tensors_get_a_message_naming_the_argument(c):
     """The ops are also registered for CPU, only to fail with a message that names the argument.
     Without that, the dispatcher's generic "Could not run ... 'CPU' backend" would be the error."""
     x = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match=re.escape("pgd_step: x_adv must be a CUDA tensor, got device cpu")):
-        c.pgd_step(x, x, x, 0.1, 0.1, "linf", x)
+        c.pgd_step(x, x, x, 0.1, 0.1, "linf", x.clone())
+    with pytest.raises(RuntimeError, match=re.escape("pgd_step_: x_adv must be a CUDA tensor, got device cpu")):
+        c.pgd_step_(x, x, x, 0.1, 0.1, "linf")
     with pytest.raises(RuntimeError, match=re.escape("lsc_loss_fwd: logits must be a CUDA tensor")):
         c.lsc_loss_fwd(x, torch.zeros(2, dtype=torch.long), 0.0, 1.0)
     table = SegmentTable.from_numels([2, 4], 4)

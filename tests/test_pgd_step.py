@@ -239,3 +239,45 @@ def test_low_precision_step(backend, device, dtype, norm):
     ref_err = (expected.float() - truth).abs().max().item()
     err = (out.float() - truth).abs().max().item()
     assert err <= 2 * ref_err + L2_ATOL, (err, ref_err)
+
+
+def test_triton_launches_run_on_the_tensors_device(require_backend, device, monkeypatch):
+    """Triton launches on the current CUDA device, not on the tensors' one, so every host function of
+    the three Triton modules wraps each launch in _common.on_device(tensor) (torch.cuda.device on CUDA,
+    a no-op on CPU). Counted here per launch: pgd_step, lsc_loss and weight_perturb."""
+    require_backend("triton")
+    import contextlib
+
+    from rwp_fast.kernels import _common
+    from rwp_fast.kernels import lsc_loss as kl
+    from rwp_fast.kernels import pgd_step as kp
+    from rwp_fast.kernels import weight_perturb as kw
+    from rwp_fast.ops.weight_perturb import SegmentTable
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(_common, "on_device", record)
+    x = torch.rand(3, 2, 4, 4, device=device)
+    noise, radius = torch.randn_like(x), torch.rand(3, device=device)
+    logits, target = torch.randn(3, 10, device=device), torch.randint(0, 10, (3,), device=device)
+    table = SegmentTable.from_numels([5, 8], 4).to(device)
+    w, a, scale = torch.randn(13, device=device), torch.randn(13, device=device), torch.rand(2, device=device)
+    launches = [  # (call, number of kernel launches it makes)
+        (lambda: kp.pgd_step(x, x, x, 0.1, 0.2, "linf", torch.empty_like(x)), 1),
+        (lambda: kp.pgd_step_(x.clone(), x, x, 0.1, 0.2, "l2"), 1),
+        (lambda: kp.pgd_random_init(x, noise, 0.2, "l2", radius, torch.empty_like(x)), 1),
+        (lambda: kl.lsc_loss_fwd(logits, target, 0.0, 1.0), 1),
+        (lambda: kl.lsc_loss_trades_fwd(logits, logits, target, 6.0, 0.0, 1.0), 1),
+        (lambda: kw.segment_sq_norm(w, table), 2),
+        (lambda: kw.accumulate_sq_norm_(a, w, table, None), 2),
+        (lambda: kw.perturb_axpy_(w, a, scale, table, 1), 1),
+    ]
+    for call, n in launches:
+        seen.clear()
+        call()
+        assert seen == [x.device] * n

@@ -4,6 +4,7 @@
 lsc_loss, weight_perturb}``. The functions have the same names and signatures:
 
     pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out) -> out
+    pgd_step_(x_adv, grad, x_nat, alpha, eps, norm) -> x_adv     (x_adv is updated in place)
     pgd_random_init(x_nat, noise, eps, norm, radius, out) -> out
     lsc_loss_fwd(logits, target, p, q) -> (loss, mask, count, masked_mean, lse)
     lsc_loss_bwd(grad_out, logits, target, lse, mask) -> dlogits
@@ -22,15 +23,15 @@ functions only unpack the ``SegmentTable`` and check what C++ cannot see, such a
 Importing this module loads the extension. If it was not built, the original ImportError
 propagates, so ``dispatch`` can fall back (``auto``) or report it (explicit ``cuda``).
 
-Fake (meta) implementations are registered with ``torch.library.register_fake``, so
-``torch.compile(fullgraph=True)`` traces through every op without a graph break. The ops that write
-a tensor declare it as ``Tensor(a!)`` in the schema and return nothing, which is what
-auto-functionalization supports. The wrappers below return the written tensor.
+Fake (meta) implementations live in ``rwp_fast.ops.fake_impls``, which loading ``rwp_fast._C`` imports
+(csrc/bindings.cpp), so ``torch.compile(fullgraph=True)`` traces through every op without a graph
+break. The ops that write a tensor declare it as ``Tensor(a!)`` in the schema and return nothing,
+which is what auto-functionalization supports. The wrappers below return the written tensor.
 """
 
 import torch
 
-from rwp_fast import _C  # noqa: F401  loading the .so registers torch.ops.rwp_fast.*
+from rwp_fast import _C  # noqa: F401  loading the .so registers torch.ops.rwp_fast.* and their fake impls
 
 _ops = torch.ops.rwp_fast
 
@@ -40,13 +41,22 @@ _ops = torch.ops.rwp_fast
 # ---------------------------------------------------------------------------------------------------
 
 def pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out):
-    """One PGD step written into ``out`` (which may be ``x_adv`` itself). Returns ``out``.
+    """One PGD step written into ``out``. Returns ``out``. ``out is x_adv`` runs the in-place op.
 
-    x_adv, grad, x_nat, out: (B, ...) CUDA tensors of one shape and one dtype (fp32, fp16, bf16,
-    fp64), contiguous. alpha, eps: floats in pixel units. norm: 'linf' or 'l2'.
+    x_adv, grad, x_nat, out: (B, ...) CUDA tensors of one shape and one dtype (fp32, fp16, bf16),
+    contiguous. alpha, eps: floats in pixel units. norm: 'linf' or 'l2'.
     """
+    if out is x_adv:  # the out-of-place op's schema does not mark x_adv as written
+        return pgd_step_(x_adv, grad, x_nat, alpha, eps, norm)
     _ops.pgd_step(x_adv, grad, x_nat, float(alpha), float(eps), norm, out)
     return out
+
+
+def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm):
+    """In-place PGD step: x_adv is overwritten with the next iterate and returned. The op's schema
+    marks x_adv as written (Tensor(a!) x_adv), so torch.compile functionalizes it correctly."""
+    _ops.pgd_step_(x_adv, grad, x_nat, float(alpha), float(eps), norm)
+    return x_adv
 
 
 def pgd_random_init(x_nat, noise, eps, norm, radius, out):
@@ -131,67 +141,3 @@ def perturb_axpy_(w, a, scale, table, sign):
     _check_numel("a", a, table)
     _ops.perturb_axpy_(w, a, scale, *_table_args(table), int(sign))
     return w
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fake (meta) implementations: output shapes and dtypes only, for FakeTensor tracing (torch.compile,
-# torch.export) and meta tensors. They must allocate exactly what the C++ functions return, with
-# no output aliasing another.
-# ---------------------------------------------------------------------------------------------------
-
-@torch.library.register_fake("rwp_fast::pgd_step")
-def _pgd_step_fake(x_adv, grad, x_nat, alpha, eps, norm, out):
-    return None
-
-
-@torch.library.register_fake("rwp_fast::pgd_random_init")
-def _pgd_random_init_fake(x_nat, noise, eps, norm, radius, out):
-    return None
-
-
-def _lsc_outputs_fake(logits):
-    batch = logits.shape[0]
-    return (logits.new_empty((batch,), dtype=torch.float32),  # loss
-            logits.new_empty((batch,), dtype=torch.bool),     # mask
-            logits.new_empty((1,), dtype=torch.int32),        # count
-            logits.new_empty((1,), dtype=torch.float32))      # masked_mean
-
-
-@torch.library.register_fake("rwp_fast::lsc_loss_fwd")
-def _lsc_loss_fwd_fake(logits, target, p, q):
-    lse = logits.new_empty((logits.shape[0],), dtype=torch.float32)
-    return (*_lsc_outputs_fake(logits), lse)
-
-
-@torch.library.register_fake("rwp_fast::lsc_loss_bwd")
-def _lsc_loss_bwd_fake(grad_out, logits, target, lse, mask):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("rwp_fast::lsc_loss_trades_fwd")
-def _lsc_loss_trades_fwd_fake(logits_nat, logits_adv, target, beta, p, q):
-    batch = logits_nat.shape[0]
-    rows = [logits_nat.new_empty((batch,), dtype=torch.float32) for _ in range(3)]  # lse_nat, lse_adv, kl
-    return (*_lsc_outputs_fake(logits_nat), *rows)
-
-
-@torch.library.register_fake("rwp_fast::lsc_loss_trades_bwd")
-def _lsc_loss_trades_bwd_fake(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl, mask,
-                              beta):
-    return (torch.empty_like(logits_nat, memory_format=torch.contiguous_format),
-            torch.empty_like(logits_adv, memory_format=torch.contiguous_format))
-
-
-@torch.library.register_fake("rwp_fast::segment_sq_norm")
-def _segment_sq_norm_fake(x, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk):
-    return x.new_empty((offsets.shape[0] - 1,), dtype=torch.float32)
-
-
-@torch.library.register_fake("rwp_fast::accumulate_sq_norm_")
-def _accumulate_sq_norm_fake(a, g, beta, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk):
-    return a.new_empty((offsets.shape[0] - 1,), dtype=torch.float32)
-
-
-@torch.library.register_fake("rwp_fast::perturb_axpy_")
-def _perturb_axpy_fake(w, a, scale, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, sign):
-    return None

@@ -66,7 +66,9 @@ def lsc_loss(logits, target, p=0.0, q=math.inf, backend=None):
     name = dispatch.choose_backend(OP, logits.device, backend)
     if name == "torch":
         return lsc_loss_ref(logits, target, p, q)
-    return _LSCLoss.apply(logits, target, float(p), float(q), dispatch.backend_module(name, OP))
+    # .contiguous(): the kernels index rows as row·C (a no-op for the usual contiguous logits).
+    return _LSCLoss.apply(logits.contiguous(), target.contiguous(), float(p), float(q),
+                          dispatch.backend_module(name, OP))
 
 
 def lsc_loss_trades(logits_nat, logits_adv, target, beta, p=0.0, q=math.inf, backend=None):
@@ -77,5 +79,5 @@ def lsc_loss_trades(logits_nat, logits_adv, target, beta, p=0.0, q=math.inf, bac
     name = dispatch.choose_backend(OP, logits_nat.device, backend)
     if name == "torch":
         return lsc_loss_trades_ref(logits_nat, logits_adv, target, beta, p, q)
-    return _LSCLossTrades.apply(logits_nat, logits_adv, target, float(beta), float(p), float(q),
-                                dispatch.backend_module(name, OP))
+    return _LSCLossTrades.apply(logits_nat.contiguous(), logits_adv.contiguous(), target.contiguous(), float(beta),
+                                float(p), float(q), dispatch.backend_module(name, OP))

@@ -54,8 +54,9 @@ def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm="linf", backend=None):
     name = dispatch.choose_backend(OP, x_adv.device, backend)
     if name == "torch":
         return x_adv.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm))
-    return dispatch.backend_module(name, OP).pgd_step(x_adv, grad.contiguous(), x_nat.contiguous(), alpha, eps,
-                                                      norm, x_adv)
+    # Its own backend entry (not pgd_step with out=x_adv): the CUDA op's schema must mark x_adv as written.
+    return dispatch.backend_module(name, OP).pgd_step_(x_adv, grad.contiguous(), x_nat.contiguous(), alpha, eps,
+                                                       norm)
 
 
 def pgd_random_init(x_nat, noise, eps, norm="linf", radius=None, backend=None):
