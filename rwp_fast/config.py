@@ -21,6 +21,9 @@ LR_SCHEDULES = ("piecewise", "cosine")
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+# Training modes of the fast trainer: torch.compile modes, plus 'cuda-graphs' (explicit torch.cuda.CUDAGraph
+# capture). reduce-overhead and cuda-graphs fall back to 'default' with a warning where they cannot run.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graphs")
 
 
 # num_workers: accepted and used nowhere (every dataset is a tensor moved to the device once, and
@@ -78,7 +81,7 @@ class RunConfig:
     # --- fast trainer only (None / 'auto': on for CUDA, off for CPU)
     precision: str = "auto"            # one of PRECISIONS; auto is bf16 autocast on CUDA, fp32 on CPU
     compile: bool | None = None        # torch.compile the model (--no-compile to switch off)
-    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead, max-autotune
+    compile_mode: str = "default"      # one of COMPILE_MODES; cuda-graphs: attack + RWP probe captured
     channels_last: bool | None = None  # channels-last weights (convolutions then run NHWC)
     input_only_grads: bool = True      # freeze the weights during the attack (no weight-grad convs)
     eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all)
@@ -110,7 +113,7 @@ class RunConfig:
         choices = dict(dataset=DATASETS, model=MODELS, method=METHODS, perturb=PERTURBS, norm=NORMS,
                        rwp_update=RWP_UPDATES, norm_scope=NORM_SCOPES, lr_schedule=LR_SCHEDULES,
                        backend=BACKENDS, device=DEVICES, precision=PRECISIONS,
-                       compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+                       compile_mode=COMPILE_MODES)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")

@@ -113,8 +113,7 @@ def test_fast_step_equals_reference(case, backend):
 
 
 def _no_bn_restore(step):
-    step.perturbation.buffers = []
-    step.perturbation.snapshot = []
+    step.perturbation.snapshot_groups = []
 
 
 def _remove_v_twice(step):

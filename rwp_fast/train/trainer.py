@@ -143,7 +143,7 @@ class EpochStats:
             # LSC diagnostics: fraction of the batch inside [p, q) at probe k (averaged over the batches
             # that reached probe k), mean number of gradient probes before the break, and ‖v‖/‖w‖.
             "lsc_mask_fraction": [float(s) / c for s, c in zip(self.mask_sums, self.mask_counts)],
-            "rwp_steps_mean": self.steps_taken / calls if self.search_calls else 0.0,
+            "rwp_steps_mean": float(self.steps_taken) / calls if self.search_calls else 0.0,  # may be a tensor
             "v_norm_ratio": float(self.v_ratio_sum) / calls if self.search_calls else 0.0,
         }
 
@@ -178,6 +178,9 @@ class Trainer:
             set_backend(cfg.backend)
             step_fn = FastTrainStep(self.model, self.optimizer, cfg, self.device)
         self.step_fn = step_fn or train_step_ref
+        # One generator for the whole run, reseeded by (seed, epoch, step) before every step: the draws
+        # equal those of a fresh generator per step, and a CUDA graph can keep using the same object.
+        self.step_generator = torch.Generator(device=self.device)
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
         self.best_metric = -1.0
@@ -297,7 +300,7 @@ class Trainer:
         start = time.perf_counter()
         bar = self._progress(epoch)
         for i, (x, y) in enumerate(self.batches.epoch(epoch)):
-            gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, epoch, i))
+            gen = self.step_generator.manual_seed(step_seed(cfg.seed, epoch, i))  # same draws as a new one
             result = self.step_fn(self.model, self.optimizer, x, y, cfg, perturb_active=perturb_active,
                                   generator=gen)
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
