@@ -187,12 +187,10 @@ def _worse(a, b):
 
 
 def model_numels(name):
-    import torch
-
     from ..models import build_model
     from ..reference.perturbation_search import perturbed_parameters
-    with torch.device("meta"):
-        model = build_model(name, 10, 3, (0.5,) * 3, (0.25,) * 3)
+    # on the CPU, not "meta": Normalize checks its std with a host read (WRN-34-10: 185 MB, about a second)
+    model = build_model(name, 10, 3, (0.5,) * 3, (0.25,) * 3)
     return [p.numel() for _, p in perturbed_parameters(model)]
 
 
@@ -220,6 +218,12 @@ def verify(args, log=print):
                                 "dtype for it (RWP_VERIFY_BIG=1 runs it)"))
         if cpu and args.quick and args.dtypes is None:
             skipped.append(dict(what="bf16, fp16", reason="--quick on CPU checks fp32 only (--dtypes to add)"))
+    if cpu and "bf16" in dtypes:
+        # measured: 1-ulp differences on about half of all bf16 outputs, in every op, while fp16 passes; the
+        # interpreter (numpy has no bf16) rounds fp32 → bf16 otherwise than torch. On a GPU bf16 is checked.
+        dtypes = [d for d in dtypes if d != "bf16"]
+        skipped.append(dict(what="bf16 on CPU", reason="the Triton interpreter rounds fp32 → bf16 otherwise than "
+                                                      "torch (1-ulp differences everywhere); checked on a GPU"))
     if model is None:
         skipped.append(dict(what="model segment table", reason="no --model given (CPU default)"))
     numels = model_numels(model) if model else None
