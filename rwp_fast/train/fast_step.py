@@ -229,8 +229,10 @@ class FastTrainStep:
         if cfg.perturb != "none" and perturb_active and cfg.gamma > 0:
             # fp16: the probe loss is scaled against underflow and the flat gradient unscaled after it
             grad_scale = self.scaler.get_scale() if self.scaler is not None else None
+            # One probe (AWP): the stall-free schedule reads no count at all, and is exact (gated update)
+            schedule = "stall-free" if cfg.perturb_steps == 1 and grad_scale is None else self.break_schedule
             info = self.perturbation.search(lambda: self.losses(x, x_adv, y, cfg.lsc_range)[:4], y.shape[0],
-                                            grad_scale, schedule=self.break_schedule, run_probe=run_probe)
+                                            grad_scale, schedule=schedule, run_probe=run_probe)
 
         self._zero_grad()
         masked_mean, _, _, _, logits_adv = self.losses(x, x_adv, y, FULL_RANGE)
