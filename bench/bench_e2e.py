@@ -26,7 +26,16 @@ Variants, timed in the same process on the same device:
     fp32, eager, contiguous, torch ops — inductor on CPU needs minutes of C++ compilation for nothing);
   * ablations, ``fast`` with one switch off: ``no-amp`` (fp32), ``no-channels-last``, ``no-compile``,
     ``no-fused`` (backend torch), ``no-input-only`` (weights not frozen in the attack);
-  * ``cuda-graphs``: not implemented by ``FastTrainStep``; listed as such, never silently dropped.
+  * launch overhead (issue 17): ``reduce-overhead`` (``torch.compile`` CUDA-graph trees for every forward
+    and backward) and ``cuda-graphs`` (the attack and one RWP probe captured as ``torch.cuda.CUDAGraph``s),
+    both with the stall-free RWP early break; on CPU each is a row "skipped: …" with the reason. A mode
+    that fell back to ``default`` says so in the note.
+
+Launch proxy and host-boundness: ``ops/step`` is the number of aten ops one step dispatches, counted with
+a ``TorchDispatchMode`` (``rwp_fast.train.graphs.count_aten_ops``) for every eager row (a CUDA build
+launches roughly one kernel per aten op in eager mode; a dispatch mode does not see inside compiled code).
+On CUDA each row also has ``host_ms_per_step`` (wall clock until the block's last launch returned) and
+``gpu_ms_per_step`` (CUDA events around the block): host ≈ GPU time means the GPU waited for the host.
 
 Timing: ``warmup`` untimed steps first (the first compiled step compiles), then ``repeats`` blocks of
 ``steps`` steps, each block between two ``torch.cuda.synchronize()``; images/s is the median over the
@@ -94,6 +103,7 @@ from rwp_fast.models import build_model, dataset_stats
 from rwp_fast.ops import dispatch
 from rwp_fast.reference import train_step_ref
 from rwp_fast.train.fast_step import FastTrainStep, resolve_fast_settings
+from rwp_fast.train.graphs import count_aten_ops
 
 RESULTS = os.path.join(common.REPO, "bench", "results", "e2e.jsonl")
 SMOKE_LABEL = "smoke, not a measurement"
@@ -110,12 +120,20 @@ VARIANT_SETTINGS = {
     "no-compile": dict(FAST, compile=False),
     "no-fused": dict(FAST, backend="torch"),
     "no-input-only": dict(FAST, input_only_grads=False),
+    # launch overhead (issue 17): Inductor's CUDA-graph trees, and explicit capture of attack + one probe
+    "reduce-overhead": dict(FAST, compile_mode="reduce-overhead"),
+    "cuda-graphs": dict(FAST, compile_mode="cuda-graphs"),
 }
-NOT_IMPLEMENTED = {
-    "cuda-graphs": "not implemented: FastTrainStep has no CUDA-graph capture of the step",
+NOT_IMPLEMENTED = {}
+# Variants with nothing to measure off CUDA (on CPU they would silently fall back to 'fast'): a row with
+# the reason instead.
+CUDA_ONLY = {
+    "reduce-overhead": "skipped: CUDA-graph trees need a CUDA device",
+    "cuda-graphs": "skipped: torch.cuda.CUDAGraph capture needs a CUDA device",
 }
 VARIANTS = tuple(VARIANT_SETTINGS) + tuple(NOT_IMPLEMENTED)
-FAST_FAMILY = ("fast", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only")
+FAST_FAMILY = ("fast", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only", "reduce-overhead",
+               "cuda-graphs")
 
 # method key → (method label, regime label, config fields). Order = measurement priority in a unit.
 METHODS = {
@@ -130,12 +148,13 @@ ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10
 # The one-shot GPU script's subset, most important first: a time budget cuts from the end.
 DEVICE_PLAN = (
     ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
+    ("preact_resnet18", 128, "reduce-overhead"), ("preact_resnet18", 128, "cuda-graphs"),
     ("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast"),
     ("preact_resnet18", 512, "released"), ("preact_resnet18", 512, "fast"),
     ("preact_resnet18", 128, "reference"), ("wrn-34-10", 128, "reference"),
     ("preact_resnet18", 128, "no-input-only"), ("preact_resnet18", 128, "no-compile"),
     ("preact_resnet18", 128, "no-amp"), ("preact_resnet18", 128, "no-channels-last"),
-    ("preact_resnet18", 128, "no-fused"), ("preact_resnet18", 128, "cuda-graphs"),
+    ("preact_resnet18", 128, "no-fused"),
 )
 SMOKE_MODEL, SMOKE_BATCH = "small_cnn", 8
 
@@ -206,7 +225,7 @@ def resolved_settings(variant, cfg, device):
     # make_step sets the process-wide backend to cfg.backend, as the Trainer does
     backends = {op: dispatch.choose_backend(op, device, cfg.backend) for op in dispatch.OPS}
     return dict(precision=precision, compile=compile_model, channels_last=channels_last,
-                input_only=cfg.input_only_grads, backends=backends)
+                input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode)
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -387,6 +406,7 @@ def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repe
     """Run `warmup` steps, then `repeats` synchronised blocks of `steps` steps; returns a dict."""
     generator = torch.Generator(device=device).manual_seed(0)
     counter = iter(range(1 << 30))
+    cuda = torch.device(device).type == "cuda"
 
     def one():
         x, y = batches[next(counter) % len(batches)]
@@ -399,17 +419,29 @@ def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repe
     common.sync(device)
     warmup_s = time.perf_counter() - t0
     graphs_before = _compiled_graphs()
-    seconds = []
+    seconds, host_s, gpu_ms = [], [], []
     for _ in range(repeats):
         common.sync(device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t = time.perf_counter()
         for _ in range(steps):
             result = one()
+        # host time: until the last launch returned (any sync inside a step is included); GPU time: the
+        # events around the block. host ≈ GPU time means the GPU waited for the host (host-bound).
+        host_s.append(time.perf_counter() - t)
+        if cuda:
+            end.record()
         common.sync(device)
         seconds.append(time.perf_counter() - t)
+        if cuda:
+            gpu_ms.append(start.elapsed_time(end))
     graphs_after = _compiled_graphs()
     recompiles = None if graphs_before is None else graphs_after - graphs_before
-    return {"seconds": seconds, "warmup_s": warmup_s, "result": result, "recompiles": recompiles}
+    return {"seconds": seconds, "warmup_s": warmup_s, "result": result, "recompiles": recompiles,
+            "host_ms": 1e3 * statistics.median(host_s) / steps,
+            "gpu_ms": statistics.median(gpu_ms) / steps if gpu_ms else None}
 
 
 def _probes(result):
@@ -513,10 +545,11 @@ class Suite:
     def run_unit(self, model_name, batch, variant, batches):
         args, device = self.args, self.device
         methods = [m for m in METHODS if m in args.methods]
-        if variant in NOT_IMPLEMENTED:
+        skip = NOT_IMPLEMENTED.get(variant) or (CUDA_ONLY.get(variant) if device.type != "cuda" else None)
+        if skip:
             for m in methods:
                 row = self.base_row(model_name, batch, variant, m)
-                row["note"] = NOT_IMPLEMENTED[variant]
+                row["note"] = skip
                 self.append(row)
             return
         model = None
@@ -545,6 +578,9 @@ class Suite:
                 row["step_ms"] = 1e3 * batch / row["images_per_s"]
                 row["warmup_s"] = round(timing["warmup_s"], 3)
                 row["recompiles"] = timing["recompiles"]
+                row["host_ms_per_step"], row["gpu_ms_per_step"] = timing["host_ms"], timing["gpu_ms"]
+                if getattr(step, "mode", cfg.compile_mode) != cfg.compile_mode:  # a graph mode fell back
+                    row["fallback"] = step.mode
                 row["steps"], row["repeats"], row["warmup"] = args.steps, args.repeats, warmup
                 row["probes"] = _probes(timing["result"])
                 row["expected_probes"] = expected_probes(cfg, variant)
@@ -564,6 +600,11 @@ class Suite:
                                                   .manual_seed(0), device))
                     except Exception as exc:  # noqa: BLE001
                         notes.append(f"attack profile failed: {type(exc).__name__}")
+                if row.get("fallback"):
+                    notes.append(f"fell back to compile_mode={row['fallback']}")
+                if not row["settings"]["compile"]:  # launch proxy: a dispatch mode sees eager ops only
+                    row["ops_per_step"] = count_aten_ops(step, model, optimizer, *batches[0], cfg, True,
+                                                         torch.Generator(device=device).manual_seed(0))[1].total
                 row["note"] = "; ".join(notes)
                 self.add_flops(row, variant, model_name, method_key, cfg)
                 self.log(f"{model_name} b{batch} {variant:<16} {method_key:<13} "
@@ -707,15 +748,16 @@ def print_table(rows, file=None):
               f"CUDA {r0.get('cuda')}, commit {r0.get('git_commit')}", file=file)
         print(f"ceiling: {_fmt(r0.get('ceiling_tflops'), '.1f')} TFLOP/s ({r0.get('ceiling_op')}); "
               f"regimes: {'; '.join(f'{k} = {v}' for k, v in REGIME_HELP.items())}", file=file)
-    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | note |",
-          file=file)
-    print("|---|---|---:|---|---|---:|---:|---:|---:|---|", file=file)
+    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | ops/step "
+          "| host/GPU ms per step | note |", file=file)
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|", file=file)
     for r in e2e:
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
         print(f"| {r['variant']} | {r['model']} | {r['batch']} | {r['method']} | {r['regime']} | "
               f"{_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('speedup_vs_released'), '.2f')} | "
               f"{_fmt(r.get('tflops'), '.2f')} | {_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | "
-              f"{r.get('note', '')} |", file=file)
+              f"{_fmt(r.get('ops_per_step'), 'd')} | {_fmt(r.get('host_ms_per_step'), '.2f')}/"
+              f"{_fmt(r.get('gpu_ms_per_step'), '.2f')} | {r.get('note', '')} |", file=file)
     ratios = [r for r in rows if r.get("kind") == "ratio"]
     if ratios:
         print("\nstep time ÷ AT step time (same variant, model, batch):", file=file)
