@@ -24,17 +24,20 @@ from .datasets import (
     DataFormatError,
     DatasetBundle,
     DatasetNotFoundError,
+    channel_stats,
     digits_split,
     load_dataset,
     load_digits_uint8,
     make_synthetic,
 )
+from .extra import ExtraData, extra_fits_on_device, load_extra
+from .own import load_folder, load_npz
 from .rst import load_rst_extra
 
 __all__ = [
     "CIFAR_AUGMENTATION", "DIGITS_AUGMENTATION", "NO_AUGMENTATION", "PAD_MODES", "Augmentation",
-    "BatchIterator", "DataFormatError", "DatasetBundle", "DatasetNotFoundError", "augment_batch",
-    "derive_seed", "digits_split", "draw_augmentation", "epoch_batches", "eval_batches", "load_dataset",
-    "load_digits_uint8", "load_rst_extra", "make_synthetic", "seeded_generator", "steps_per_epoch",
-    "to_float",
+    "BatchIterator", "DataFormatError", "DatasetBundle", "DatasetNotFoundError", "ExtraData", "augment_batch",
+    "channel_stats", "derive_seed", "digits_split", "draw_augmentation", "epoch_batches", "eval_batches",
+    "extra_fits_on_device", "load_dataset", "load_digits_uint8", "load_extra", "load_folder", "load_npz",
+    "load_rst_extra", "make_synthetic", "seeded_generator", "steps_per_epoch", "to_float",
 ]

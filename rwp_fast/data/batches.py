@@ -168,15 +168,24 @@ def _check_images(name, x, y):
 class BatchIterator:
     """Batches of one dataset split, held on ``device``; ``epoch(e, start_step)`` yields them.
 
-    x: (N, C, H, W) uint8; y: (N,) integer. extra: RST, an (images, labels) pair of the same image shape:
-    each batch is then batch_size/2 labeled examples followed by batch_size/2 extra ones, and the epoch
-    length is set by the labeled set (⌊N / (batch_size/2)⌋ steps with drop_last). The extra data is
-    visited in its own seeded order, reshuffled every time it runs out.
-    Each batch: (x float32 (B, C, H, W) in [0, 1], y int64 (B,)), both on ``device``.
+    x: (N, C, H, W) uint8; y: (N,) integer. Each batch: (x float32 (B, C, H, W) in [0, 1], y int64 (B,)),
+    both on ``device``.
+
+    extra: extra data mixed into every batch, an ``ExtraData`` (images of x's shape, labels, fraction F)
+    or, as RST has it, an (images, labels) pair meaning F = 1/2 with an even batch_size. Each batch is
+    then B − round(F·B) training examples followed by round(F·B) extra ones, and the epoch length is set
+    by the training set alone (⌊N / (B − round(F·B))⌋ steps with drop_last). The extra data is visited in
+    its own seeded order, reshuffled every time it runs out.
+
+    extra_resident: keep the extra images on ``device`` whole (True), stream each step's from the host
+    (False), or decide by size (None: ``extra.extra_fits_on_device``). Streaming gathers the images of
+    ``stream_chunk_steps`` steps at a time on a background thread into one pinned host buffer (on CUDA),
+    copied to the device without blocking while earlier steps run. Both give identical batches.
     """
 
     def __init__(self, x, y, batch_size, *, seed=0, device="cpu", augment=None, extra=None, shuffle=True,
-                 drop_last=True):
+                 drop_last=True, extra_resident=None, stream_chunk_steps=16):
+        from .extra import ExtraData, extra_fits_on_device
         _check_images("x", x, y)
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -188,22 +197,30 @@ class BatchIterator:
         self.drop_last = drop_last
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
-        self.extra_x = self.extra_y = None
-        self.labeled_per_batch = batch_size
+        self.extra = None
+        self.labeled_per_batch, self.extra_per_batch = batch_size, 0
         if extra is not None:
-            extra_x, extra_y = extra
-            _check_images("extra", extra_x, extra_y)
-            if batch_size % 2:
-                raise ValueError(f"batch_size: RST batches are half labeled, half extra; needs an even "
-                                 f"batch_size, got {batch_size}")
-            if extra_x.shape[1:] != x.shape[1:]:
-                raise ValueError(f"extra: images of shape {tuple(extra_x.shape[1:])} do not match the "
+            if not isinstance(extra, ExtraData):
+                extra_x, extra_y = extra
+                _check_images("extra", extra_x, extra_y)
+                if batch_size % 2:
+                    raise ValueError(f"batch_size: RST batches are half labeled, half extra; needs an even "
+                                     f"batch_size, got {batch_size}")
+                extra = ExtraData(extra_x, extra_y, 0.5)
+            if extra.images.shape[1:] != x.shape[1:]:
+                raise ValueError(f"extra: images of shape {tuple(extra.images.shape[1:])} do not match the "
                                  f"labeled images' {tuple(x.shape[1:])}")
-            if extra_x.shape[0] == 0:
+            if len(extra) == 0:
                 raise ValueError("extra: the extra data set is empty")
-            self.extra_x = extra_x.to(self.device)
-            self.extra_y = extra_y.to(self.device, torch.int64)
-            self.labeled_per_batch = batch_size // 2
+            self.extra = extra
+            self.labeled_per_batch, self.extra_per_batch = extra.per_batch(batch_size)
+            if extra_resident is None:
+                extra_resident = extra_fits_on_device(extra.nbytes, self.device)
+            self.extra_resident = bool(extra_resident)
+            self.stream_chunk_steps = max(1, int(stream_chunk_steps))
+            # Resident: on the device whole (on the CPU, that is the memory map itself: no copy).
+            self.extra_x = extra.images.to(self.device) if self.extra_resident else None
+            self.extra_y = extra.labels.to(self.device)
         self.steps = steps_per_epoch(x.shape[0], self.labeled_per_batch, drop_last)
         if self.steps == 0:
             raise ValueError(f"batch_size: {batch_size} needs at least {self.labeled_per_batch} labeled "
@@ -223,14 +240,22 @@ class BatchIterator:
     def _labeled_at(self, step):
         return min(self.labeled_per_batch, self.x.shape[0] - step * self.labeled_per_batch)
 
+    def _extra_at(self, step):
+        """Extra examples of step ``step``: round(F·B), or in proportion for a partial last batch."""
+        k = self._labeled_at(step)
+        if k == self.labeled_per_batch:
+            return self.extra_per_batch
+        return (2 * k * self.extra_per_batch + self.labeled_per_batch) // (2 * self.labeled_per_batch)
+
     def _extra_order(self, epoch):
-        n_extra = self.extra_x.shape[0]
-        needed = min(self.steps * self.labeled_per_batch, self.x.shape[0])
+        """Indices into the extra set for the whole epoch (CPU): step s uses [s·n_e, s·n_e + extra_at(s))."""
+        n_extra = len(self.extra)
+        needed = (self.steps - 1) * self.extra_per_batch + self._extra_at(self.steps - 1)
         chunks = []
         for k in range(math.ceil(needed / n_extra)):
             chunks.append(torch.randperm(n_extra, generator=seeded_generator(self.seed, _STREAM_EXTRA,
                                                                              epoch, k)))
-        return torch.cat(chunks)[:needed].to(self.device)
+        return torch.cat(chunks)[:needed]
 
     def _augmentation_params(self, epoch, start_step):
         """Offsets and flips of steps start_step.. concatenated, each step from its own seeded generator.
@@ -240,7 +265,7 @@ class BatchIterator:
         """
         offsets, flips = [], []
         for step in range(start_step, self.steps):
-            size = self._labeled_at(step) * (2 if self.extra_x is not None else 1)
+            size = self._labeled_at(step) + (self._extra_at(step) if self.extra is not None else 0)
             o, f = draw_augmentation(size, self.augment, seeded_generator(self.seed, _STREAM_AUGMENTATION,
                                                                           epoch, step))
             offsets.append(o)
@@ -253,29 +278,97 @@ class BatchIterator:
             raise ValueError(f"start_step: must be in [0, {self.steps}], got {start_step}")
         return self._batches(epoch, start_step)
 
+    def _resident_extra(self, order, start_step):
+        order = order.to(self.device)
+        for step in range(start_step, self.steps):
+            lo = step * self.extra_per_batch
+            yield self.extra_x.index_select(0, order[lo:lo + self._extra_at(step)])
+
+    def _streamed_extra(self, order, start_step):
+        """Per step, its extra images on the device, gathered from the host map in chunks of steps.
+
+        A background thread gathers chunk c + 1 (rows of the memory map, in NHWC, so each image is one
+        contiguous read) into a pinned buffer while the training loop consumes chunk c; each chunk goes to
+        the device in one non-blocking copy and is permuted to NCHW there.
+        """
+        import queue
+        import threading
+
+        steps = list(range(start_step, self.steps))
+        chunks = [steps[i:i + self.stream_chunk_steps] for i in range(0, len(steps), self.stream_chunk_steps)]
+        source = self.extra.images.permute(0, 2, 3, 1)       # (M, H, W, C): the file's own layout
+        pin = self.device.type == "cuda"
+        ready = queue.Queue(maxsize=2)                       # at most two chunks gathered ahead
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for chunk in chunks:
+                    lo = chunk[0] * self.extra_per_batch
+                    hi = chunk[-1] * self.extra_per_batch + self._extra_at(chunk[-1])
+                    buf = torch.empty((hi - lo, *source.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                    torch.index_select(source, 0, order[lo:hi], out=buf)
+                    item = (lo, buf)
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as exc:   # handed to the consumer, which re-raises it
+                ready.put(exc)
+
+        thread = threading.Thread(target=produce, name="rwp-fast-extra-stream", daemon=True)
+        thread.start()
+        try:
+            for chunk in chunks:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                lo, buf = item
+                dev = buf.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                for step in chunk:
+                    s = step * self.extra_per_batch - lo
+                    yield dev[s:s + self._extra_at(step)].contiguous()
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
     def _batches(self, epoch, start_step):
         # Everything random is drawn and copied to the device here, once per epoch; the loop below only
         # launches device ops (index_select, cat, the augmentation gather), so it never waits on the GPU.
         order = self._order(epoch)
-        extra_order = self._extra_order(epoch) if self.extra_x is not None else None
+        extra_images = None
+        if self.extra is not None and start_step < self.steps:
+            extra_order = self._extra_order(epoch)
+            extra_order_dev = extra_order.to(self.device)
+            extra_images = (self._resident_extra(extra_order, start_step) if self.extra_resident
+                            else self._streamed_extra(extra_order, start_step))
         augment = bool(self.augment) and start_step < self.steps
         if augment:
             all_offsets, all_flips = self._augmentation_params(epoch, start_step)
         per = self.labeled_per_batch
         pos = 0
-        for step in range(start_step, self.steps):
-            idx = order[step * per:(step + 1) * per]
-            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
-            if extra_order is not None:
-                eidx = extra_order[step * per:step * per + idx.shape[0]]
-                xb = torch.cat([xb, self.extra_x.index_select(0, eidx)])
-                yb = torch.cat([yb, self.extra_y.index_select(0, eidx)])
-            if augment:
-                b = xb.shape[0]
-                xb = augment_batch(xb, all_offsets[pos:pos + b], all_flips[pos:pos + b], self.augment.pad,
-                                   self.augment.pad_mode)
-                pos += b
-            yield to_float(xb), yb
+        try:
+            for step in range(start_step, self.steps):
+                idx = order[step * per:(step + 1) * per]
+                xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+                if extra_images is not None:
+                    lo = step * self.extra_per_batch
+                    eidx = extra_order_dev[lo:lo + self._extra_at(step)]
+                    xb = torch.cat([xb, next(extra_images)])
+                    yb = torch.cat([yb, self.extra_y.index_select(0, eidx)])
+                if augment:
+                    b = xb.shape[0]
+                    xb = augment_batch(xb, all_offsets[pos:pos + b], all_flips[pos:pos + b], self.augment.pad,
+                                       self.augment.pad_mode)
+                    pos += b
+                yield to_float(xb), yb
+        finally:
+            if extra_images is not None:
+                extra_images.close()   # stops the streaming thread of an epoch left early
 
 
 def epoch_batches(x, y, batch_size, epoch, seed, device, augment, start_step=0, extra=None, shuffle=True,

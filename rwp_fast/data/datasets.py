@@ -81,33 +81,55 @@ class DatasetBundle:
     mean: tuple                    # per-channel mean of the [0, 1] images, for the model's Normalize
     std: tuple                     # per-channel std, idem
     augment: Augmentation          # training augmentation; falsy (NO_AUGMENTATION) when none
-    extra_x: torch.Tensor | None = None   # RST pseudo-labeled extra images (M, C, H, W) uint8, or None
-    extra_y: torch.Tensor | None = None   # their labels (M,) int64
+    extra: object = None           # ExtraData (images, labels, fraction) mixed into each batch, or None
+    classes: tuple = ()            # class names, where the source has them (folder)
+    notes: tuple = ()              # what loading did that a user should know (skipped files, cache)
 
     @property
-    def extra(self):
-        """(extra_x, extra_y) for ``BatchIterator(extra=...)``, or None without extra data."""
-        return None if self.extra_x is None else (self.extra_x, self.extra_y)
+    def extra_x(self):
+        """Extra images (M, C, H, W) uint8 (a view of the memory-mapped file), or None."""
+        return None if self.extra is None else self.extra.images
+
+    @property
+    def extra_y(self):
+        return None if self.extra is None else self.extra.labels
 
     @property
     def image_shape(self):
         return (self.in_channels, self.image_size, self.image_size)
 
     def summary(self):
-        extra = f", extra {self.extra_x.shape[0]}" if self.extra_x is not None else ""
+        extra = f", extra {len(self.extra)} (F={self.extra.fraction})" if self.extra is not None else ""
         return (f"{self.name}: train {self.train_x.shape[0]}, test {self.test_x.shape[0]}{extra}, "
                 f"{self.in_channels}×{self.image_size}×{self.image_size}, {self.num_classes} classes")
 
 
-def _bundle(name, train, test, num_classes, augment, extra=None):
+def channel_stats(x, chunk=4096):
+    """Per-channel (mean, std) of uint8 images (N, C, H, W) scaled to [0, 1], summed in float64.
+
+    A channel that is constant gets std 1/255 (one grey level) instead of 0, which Normalize refuses.
+    """
+    c = x.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, x.shape[0], chunk):
+        part = x[i:i + chunk].to(torch.float64).div_(255.0)
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def _bundle(name, train, test, num_classes, augment, extra=None, stats=None, classes=(), notes=()):
     (train_x, train_y), (test_x, test_y) = train, test
     c, h, w = train_x.shape[1:]
     if h != w:
-        raise DataFormatError(f"{name}: expected square images, got {h}×{w}")
-    mean, std = dataset_stats(name, c)
-    extra_x, extra_y = extra if extra is not None else (None, None)
+        raise DataFormatError(f"{name}: expected square images, got {h}×{w}; pass --image-size N to resize")
+    mean, std = stats if stats is not None else dataset_stats(name, c)
     return DatasetBundle(name, train_x, train_y, test_x, test_y, num_classes, c, h, mean, std, augment,
-                         extra_x, extra_y)
+                         extra, tuple(classes), tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------- digits
@@ -205,16 +227,20 @@ def make_synthetic(n_train=SYNTHETIC_TRAIN, n_test=SYNTHETIC_TEST, num_classes=1
 
 # ------------------------------------------------------------------------------------------ loading
 def load_dataset(cfg):
-    """The dataset of ``cfg`` (fields dataset, data_dir, download, train_examples, method, rst_extra).
+    """The dataset of ``cfg`` (fields dataset, data_dir, download, train_examples, image_size,
+    skip_bad_images, method, extra_data, extra_fraction, rst_extra).
 
     train_examples > 0 keeps the first N training examples (synthetic: generates N).
-    For ``method='rst'`` the bundle also holds the
-    extra data: ``cfg.rst_extra`` (see ``load_rst_extra``), or for the synthetic dataset, when no file is
-    given, as many generated extra images as training images.
-    Raises DatasetNotFoundError for missing files, ValueError for an unknown dataset name.
+    With ``cfg.extra_file`` (``extra_data``, or ``rst_extra`` for method 'rst') the bundle also holds the
+    memory-mapped extra data (``extra.load_extra``) with fraction ``cfg.extra_mix``; RST on the synthetic
+    dataset without a file generates as many extra images as training images.
+    folder/npz (``own.py``): mean and std are measured on the training images.
+    Raises DatasetNotFoundError for missing files, DataFormatError (a ValueError) for bad contents,
+    ValueError for an unknown dataset name.
     """
     name = cfg.dataset
     extra = None
+    stats, classes, notes = None, (), ()
     if name == "digits":
         train, test = _load_digits()
         num_classes, augment = 10, DIGITS_AUGMENTATION
@@ -222,9 +248,18 @@ def load_dataset(cfg):
         train, test = _load_torchvision(name, cfg.data_dir, cfg.download)
         num_classes = _TORCHVISION[name].classes
         augment = NO_AUGMENTATION if name == "svhn" else CIFAR_AUGMENTATION
+    elif name in ("folder", "npz"):
+        from .own import own_augmentation, load_folder, load_npz
+        if name == "folder":
+            own = load_folder(cfg.data_dir, image_size=cfg.image_size, skip_bad=cfg.skip_bad_images,
+                              quiet=cfg.quiet)
+        else:
+            own = load_npz(cfg.data_dir, image_size=cfg.image_size)
+        train, test, num_classes, classes, notes = own.train, own.test, own.num_classes, own.classes, own.notes
+        augment = own_augmentation(train[0].shape[-1])
     elif name == "synthetic":
         n_train = cfg.train_examples if cfg.train_examples > 0 else SYNTHETIC_TRAIN
-        want_extra = cfg.method == "rst" and not cfg.rst_extra
+        want_extra = cfg.method == "rst" and not cfg.extra_file
         train, test, extra = make_synthetic(n_train=n_train, n_extra=n_train if want_extra else 0)
         # CIFAR's augmentation, so that throughput on synthetic data includes its (small) cost.
         num_classes, augment = 10, CIFAR_AUGMENTATION
@@ -233,7 +268,13 @@ def load_dataset(cfg):
         raise ValueError(f"dataset: {name!r} is not one of {', '.join(DATASETS)}")
     if cfg.train_examples > 0:
         train = (train[0][:cfg.train_examples], train[1][:cfg.train_examples])
-    if cfg.method == "rst" and cfg.rst_extra:
-        from .rst import load_rst_extra
-        extra = load_rst_extra(cfg.rst_extra, image_shape=tuple(train[0].shape[1:]), num_classes=num_classes)
-    return _bundle(name, train, test, num_classes, augment, extra)
+    if name in ("folder", "npz"):
+        stats = channel_stats(train[0])   # after train_examples: the statistics of what is trained on
+    from .extra import ExtraData, load_extra
+    if cfg.extra_file:
+        what = "extra_data" if cfg.extra_data else "rst_extra"
+        extra = load_extra(cfg.extra_file, cfg.extra_mix, image_shape=tuple(train[0].shape[1:]),
+                           num_classes=num_classes, what=what)
+    elif extra is not None:
+        extra = ExtraData(extra[0], extra[1], cfg.extra_mix, source="synthetic")
+    return _bundle(name, train, test, num_classes, augment, extra, stats, classes, notes)

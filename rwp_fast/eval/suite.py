@@ -8,6 +8,16 @@
     cw        C&W∞: PGD-100 on the margin max_{j≠y} z_j − z_y, random start
     autoattack  AutoAttack 'standard' (APGD-CE, APGD-T, FAB-T, Square) through ``pyautoattack``
 
+AutoAttack runs its four stages one at a time, each on the points that are still robust, exactly as
+its 'standard' version does (same attacks, parameters, seed and batches; ``run_standard_evaluation``
+returns ``(x_adv, y_adv)`` in pyautoattack 0.2.0), so that the suite can report how many points each
+stage flipped and how long it took, as AutoAttack's own log does. The reported robust accuracy is, like
+every other row and like RobustBench's benchmark, from a re-run forward pass: the model's prediction on
+the final adversarial images (the clean image where no stage succeeded) against the true label. AA's
+own verdicts (its ``y_adv``) are kept as ``autoattack_own``; ``autoattack_disagreements`` counts the
+points where the two differ (FAB leaves points on the decision boundary, where a forward pass in a
+different batch can round the other way).
+
 PGD and C&W run the fast attack (fused ``pgd_step``, weights frozen; with the torch backend it is
 exactly the reference's ``pgd_attack_ref``) with the run's step size α (2/255 for the CIFAR L∞
 presets, as SPEC.md §4 prescribes; 15/255 for L2). AutoAttack is the reference implementation
@@ -101,14 +111,9 @@ def run_eval_suite(model, x_all, y_all, eps, alpha, norm="linf", attacks=None, b
         start = time.perf_counter()
         correct = 0
         if name == "autoattack":
-            adversary = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm],
-                                   version="standard", device=device, seed=seed)
-            adversary.verbose = False
-            x_adv = adversary.run_standard_evaluation(x_all.to(device), y_all.to(device), batch_size=batch_size)
-            with torch.no_grad():
-                for i in range(0, len(x_adv), batch_size):
-                    pred = model(x_adv[i:i + batch_size]).argmax(1)
-                    correct += (pred == y_all[i:i + batch_size].to(device)).sum().item()
+            aa = run_autoattack(AutoAttack, model, x_all, y_all, eps, norm, batch_size, device, seed, log)
+            correct = aa.pop("correct")
+            results.update({f"autoattack_{k}": v for k, v in aa.items()})
         else:
             gen = torch.Generator(device=device).manual_seed(seed)
             for i in range(0, len(x_all), batch_size):
@@ -122,6 +127,58 @@ def run_eval_suite(model, x_all, y_all, eps, alpha, norm="linf", attacks=None, b
             log(f"{name:>10}: {100 * results[name]:6.2f}%  ({results[f'{name}_seconds']:.1f} s)")
     model.train(was_training)
     return results
+
+
+AUTOATTACK_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def run_autoattack(AutoAttack, model, x_all, y_all, eps, norm, batch_size, device, seed, log=None):
+    """AutoAttack 'standard', stage by stage; returns correct (re-run forward), own, disagreements, stages.
+
+    x_all: (N, C, H, W) float in [0, 1] (any device); y_all: (N,) int64. stages: one dict per stage with
+    'attack', 'flipped' (points it turned from robust to wrong), 'robust' (robust after it, of N) and
+    'seconds'. A stage is skipped, as in AutoAttack, when no robust point is left.
+    """
+    device = torch.device(device)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    adversary = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm], version="standard",
+                           device=device, seed=seed)
+    adversary.verbose = False
+    x_adv, y_pred = x_all.clone(), torch.empty_like(y_all)
+    with torch.no_grad():
+        for i in range(0, len(x_all), batch_size):
+            y_pred[i:i + batch_size] = model(x_all[i:i + batch_size]).argmax(1)
+    robust = y_pred == y_all
+    stages = []
+    start = time.perf_counter()
+    for attack in AUTOATTACK_STAGES:
+        idx = robust.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        t0 = time.perf_counter()
+        # Only the still-robust points, in order and batches of batch_size: what 'standard' runs for this
+        # stage. Its attack list is set after construction, which keeps the 'standard' parameters.
+        adversary.attacks_to_run = [attack]
+        out = adversary.run_standard_evaluation(x_all[idx], y_all[idx], batch_size=batch_size)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise RuntimeError(f"autoattack: run_standard_evaluation returned {type(out).__name__}; expected "
+                               f"(x_adv, y_adv) as pyautoattack 0.2.0 does")
+        stage_x, stage_y = out
+        flipped = stage_y.to(device) != y_all[idx]
+        x_adv[idx[flipped]] = stage_x.to(device)[flipped]
+        y_pred[idx[flipped]] = stage_y.to(device)[flipped]
+        robust[idx[flipped]] = False
+        stages.append({"attack": attack, "flipped": int(flipped.sum()), "robust": int(robust.sum()),
+                       "seconds": time.perf_counter() - t0})
+        if log:
+            log(f"{'':>10}  {attack.upper():>8}: flipped {stages[-1]['flipped']:4d}, robust "
+                f"{stages[-1]['robust']}/{len(y_all)}  (total time {time.perf_counter() - start:.1f} s)")
+    correct_mask = torch.zeros_like(robust)
+    with torch.no_grad():
+        for i in range(0, len(x_adv), batch_size):
+            correct_mask[i:i + batch_size] = model(x_adv[i:i + batch_size]).argmax(1) == y_all[i:i + batch_size]
+    return {"correct": int(correct_mask.sum()), "own": int(robust.sum()) / max(len(y_all), 1),
+            "disagreements": int((correct_mask != robust).sum()), "stages": stages}
 
 
 def markdown_table(results, attacks=None, title="model"):

@@ -1,0 +1,71 @@
+"""`rwp-fast export --format robustbench`: standard names, same logits, a model card that says what it lacks."""
+
+import json
+
+import pytest
+import torch
+
+from rwp_fast.cli import main
+from rwp_fast.config import RunConfig
+from rwp_fast.export import load_exported, standard_state_dict
+from rwp_fast.models import build_model
+from rwp_fast.train import Trainer
+from rwp_fast.train.checkpoint import save_checkpoint
+
+
+def _checkpoint(tmp_path, model):
+    cfg = RunConfig(dataset="synthetic", model=model, train_examples=64, eval_examples=8, batch_size=16,
+                    device="cpu", backend="torch", quiet=True, out_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg, log=lambda *a: None)
+    with torch.no_grad():                       # non-trivial BN statistics and weights
+        for m in trainer.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "best.pt"
+    save_checkpoint(str(path), trainer.state_dict())
+    return path, trainer.model.eval()
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "preact_resnet18"])
+def test_exported_state_dict_gives_the_same_logits(tmp_path, arch):
+    path, model = _checkpoint(tmp_path, arch)
+    out = tmp_path / "export"
+    assert main(["export", str(path), "--format", "robustbench", "--out", str(out)]) == 0
+    sd = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith(("net.", "normalize.")) for k in sd)
+    if arch == "preact_resnet18":
+        assert {"conv1.weight", "layer1.0.bn1.weight", "layer2.0.shortcut.0.weight", "bn.weight",
+                "linear.weight"} <= set(sd)
+    # A freshly built network takes the plain state_dict as is; with the card's normalisation in front,
+    # its logits are the checkpoint's.
+    card = json.loads((out / "model_card.json").read_text())
+    fresh = build_model(arch, 10, 3, card["input"]["normalization"]["mean"], card["input"]["normalization"]["std"])
+    fresh.net.load_state_dict(sd, strict=True)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+        assert torch.equal(load_exported(str(out))(x), model(x))
+    assert card["threat_model"] == "Linf" and card["eps"] == pytest.approx(8 / 255)
+    assert card["accuracy"]["autoattack"] is None and "rwp-fast eval" in card["missing"]
+    assert card["training"]["hyperparameters"]["model"] == arch and card["rwp_fast_commit"]["export"]
+
+
+def test_model_card_takes_the_eval_json(tmp_path):
+    path, _ = _checkpoint(tmp_path, "small_cnn")
+    results = {"n": 40, "natural": 0.5, "pgd20": 0.25, "autoattack": 0.15,
+               "autoattack_stages": [{"attack": "apgd-ce", "flipped": 10, "robust": 6, "seconds": 1.0}]}
+    (tmp_path / "run" / "best_eval.json").write_text(json.dumps({"results": results}))
+    out = tmp_path / "export"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["accuracy"]["clean"] == {"accuracy": 0.5, "n_examples": 40}
+    assert card["accuracy"]["autoattack"] == {"accuracy": 0.15, "n_examples": 40}
+    assert "missing" not in card
+
+
+def test_wide_resnet_uses_the_standard_shortcut_name():
+    model = build_model("wrn-28-10", 10, 3, (0.5,) * 3, (0.25,) * 3)
+    sd = standard_state_dict(model, "wrn-28-10")
+    assert "block1.layer.0.convShortcut.weight" in sd and not any("conv_shortcut" in k for k in sd)
