@@ -150,18 +150,21 @@ def cmd_eval(args):
     check_int(args.batch_size, "batch_size", 1)
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
     state = load_checkpoint(args.checkpoint)
+    from .train.ema import select_weights
+    weights, which = select_weights(state, args.weights, args.checkpoint)  # --weights ema|raw
     check_writable_file(out, "out")  # before minutes of attacks, not after
     cfg = RunConfig.from_dict(state["config"])
     if args.data_dir:
         cfg = cfg.replace(data_dir=args.data_dir)
     device = resolve_device(args.device or "auto")
     data = load_dataset(cfg)
-    mismatch = weights_mismatch(state["model"], cfg.model, data.num_classes, data.in_channels, data.mean,
+    mismatch = weights_mismatch(weights, cfg.model, data.num_classes, data.in_channels, data.mean,
                                 data.std)
     if mismatch:
         raise ConfigError(f"checkpoint {args.checkpoint}: {mismatch}")
     model = build_model(cfg.model, data.num_classes, data.in_channels, data.mean, data.std)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
+    print(f"weights: {which}")
     model.to(device)
     n = args.n_examples or len(data.test_x)
     attacks = args.attacks
@@ -176,7 +179,7 @@ def cmd_eval(args):
     table = markdown_table(results, title=title)
     print(table)
     write_json(out, results, {"checkpoint": os.path.abspath(args.checkpoint), "epoch": state["epoch"],
-                              "config": cfg.to_dict(), "table": table})
+                              "weights": which, "config": cfg.to_dict(), "table": table})
     print(f"wrote {out}")
 
 
@@ -258,6 +261,9 @@ def build_parser():
     e.add_argument("--data-dir", default=None, help="override the data directory saved in the checkpoint")
     e.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--weights", choices=["ema", "raw"], default=None,
+                   help="the weight average (a run with --ema-decay) or the raw weights (default: ema for "
+                        "best_ema.pt, the checkpoint chosen by the EMA's accuracy; raw otherwise)")
     e.add_argument("--out", default=None, help="JSON output (default: CHECKPOINT_eval.json)")
     e.set_defaults(func=cmd_eval)
 

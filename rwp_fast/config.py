@@ -74,6 +74,8 @@ class RunConfig:
     lr_schedule: str = "piecewise"     # one of LR_SCHEDULES; set per iteration
     lr_milestones: tuple = (100, 150)  # piecewise: epochs at which lr is divided by lr_decay
     lr_decay: float = 10.0
+    ema_decay: float = 0.0             # EMA of the weights w (never w + v), per step, in [0, 1): 0 = off; e.g. 0.999
+    ema_warmup_steps: int = 0          # the first N steps the EMA copies the weights instead of averaging
     # --- run control
     seed: int = 0
     device: str = "auto"               # one of DEVICES; auto picks CUDA when present
@@ -88,6 +90,7 @@ class RunConfig:
     train_examples: int = 0            # use only the first N training examples (0 = all)
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
     quiet: bool = False                # no progress bar
+    tensorboard: bool = False          # also write the metrics to OUT_DIR/tb/ (needs the tensorboard extra)
 
     # derived values in pixel units
     @property
@@ -144,6 +147,10 @@ class RunConfig:
         if self.method == "rst" and not self.rst_extra and self.dataset != "synthetic":
             raise ConfigError("rst_extra: method 'rst' needs the .npz file of pseudo-labeled extra data "
                               "(see README, 'RST extra data')")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ConfigError(f"ema_decay: must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
+        if not self.ema_warmup_steps >= 0:
+            raise ConfigError(f"ema_warmup_steps: must be an integer >= 0, got {self.ema_warmup_steps!r}")
         if any(m < 0 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones: epochs must be >= 0, got {self.lr_milestones}")
         return self

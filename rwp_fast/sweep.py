@@ -162,7 +162,7 @@ def expand_points(grids, zip_=False, lsc_ranges=None):
     if zip_ and grids:
         lengths = {name: len(values) for name, values in grids}
         if len(set(lengths.values())) != 1:
-            raise ConfigError(f"zip: --zip pairs the grids element by element and needs equal lengths, got "
+            raise ConfigError("zip: --zip pairs the grids element by element and needs equal lengths, got "
                               + ", ".join(f"{k}: {n}" for k, n in lengths.items()))
         combos = [tuple(values[i] for _, values in grids) for i in range(len(grids[0][1]))]
     else:

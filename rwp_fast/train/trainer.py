@@ -29,6 +29,7 @@ from ..attacks import pgd_attack
 from ..reference import train_step_ref
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          weights_mismatch)
+from . import ema as ema_hooks, tb_log  # weight averaging (--ema-decay), --tensorboard
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -187,6 +188,7 @@ class Trainer:
         self.best_epoch = -1
         self.metrics_lines = 0
         self.out_dir = cfg.out_dir
+        ema_hooks.attach(self)  # self.ema: None unless cfg.ema_decay > 0; after step_fn set the weights' layout
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self):
@@ -204,6 +206,7 @@ class Trainer:
             "rng": rng_state(),
             # fp16 fast path: the loss scale, so that a resumed run scales exactly as an uninterrupted one
             "grad_scaler": scaler.state_dict() if (scaler := getattr(self.step_fn, "scaler", None)) else {},
+            **ema_hooks.checkpoint_state(self),  # ema, best_ema_metric, best_ema_epoch (with EMA only)
         }
 
     def load_state_dict(self, state, source="checkpoint"):
@@ -229,6 +232,7 @@ class Trainer:
         scaler = getattr(self.step_fn, "scaler", None)
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
+        ema_hooks.load_checkpoint_state(self, state, source)
         set_rng_state(state["rng"])
 
     @classmethod
@@ -306,6 +310,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
+            if self.ema is not None:  # after step_fn: the weights are w again, never w + v
+                self.ema.update(self.step)
             stats.add(result, y)
             bar.update(1)
             if not bar.disable and (i % 10 == 0 or i + 1 == self.iters_per_epoch):  # reading syncs
@@ -334,6 +340,7 @@ class Trainer:
         """Train until cfg.epochs; returns the list of per-epoch metric dicts written this call."""
         self._write_run_files()
         self._truncate_metrics()
+        tb = tb_log.open_log(self)  # None without --tensorboard
         written = []
         while self.epoch < self.cfg.epochs:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
@@ -344,18 +351,24 @@ class Trainer:
             if improved:
                 self.best_metric, self.best_epoch = row["test_robust_acc"], self.epoch
             row.update(best_test_robust_acc=self.best_metric, best_epoch=self.best_epoch)
+            row.update(ema_hooks.epoch_metrics(self))  # *_ema columns, with EMA only
             with open(os.path.join(self.out_dir, METRICS_FILE), "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             self.metrics_lines += 1
+            if tb is not None:
+                tb.log_row(row)
             state = self.state_dict()
             if improved:
                 save_checkpoint(os.path.join(self.out_dir, "best.pt"), state)
+            ema_hooks.save_best(self, state)  # best_ema.pt, by the EMA's own robust accuracy
             save_checkpoint(os.path.join(self.out_dir, "last.pt"), state)
             written.append(row)
             self.log(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_robust_loss']:.4f}  "
                      f"test nat {row['test_natural_acc']:.4f}  PGD-{self.cfg.eval_attack_steps} "
                      f"{row['test_robust_acc']:.4f}  {row['images_per_second']:.0f} img/s  "
                      f"rwp steps {row['rwp_steps_mean']:.2f}  lr {row['lr']:.4g}")
+        if tb is not None:
+            tb.close()
         return written
