@@ -21,6 +21,12 @@ from .config import PRESETS, ConfigError, RunConfig, preset
 DEMO_RUNS = ("at", "at-awp", "at-rwp")
 
 
+def _allowed_values(match):
+    """'one of DATASETS' → 'one of digits, cifar10, ...' (left as written if config has no such tuple)."""
+    values = getattr(config_module, match.group(1), None)
+    return "one of " + ", ".join(values) if isinstance(values, tuple) else match.group(0)
+
+
 def _field_help():
     """Help text of each RunConfig field: the comment on its line in config.py (one source of truth)."""
     helps = {}
@@ -28,9 +34,7 @@ def _field_help():
         m = re.match(r"\s+(\w+): [\w\[\], |]+ = .*?#\s*(.*)$", line)
         if m:
             # "one of DATASETS" in config.py's comment → the values themselves in the help text
-            helps[m.group(1)] = re.sub(r"one of ([A-Z_]+)",
-                                       lambda c: "one of " + ", ".join(getattr(config_module, c.group(1))),
-                                       m.group(2))
+            helps[m.group(1)] = re.sub(r"one of ([A-Z_]+)", _allowed_values, m.group(2))
     return helps
 
 
@@ -266,6 +270,9 @@ def build_parser():
                         "best_ema.pt, the checkpoint chosen by the EMA's accuracy; raw otherwise)")
     e.add_argument("--out", default=None, help="JSON output (default: CHECKPOINT_eval.json)")
     e.set_defaults(func=cmd_eval)
+
+    from .export import add_export_parser
+    add_export_parser(sub)
 
     sub.add_parser("presets", help="list the paper presets").set_defaults(func=cmd_presets)
 

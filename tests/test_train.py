@@ -197,3 +197,37 @@ def test_resume_may_extend_epochs_and_equals_the_longer_run(tmp_path):
     Trainer(cos, log=lambda *_: None).fit()
     with pytest.raises(ConfigError, match="cosine lr schedule"):
         Trainer.resume(cos.out_dir, epochs=2, log=lambda *_: None)
+
+
+def test_plot_draws_masks_only_for_masked_runs_with_legends_title_and_visible_markers(tmp_path, monkeypatch):
+    """Three runs whose best points coincide (as in the demo): the right panel holds only the RWP run (AT
+    and AWP have no mask and are named as such), both panels have legends, the title names data, model
+    and ε, and the coinciding best markers have distinct sizes, so none hides another."""
+    import matplotlib.figure
+
+    from rwp_fast.train.plots import plot_runs
+    dirs = []
+    for name, perturb in (("at", "none"), ("awp", "awp"), ("rwp", "rwp")):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = RunConfig(dataset="digits", model="small_cnn", epsilon=32.0, perturb=perturb)
+        (run / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+        mask = {"none": [], "awp": [1.0], "rwp": [0.5]}[perturb]
+        rows = [{"epoch": e, "test_robust_acc": [0.5, 0.8, 0.7][e - 1], "lsc_mask_fraction": mask} for e in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(run))
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))[1])
+    plot_runs(dirs, tmp_path / "curves.png", labels=["AT", "AT-AWP", "AT-RWP"])
+    (fig,) = figures
+    ax_acc, ax_mask = fig.axes
+    assert [line.get_label() for line in ax_mask.get_lines()] == ["AT-RWP"]
+    assert "no mask (not drawn): AT, AT-AWP" in [t.get_text() for t in ax_mask.texts]
+    assert ax_mask.get_legend() is not None and ax_acc.get_legend() is not None
+    assert fig._suptitle.get_text() == "digits · small_cnn · L∞ ε = 32/255 · PGD-20 test"
+    best = [m for m in ax_acc.get_lines() if m.get_marker() == "D"]
+    assert [tuple(m.get_xydata()[0]) for m in best] == [(2.0, 80.0)] * 3
+    assert len({m.get_markersize() for m in best}) == 3  # nested, not stacked
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

@@ -81,7 +81,11 @@ def plot_runs(run_dirs, out_path, labels=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_mask) = plt.subplots(1, 2, figsize=(12, 4.6))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_acc, ax_mask) = plt.subplots(1, 2, figsize=(12, 5.2))
+    for ax in (ax_acc, ax_mask):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     configs, unmasked, drawn = [], [], 0
     runs = [(i, d, read_metrics(d)) for i, d in enumerate(run_dirs)]
     runs = [(i, d, rows) for i, d, rows in runs if rows]
@@ -97,9 +101,10 @@ def plot_runs(run_dirs, out_path, labels=None):
                               label=f"{label}: best {acc[best]:.2f}% (epoch {epochs[best]}), last {acc[-1]:.2f}%")
         color = line.get_color()
         hollow = k < last_run
-        for marker, base, index in (("D", BEST_BASE, best), ("o", LAST_BASE, -1)):
+        # circles above every diamond: a run whose best epoch is its last shows both markers
+        for marker, base, index, z in (("D", BEST_BASE, best, 3), ("o", LAST_BASE, -1, 10)):
             size = max(base - MARKER_STEP * k, MARKER_MIN)
-            ax_acc.plot(epochs[index], acc[index], marker, markersize=size, color=color, zorder=3 + k,
+            ax_acc.plot(epochs[index], acc[index], marker, markersize=size, color=color, zorder=z + k,
                         markerfacecolor="none" if hollow else color, markeredgewidth=2)
         masked = config.get("perturb") == "rwp" if config else any(r.get("lsc_mask_fraction") for r in rows)
         if masked:
@@ -112,13 +117,14 @@ def plot_runs(run_dirs, out_path, labels=None):
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test robust accuracy (%)")
     ax_acc.set_title("robust accuracy (◆ best, ● last; coinciding markers nest)", fontsize=10)
-    ax_acc.legend(fontsize=8, loc="lower right")
+    # below the axes: a legend inside would cover curves or markers somewhere
+    ax_acc.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax_mask.set_xlabel("epoch")
     ax_mask.set_ylabel("examples with loss in [p, q) at probe 1 (%)")
     ax_mask.set_title("LSC mask fraction (runs with a mask)", fontsize=10)
     ax_mask.set_ylim(-2, 102)
     if drawn:
-        ax_mask.legend(fontsize=8, loc="lower right")
+        ax_mask.legend(fontsize=8, loc="best")
     if unmasked:
         ax_mask.text(0.02, 0.97, "no mask (not drawn): " + ", ".join(unmasked), transform=ax_mask.transAxes,
                      va="top", fontsize=8, color="0.3")
