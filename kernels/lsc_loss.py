@@ -64,7 +64,9 @@ def _lsc_reduce(loss, row, loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, batch
     tl.store(loss_ptr + row, loss)
     tl.store(mask_ptr + row, in_range)
     tl.atomic_add(count_ptr, in_range.to(tl.int32))
-    tl.atomic_add(masked_mean_ptr, tl.where(in_range, tl.div_rn(loss, batch), 0.0))
+    # Vᵢ·ℓᵢ as a product, not a select: a NaN or ±inf loss is outside the mask, and the reference's
+    # (and the CUDA kernel's) 0·NaN = NaN must reach the mean so that a diverged batch is not hidden.
+    tl.atomic_add(masked_mean_ptr, tl.div_rn(loss, batch) * in_range.to(tl.float32))
 
 
 @triton.jit

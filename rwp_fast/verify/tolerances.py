@@ -221,10 +221,4 @@ def compare(got, ref, tol, dtype=None):
 # (op, function, family, output) → why. Reported as KNOWN, not PASS: the backend differs from the reference
 # there on purpose or by an open defect; ``rwp-fast verify --strict`` counts them as FAIL. Remove an entry
 # when the backends match the reference again (verify then says "KNOWN entry no longer needed").
-KNOWN = {
-    ("lsc_loss", "ce", "NaN/inf", "mean"):
-        "a NaN loss is masked out (NaN fails p ≤ ℓ) and the kernels sum only masked terms, so the mean stays "
-        "finite; the reference multiplies NaN·0 and returns NaN",
-    ("lsc_loss", "trades", "NaN/inf", "mean"):
-        "as for ce: the kernels' masked sum skips the NaN loss that the reference multiplies by 0",
-}
+KNOWN = {}
