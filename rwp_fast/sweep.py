@@ -533,6 +533,7 @@ def plot_summary(sweep, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     from .train.plots import read_config, threat_title
 
@@ -588,13 +589,15 @@ def plot_summary(sweep, out_path):
         ax_acc.errorbar(px, [p[2][0] for p in pts], yerr=[p[2][1] for p in pts], marker="D", capsize=3,
                         linestyle=style_of[name], color="tab:blue", label="best" + suffix)
         ax_acc.errorbar(px, [p[3][0] for p in pts], yerr=[p[3][1] for p in pts], marker="o", capsize=3,
-                        linestyle=style_of[name], color="tab:red", label="last" + suffix)
+                        linestyle=style_of[name], color="tab:red", label="last" + suffix,
+                        markersize=10, markerfacecolor="none", markeredgewidth=2)  # a coinciding ◆ shows
         ax_gap.errorbar(px, [p[4][0] for p in pts], yerr=[p[4][1] for p in pts], marker=markers[i % len(markers)],
                         capsize=3, linestyle=style_of[name], color="0.25", label=name or "gap")
 
     steps = {c.get("eval_attack_steps") for c in configs if c}
     pgd = f"PGD-{steps.pop()}" if len(steps) == 1 else "PGD"
     ax_curve.set_xlabel("epoch")
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.set_ylabel(f"test robust accuracy, {pgd} (%)")
     seeds = max(len(p["runs"]) for p in sweep.points)
     ax_curve.set_title("robust accuracy per epoch; colour: " + (xlabel.split(" (")[0] if key else "run")
@@ -607,7 +610,7 @@ def plot_summary(sweep, out_path):
             ax.set_xticklabels(ticks, rotation=20 if sum(map(len, ticks)) > 40 else 0)
         ax.grid(alpha=0.3)
     ax_acc.set_ylabel(f"test robust accuracy, {pgd} (%)")
-    ax_acc.set_title("best (◆) and last (●) epoch", fontsize=12)
+    ax_acc.set_title("best (◆) and last (○) epoch", fontsize=12)
     ax_acc.legend(fontsize=9, loc="best")
     ax_gap.set_ylabel("best − last (percentage points)")
     ax_gap.set_title("robust-overfitting gap", fontsize=12)
