@@ -193,8 +193,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "ninja"],
+        # tensorboard: test_tensorboard.py; pyautoattack: CI runs AutoAttack (tests/test_autoattack.py)
+        "dev": ["pytest", "pytest-benchmark", "ruff", "ninja", "tensorboard", "pyautoattack"],
         "eval": ["pyautoattack"],
+        "tensorboard": ["tensorboard"],   # --tensorboard (torch.utils.tensorboard's SummaryWriter needs it)
     },
     entry_points={"console_scripts": ["rwp-fast=rwp_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "synthetic", "folder", "npz")
 MODELS = ("small_cnn", "preact_resnet18", "wrn-34-10", "wrn-28-10")
 METHODS = ("at", "trades", "rst")
 PERTURBS = ("none", "awp", "rwp")
@@ -42,9 +42,13 @@ class ConfigError(ValueError):
 class RunConfig:
     # --- data and model
     dataset: str = "digits"            # one of DATASETS; digits ship with scikit-learn (offline)
-    data_dir: str = "data"             # where torchvision datasets live (CIFAR, SVHN)
+    data_dir: str = "data"             # torchvision's CIFAR/SVHN dir; folder: DIR/train, DIR/test; npz: FILE or DIR
     download: bool = False             # let torchvision download the dataset (needs a network)
-    rst_extra: str = ""                # RST: .npz of uint8 images (N, H, W, C) and int labels (N,)
+    rst_extra: str = ""                # RST: extra .npz as for extra_data, mixed with extra_fraction 0.5
+    extra_data: str = ""               # .npz: 'images' (N, H, W, C) uint8, 'labels' (N,); memory-mapped
+    extra_fraction: float = 0.0        # round(F·B) extra per batch; an epoch is one pass over the training set
+    image_size: int = 0                # folder/npz: resize images to this square size (0 = keep)
+    skip_bad_images: bool = False      # folder: skip and count unreadable images instead of stopping
     model: str = "small_cnn"           # one of MODELS
     # --- threat model (pixel values in [0, 1]; ε and α are given in units of 1/255)
     norm: str = "linf"                 # one of NORMS
@@ -108,6 +112,16 @@ class RunConfig:
         return (self.lsc_low, self.c_min) if self.perturb == "rwp" else FULL_RANGE
 
     @property
+    def extra_file(self):
+        """The extra-data file mixed into the batches: extra_data, or rst_extra for method 'rst'."""
+        return self.extra_data or (self.rst_extra if self.method == "rst" else "")
+
+    @property
+    def extra_mix(self):
+        """The fraction F of each batch that is extra data: extra_fraction, 0.5 for RST by default."""
+        return self.extra_fraction or (0.5 if self.method == "rst" else 0.0)
+
+    @property
     def perturb_steps(self):
         return {"none": 0, "awp": 1, "rwp": self.k2}[self.perturb]
 
@@ -144,13 +158,24 @@ class RunConfig:
         if not self.lsc_low <= self.c_min:
             raise ConfigError(f"lsc_low: the LSC range [lsc_low, c_min) needs lsc_low <= c_min, "
                               f"got lsc_low={self.lsc_low}, c_min={self.c_min}")
-        if self.method == "rst" and not self.rst_extra and self.dataset != "synthetic":
-            raise ConfigError("rst_extra: method 'rst' needs the .npz file of pseudo-labeled extra data "
-                              "(see README, 'RST extra data')")
+        if not (0 <= self.extra_fraction < 1):
+            raise ConfigError(f"extra_fraction: must be in [0, 1), got {self.extra_fraction!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise ConfigError(f"ema_decay: must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not self.ema_warmup_steps >= 0:
             raise ConfigError(f"ema_warmup_steps: must be an integer >= 0, got {self.ema_warmup_steps!r}")
+        if self.image_size < 0:
+            raise ConfigError(f"image_size: must be an integer >= 0 (0 = keep), got {self.image_size!r}")
+        if self.extra_data and self.rst_extra and self.extra_data != self.rst_extra:
+            raise ConfigError("extra_data: --rst-extra and --extra-data name different files; give one")
+        synthetic_rst = self.method == "rst" and self.dataset == "synthetic"   # generates its own extra data
+        if self.extra_fraction > 0 and not self.extra_file and not synthetic_rst:
+            raise ConfigError("extra_fraction: needs --extra-data FILE.npz (the extra examples to mix in)")
+        if self.extra_data and not self.extra_mix:
+            raise ConfigError("extra_fraction: --extra-data needs --extra-fraction F in (0, 1), e.g. 0.5")
+        if self.method == "rst" and not self.extra_file and self.dataset != "synthetic":
+            raise ConfigError("rst_extra: method 'rst' needs the .npz file of pseudo-labeled extra data "
+                              "(see README, 'RST extra data')")
         if any(m < 0 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones: epochs must be >= 0, got {self.lr_milestones}")
         return self
