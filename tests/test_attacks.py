@@ -96,3 +96,17 @@ def test_trades_attack_steps_follow_the_closed_form_gradient(fast):
         _, g = _closed_form_kl_grad(W, x, x_adv)
         x_adv = torch.min(torch.max(x_adv + alpha * g.sign().float(), x - eps), x + eps).clamp(0, 1)
     assert torch.allclose(out, x_adv, atol=1e-6)
+
+
+def test_fgm_is_one_l2_step_of_length_eps_along_the_ce_gradient():
+    """FGM, the L2 eval suite's one-step attack: x + ε·g/‖g‖₂ per example (g = ∇ₓCE), here away from the
+    [0, 1] box so that the clamp does not bind: ‖x_adv − x‖₂ = ε exactly, along g."""
+    from rwp_fast.reference import fgm_ref
+    model, _ = _linear_model(seed=2)
+    x, y = 0.4 + 0.2 * torch.rand(6, 1, 1, 6), torch.randint(0, 4, (6,))
+    x_req = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x_req), y, reduction="sum"), x_req)
+    out = fgm_ref(model, x, y, 0.1)
+    step = (out - x).flatten(1)
+    assert torch.allclose(step.norm(dim=1), torch.full((6,), 0.1), rtol=1e-5)
+    assert torch.allclose(step, 0.1 * g.flatten(1) / g.flatten(1).norm(dim=1, keepdim=True), atol=1e-6)
