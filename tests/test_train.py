@@ -126,10 +126,12 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 and (killed / "last.pt").exists():
             break
-        time.sleep(0.05)
-    time.sleep(0.5)  # well inside epoch 2 (an epoch takes several seconds here)
+        time.sleep(0.01)
+    # Inside epoch 2: a third of epoch 1's training time after its checkpoint landed. A fixed sleep was
+    # either too short or, on an idle machine where an epoch takes under 0.5 s, past the whole epoch.
+    time.sleep(0.3 * json.loads(metrics.read_text().splitlines()[0])["seconds"])
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
