@@ -290,14 +290,15 @@ def test_aten_op_count_of_a_fast_step_is_stable_and_counts_every_probe():
 
 # -------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["cuda-graphs", "reduce-overhead"])
-def test_graph_modes_equal_the_eager_fast_step_on_gpu(mode):
-    """fp32, TF32 off (conftest): the captured/graph-tree step against the eager fast step, 4 steps, AT-RWP
-    with a partial mask. Same kernels in the same order, so the tolerance is that of the CPU tests."""
+@pytest.mark.parametrize("mode,comp", [("cuda-graphs", False), ("cuda-graphs", True), ("reduce-overhead", True)])
+def test_graph_modes_equal_the_eager_fast_step_on_gpu(mode, comp):
+    """fp32, TF32 off (conftest): the captured/graph-tree step against the uncaptured default step with the
+    same compile flag, 4 steps, AT-RWP with a partial mask. cuda-graphs with compile=True is what the
+    benchmark times (a compiled forward inside the capture), so it is tested too."""
     device = torch.device("cuda")
     kw = dict(CASES["at-rwp-accumulate-layer"], device="cuda", backend="auto")
     results = []
-    for m, comp in (("default", False), (mode, mode == "reduce-overhead")):
+    for m in ("default", mode):
         cfg = make_cfg("auto", **kw, compile_mode=m, compile=comp).replace(device="cuda")
         torch.manual_seed(0)
         model = build_model("small_cnn", 10, 1, (0.3,), (0.37,)).to(device)
@@ -315,7 +316,9 @@ def test_graph_modes_equal_the_eager_fast_step_on_gpu(mode):
     (eager, sd_e), (graphed, sd_g) = results
     for (xa, la, sa), (xb, lb, sb) in zip(eager, graphed):
         assert sa == sb and la == pytest.approx(lb, rel=1e-5)
-        assert (xa - xb).abs().max() <= 2 / 255 + 1e-6  # a near-zero input gradient may flip one sign
+        # Same kernels, but cuDNN's backward is not deterministic: an input gradient within an ulp of 0 may
+        # flip one sign, which moves that pixel by up to 2α. Allow such flips on at most 1% of the pixels.
+        assert ((xa - xb).abs() > 1e-6).float().mean() <= 0.01
     for a, b in zip(sd_e, sd_g):
         if a.is_floating_point():
             assert (a - b).norm() <= 1e-4 * a.norm() + 1e-6
