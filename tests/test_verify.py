@@ -128,3 +128,10 @@ def test_whole_step_check(tmp_path, monkeypatch):
     status, report = run_verify(tmp_path, "--backends", "cuda", "--steps", "1")
     assert status == 1
     assert {s["method"] for s in report["steps"] if s["status"] == "FAIL"} == {"at-awp", "at-rwp"}
+
+
+def test_a_filter_that_selects_no_check_fails_rather_than_passes(tmp_path):
+    """`--families` with a typo selects nothing: verify must not call 0 checks a PASS."""
+    status, report = run_verify(tmp_path, "--ops", "pgd_step", "--families", "nosuchfamily")
+    assert status == 1
+    assert [r["function"] for r in report["rows"] if r["status"] == "FAIL"] == ["(no checks)"]

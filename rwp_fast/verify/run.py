@@ -156,6 +156,10 @@ def run_op_checks(op, ctx, known, strict):
         groups[("(crashed)", "-")] = {"shapes": [], "outputs": {"-": dict(
             ok=False, worst_abs=None, worst_rel=None, worst_ulp=None, tolerance="-", why="-", shape="-",
             reason=f"{type(exc).__name__}: {str(exc)[:300]}")}}
+    if not groups:  # e.g. a --families filter that matches nothing: never a silent PASS
+        groups[("(no checks)", "-")] = {"shapes": [], "outputs": {"-": dict(
+            ok=False, worst_abs=None, worst_rel=None, worst_ulp=None, tolerance="-", why="-", shape="-",
+            reason="0 checks ran for this op, backend and dtype (check --families)")}}
     rows = []
     names = {v: k for k, v in _dtypes().items()}
     for (function, family), g in groups.items():

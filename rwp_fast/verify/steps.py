@@ -19,13 +19,18 @@ METHODS = {"at": dict(perturb="none"), "at-awp": dict(perturb="awp", norm_scope=
 
 @contextlib.contextmanager
 def no_tf32():
-    """cuDNN and cuBLAS use TF32 for fp32 convolutions/matmuls by default on Ampere/Hopper: not fp32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    """cuDNN and cuBLAS use TF32 for fp32 convolutions/matmuls by default on Ampere/Hopper: not fp32.
+    cuDNN's deterministic algorithms too: a nondeterministic backward can flip the sign of an input
+    gradient within an ulp of 0 and move that pixel by 2α, so a step divergence would then not be a bug."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.deterministic)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.deterministic) = saved
 
 
 def _rel(fast, ref):
