@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -80,33 +79,17 @@ def copy_bandwidth_gbps(device, mib=512):
     return 2 * src.numel() * 4 / (p50 * 1e-6) / 1e9
 
 
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = out.stdout.strip() or "unknown"
-    return commit + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def run_metadata(device):
     """What every JSON row records: device, versions, date, commit, command."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    from rwp_fast._env import git_commit, triton_version
     dev = torch.device(device)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": triton_version(),
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit() or "unknown",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "copy_gbps": copy_bandwidth_gbps(device),
     }

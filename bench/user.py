@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from rwp_fast._env import csv_list as _csv
+
 # user method name → the engine's method key. AT-RWP is measured in the all-probes regime (c_min = inf:
 # all K2 probes run, the worst case); 'at-rwp-break' is the early-break regime.
 METHODS = {"at": "at", "at-awp": "at-awp", "at-rwp": "at-rwp-all", "at-rwp-break": "at-rwp-break"}
@@ -28,14 +30,6 @@ def _engine():
     return bench_e2e
 
 
-def _csv(choices):
-    def parse(text):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [i for i in items if i not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}; got {text!r}")
-        return items
-    return parse
 
 
 def add_arguments(p):

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS_DATASET = ("--data-dir", "--preset", "--download", "--rst-extra")
@@ -53,8 +52,8 @@ def test_usage_block_is_found_and_has_runnable_lines():
 def tiny_run(cwd, out_dir, perturb, attack_steps=2):
     cmd = [sys.executable, "-m", "rwp_fast.cli", "train", "--dataset", "digits", "--perturb", perturb,
            "--epsilon", "32", "--alpha", "8", "--c-min", "2.0", "--k2", "2", "--epochs", "1", "--attack-steps",
-           str(attack_steps), "--eval-attack-steps", "2", "--train-examples", "128", "--eval-examples", "64", "--batch-size",
-           "64", "--quiet", "--device", "cpu", "--out-dir", out_dir]
+           str(attack_steps), "--eval-attack-steps", "2", "--train-examples", "128", "--eval-examples", "64",
+           "--batch-size", "64", "--quiet", "--device", "cpu", "--out-dir", out_dir]
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=600)
 
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from .._env import csv_list as _csv
+
 OPS = ("pgd_step", "lsc_loss", "weight_perturb")
 BACKENDS = ("cuda", "triton")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -28,14 +30,6 @@ def _dtypes():
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _csv(choices):
-    def parse(text):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [i for i in items if i not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}; got {text!r}")
-        return items
-    return parse
 
 
 def add_arguments(p):
@@ -66,19 +60,6 @@ def add_arguments(p):
 
 
 # ------------------------------------------------------------------------------------------ environment
-def _git_commit():
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def _driver():
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -90,20 +71,16 @@ def _driver():
 
 def metadata(device):
     import torch
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     from .. import __version__ as version
+    from .._env import git_commit, triton_version
     dev = torch.device(device)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu"),
         "device_type": dev.type,
         "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else None,
         "driver": _driver() if dev.type == "cuda" else None,
-        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "rwp_fast": version, "commit": _git_commit(),
+        "torch": torch.__version__, "triton": triton_version(), "cuda": torch.version.cuda,
+        "python": platform.python_version(), "rwp_fast": version, "commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "rwp-fast verify " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["verify"] else " ".join(sys.argv),
