@@ -110,6 +110,9 @@ def cmd_presets(args):
 def cmd_train(args):
     from .train import Trainer, resolve_device
     from .train.plots import plot_runs
+    if args.nproc is not None and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from .train.distributed import launch_nproc  # torchrun on this machine, N processes
+        return launch_nproc(args.nproc, args.argv, None if args.resume else config_from_args(args))
     if args.resume:
         # quiet and device do not change what is computed; epochs may extend a run (Trainer.resume)
         allowed = ("quiet", "device", "epochs")
@@ -125,8 +128,9 @@ def cmd_train(args):
         check_writable_dir(args.resume, "resume")
         overrides = {k: getattr(args, k) for k in allowed if getattr(args, k) is not None}
         trainer = Trainer.resume(args.resume, **overrides)
-        print(f"resuming {args.resume} after epoch {trainer.epoch} (step {trainer.step}) "
-              f"of {trainer.cfg.epochs}")
+        if trainer.dist.is_main:
+            print(f"resuming {args.resume} after epoch {trainer.epoch} (step {trainer.step}) "
+                  f"of {trainer.cfg.epochs}")
     else:
         cfg = config_from_args(args)
         if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
@@ -136,6 +140,9 @@ def cmd_train(args):
         check_writable_dir(cfg.out_dir, "out_dir")
         trainer = Trainer(cfg)
     trainer.fit()
+    trainer.dist.close()
+    if trainer.preempted or not trainer.dist.is_main:  # only rank 0 writes; a stopped run has no final plot
+        return
     plot = plot_runs([trainer.out_dir], os.path.join(trainer.out_dir, "curves.png"))
     print(f"best test PGD-{trainer.cfg.eval_attack_steps} {100 * trainer.best_metric:.2f}% "
           f"at epoch {trainer.best_epoch}; run directory {trainer.out_dir}; plot {plot}")
@@ -251,6 +258,9 @@ def build_parser():
     t = sub.add_parser("train", help="train a model (AT, TRADES, RST × none/AWP/RWP)")
     t.add_argument("--preset", help=f"a paper preset ({len(PRESETS)}; see `rwp-fast presets`)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N processes on this machine with torchrun, one per GPU (batch_size stays the "
+                        "global batch); several machines: run torchrun yourself (README, 'Many GPUs')")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -311,6 +321,7 @@ def main(argv=None):
     from .eval import AutoAttackUnavailable
     from .train import CheckpointError
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # train --nproc passes it on to torchrun
     try:
         status = args.func(args)  # verify and bench return their exit status; the others None
     except (ConfigError, DatasetNotFoundError, CheckpointError, AutoAttackUnavailable, FileNotFoundError,

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "synthetic", "folder", "npz")
-MODELS = ("small_cnn", "preact_resnet18", "wrn-34-10", "wrn-28-10")
+MODELS = ("small_cnn", "preact_resnet18", "wrn-34-10", "wrn-28-10", "small_cnn_gn")
 METHODS = ("at", "trades", "rst")
 PERTURBS = ("none", "awp", "rwp")
 NORMS = ("linf", "l2")
@@ -70,7 +70,7 @@ class RunConfig:
     warmup_epochs: int = 0             # epochs of plain training before the perturbation starts
     # --- optimisation
     epochs: int = 200
-    batch_size: int = 128              # examples per step (RST: half labeled, half extra)
+    batch_size: int = 128              # global batch: examples per step over all processes (RST: half extra)
     lr: float = 0.1                    # peak SGD learning rate, per step
     momentum: float = 0.9
     nesterov: bool = False
@@ -95,6 +95,9 @@ class RunConfig:
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
     quiet: bool = False                # no progress bar
     tensorboard: bool = False          # also write the metrics to OUT_DIR/tb/ (needs the tensorboard extra)
+    # --- many processes (torchrun; README "Many GPUs")
+    sync_bn: bool = False              # SyncBatchNorm across processes (CUDA); default: per-process batch statistics
+    checkpoint_every_steps: int = 0    # also write last.pt every N steps inside an epoch (0 = at epoch ends only)
 
     # derived values in pixel units
     @property
@@ -164,6 +167,9 @@ class RunConfig:
             raise ConfigError(f"ema_decay: must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not self.ema_warmup_steps >= 0:
             raise ConfigError(f"ema_warmup_steps: must be an integer >= 0, got {self.ema_warmup_steps!r}")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(f"checkpoint_every_steps: must be an integer >= 0 (0 = off), got "
+                              f"{self.checkpoint_every_steps!r}")
         if self.image_size < 0:
             raise ConfigError(f"image_size: must be an integer >= 0 (0 = keep), got {self.image_size!r}")
         if self.extra_data and self.rst_extra and self.extra_data != self.rst_extra:

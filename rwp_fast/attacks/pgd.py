@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import pgd_random_init, pgd_step_
 from ..reference.attacks import TRADES_INIT_STD, margin_loss, trades_kl_sum
-from ..reference.pgd_step import draw_random_init_noise
+from ..reference.pgd_step import draw, draw_random_init_noise
 
 
 @contextlib.contextmanager
@@ -73,7 +73,7 @@ def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, pa
     """TRADES KL attack from x + 0.001·N(0, 1), as ``trades_attack_ref``; returns a detached x_adv."""
     with torch.no_grad(), autocast():
         p_nat = F.softmax(forward(x).float(), dim=1)
-    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    noise = draw(torch.randn, x.shape, generator, x.device)
     x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
     with frozen(params) if input_only else contextlib.nullcontext():
         for _ in range(steps):

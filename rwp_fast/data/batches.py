@@ -181,10 +181,15 @@ class BatchIterator:
     (False), or decide by size (None: ``extra.extra_fits_on_device``). Streaming gathers the images of
     ``stream_chunk_steps`` steps at a time on a background thread into one pinned host buffer (on CUDA),
     copied to the device without blocking while earlier steps run. Both give identical batches.
+
+    shard: (rank, world_size) of a multi-process run. ``batch_size`` stays the global batch; every process
+    builds the same global batch (same order, same augmentation draws) and yields only its rows,
+    ``rank_rows(step)``: rows [r·B/N, (r+1)·B/N), or with extra data its equal share of the labeled part
+    followed by its share of the extra part (so each process's BatchNorm sees both kinds).
     """
 
     def __init__(self, x, y, batch_size, *, seed=0, device="cpu", augment=None, extra=None, shuffle=True,
-                 drop_last=True, extra_resident=None, stream_chunk_steps=16):
+                 drop_last=True, extra_resident=None, stream_chunk_steps=16, shard=(0, 1)):
         from .extra import ExtraData, extra_fits_on_device
         _check_images("x", x, y)
         if batch_size < 1:
@@ -222,6 +227,12 @@ class BatchIterator:
             self.extra_x = extra.images.to(self.device) if self.extra_resident else None
             self.extra_y = extra.labels.to(self.device)
         self.steps = steps_per_epoch(x.shape[0], self.labeled_per_batch, drop_last)
+        self.rank, self.world_size = shard
+        if self.world_size > 1:
+            from ..train.distributed import check_split
+            if not drop_last:
+                raise ValueError("shard: sharded batches need drop_last=True (every batch full)")
+            check_split(self.labeled_per_batch, self.extra_per_batch, self.world_size)
         if self.steps == 0:
             raise ValueError(f"batch_size: {batch_size} needs at least {self.labeled_per_batch} labeled "
                              f"examples per batch, but there are only {x.shape[0]} (drop_last drops the "
@@ -229,6 +240,19 @@ class BatchIterator:
 
     def __len__(self):
         return self.steps
+
+    def rank_rows(self, step=0):
+        """This process's rows of the global batch of ``step``: a slice, or an index tensor (extra data).
+        The same for every step (drop_last: every batch is full); built once, so no per-step copy."""
+        if self.world_size == 1:
+            return slice(0, self.batch_size)
+        if getattr(self, "_rows", None) is None:
+            r, n = self.rank, self.world_size
+            lab, ext = self.labeled_per_batch, self.extra_per_batch
+            self._rows = slice(r * lab // n, (r + 1) * lab // n) if ext == 0 else torch.cat([
+                torch.arange(r * lab // n, (r + 1) * lab // n),
+                lab + torch.arange(r * ext // n, (r + 1) * ext // n)]).to(self.device)
+        return self._rows
 
     def _order(self, epoch):
         n = self.x.shape[0]
@@ -360,11 +384,18 @@ class BatchIterator:
                     eidx = extra_order_dev[lo:lo + self._extra_at(step)]
                     xb = torch.cat([xb, next(extra_images)])
                     yb = torch.cat([yb, self.extra_y.index_select(0, eidx)])
+                b = xb.shape[0]
                 if augment:
-                    b = xb.shape[0]
-                    xb = augment_batch(xb, all_offsets[pos:pos + b], all_flips[pos:pos + b], self.augment.pad,
-                                       self.augment.pad_mode)
+                    offsets, flips = all_offsets[pos:pos + b], all_flips[pos:pos + b]
                     pos += b
+                if self.world_size > 1:   # this process's rows of the global batch, draws included
+                    rows = self.rank_rows(step)
+                    take = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))
+                    xb, yb = take(xb), take(yb)
+                    if augment:
+                        offsets, flips = take(offsets), take(flips)
+                if augment:
+                    xb = augment_batch(xb, offsets, flips, self.augment.pad, self.augment.pad_mode)
                 yield to_float(xb), yb
         finally:
             if extra_images is not None:

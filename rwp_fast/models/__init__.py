@@ -38,6 +38,8 @@ def build_network(name, num_classes, in_channels):
     """The bare network (no normalisation) for a name in ``config.MODELS``."""
     if name == "small_cnn":
         return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    if name == "small_cnn_gn":
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels, norm="gn")
     if name == "preact_resnet18":
         return preact_resnet18(num_classes=num_classes, in_channels=in_channels)
     if name == "wrn-34-10":

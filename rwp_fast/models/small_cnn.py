@@ -6,6 +6,10 @@ conv3×3(in, 32) - BN - ReLU - conv3×3(32, 64, stride 2) - BN - ReLU - conv3×3
 It has what the weight perturbation must handle on a real network: four ``*weight`` tensors of dim > 1
 (three convs and the linear layer) that are perturbed, and BN affine parameters, BN running statistics
 and biases that must not be. The convs have no bias (BN follows each), as in the ResNets.
+
+``small_cnn_gn`` (norm="gn") replaces each BatchNorm by GroupNorm with 8 groups: per-example statistics,
+so its output for an example does not depend on the rest of the batch, which is what the multi-process
+equivalence tests need (an N-process run then equals the 1-process run up to summation order).
 """
 
 import torch.nn.functional as F
@@ -15,14 +19,17 @@ from torch import nn
 class SmallCNN(nn.Module):
     """x: (B, in_channels, H, W) normalised float, any H, W ≥ 2 → logits (B, num_classes)."""
 
-    def __init__(self, num_classes=10, in_channels=1, width=32):
+    def __init__(self, num_classes=10, in_channels=1, width=32, norm="bn"):
         super().__init__()
+        if norm not in ("bn", "gn"):
+            raise ValueError(f"norm: expected one of bn, gn, got {norm!r}")
+        layer = nn.BatchNorm2d if norm == "bn" else (lambda c: nn.GroupNorm(8, c))
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = layer(width)
         self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.bn2 = layer(2 * width)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, kernel_size=3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.bn3 = layer(2 * width)
         self.linear = nn.Linear(2 * width, num_classes)
 
     def forward(self, x):

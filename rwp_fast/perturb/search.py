@@ -32,6 +32,14 @@ Two early-break schedules, both exact (the tests hold both to the reference prob
   s_add = live·s_new. A dead probe then leaves w, a and s bitwise unchanged, and a live one computes
   exactly what the sync schedule does. steps_taken counts the live probes on the device.
 
+Many processes (``comm``, a ``rwp_fast.train.distributed.DistContext``): each probe's mask count is
+all-reduced right after its forward, on the device, and its flat gradient right after its backward
+(sum, then ÷N: each process's masked mean is over its B/N rows, so the result is
+(1/B)·Σ_ranks Σ_i V_i ∇ℓ_i, the global masked mean). Both schedules then read the global count, so every
+process breaks at the same probe — a process whose own mask is empty keeps probing with g = 0 locally —
+and v is the same everywhere. The stall-free schedule stays stall-free: the all-reduce is queued on the
+device like the rest of the probe.
+
 Rounding: the weights during a probe are (w + s_old·a) − s_old·a + s_new·a rather than the
 reference's fresh w + v, which differs by a few ulp of w per iteration (≈1e-7 relative in fp32).
 """
@@ -85,7 +93,7 @@ class WeightPerturbation:
     """
 
     def __init__(self, flat, buffers, gamma, k2, lsc_range, update="accumulate", scope="layer", backend=None,
-                 other_params=()):
+                 other_params=(), comm=None):
         if update not in UPDATE_RULES:
             raise ValueError(f"update: expected one of {UPDATE_RULES}, got {update!r}")
         if scope not in NORM_SCOPES:
@@ -93,6 +101,7 @@ class WeightPerturbation:
         self.flat, self.gamma, self.k2 = flat, gamma, k2
         self.lsc_range, self.update, self.scope, self.backend = lsc_range, update, scope, backend
         self.other_params = list(other_params)
+        self.comm = comm if comm is not None and comm.enabled else None
         device, num_segments = flat.w.device, flat.table.num_segments
         self.a = torch.zeros_like(flat.w)
         self.scale = torch.zeros(num_segments, dtype=torch.float32, device=device)
@@ -145,12 +154,20 @@ class WeightPerturbation:
         self.flat.zero_grad()
         masked_mean, _, _, count = probe()
         self.count.copy_(count)
+        if self.comm is not None:
+            self.comm.sum_(self.count)  # the global count: every process breaks at the same probe
         return masked_mean
+
+    def reduce_grad(self):
+        """The global masked mean's gradient: the mean over processes of their flat gradients."""
+        if self.comm is not None:
+            self.comm.average_(self.flat.g)
 
     def probe_update(self, masked_mean, gated):
         """Backward into the flat gradient, then v ← update(v, g) in place (gated: stall-free)."""
         with frozen(self.other_params):
             masked_mean.backward()
+        self.reduce_grad()
         self.update_from_grad(gated)
 
     def probe_step(self, probe):
@@ -224,6 +241,7 @@ class WeightPerturbation:
                     masked_mean.backward()
                 else:
                     (masked_mean * grad_scale).backward()
+            self.reduce_grad()
             if grad_scale is not None:
                 flat.g.div_(grad_scale)
                 # fp16 only: an overflowed probe gradient would make ‖a‖ = inf and v = 0·inf = NaN in

@@ -13,7 +13,7 @@ itself independent of that choice.
 import torch
 import torch.nn.functional as F
 
-from .pgd_step import draw_random_init_noise, pgd_random_init_ref, pgd_step_ref
+from .pgd_step import draw, draw_random_init_noise, pgd_random_init_ref, pgd_step_ref
 
 # The TRADES attack starts from x + 0.001·N(0, 1) (TRADES code; SPEC.md §3), not from a uniform draw.
 TRADES_INIT_STD = 0.001
@@ -82,7 +82,7 @@ def trades_attack_ref(model, x, eps, alpha, steps, norm="linf", generator=None):
     """TRADES inner maximisation of KL(f(x) ‖ f(x_adv)) from x + 0.001·N(0, 1). Returns detached x_adv."""
     with torch.no_grad():
         p_nat = F.softmax(model(x).float(), dim=1)
-    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    noise = draw(torch.randn, x.shape, generator, x.device)
     x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)

@@ -132,7 +132,8 @@ def epoch_metrics(trainer):
     n = cfg.eval_examples or len(d.test_x)
     # the raw model's evaluation, seed included: the two columns differ only by the weights
     test = evaluate_natural_and_pgd(trainer.ema_model, d.test_x[:n], d.test_y[:n], cfg, cfg.eval_attack_steps,
-                                    max(cfg.batch_size, 128), trainer.device, seed=cfg.seed)
+                                    max(cfg.batch_size, 128), trainer.device, seed=cfg.seed,
+                                    dist=getattr(trainer, "dist", None))  # sharded in a multi-process run
     trainer.ema_improved = test["robust_acc"] > trainer.best_ema_metric
     if trainer.ema_improved:
         trainer.best_ema_metric, trainer.best_ema_epoch = test["robust_acc"], trainer.epoch

@@ -73,8 +73,10 @@ class FastTrainStep:
     (CPU tests of exactly the code the graphs capture).
     """
 
-    def __init__(self, model, optimizer, cfg, device, capture=None):
+    def __init__(self, model, optimizer, cfg, device, capture=None, dist=None):
         self.cfg = cfg
+        # many processes (rwp_fast.train.distributed): x, y are this process's rows of the global batch
+        self.dist = dist if dist is not None and dist.enabled else None
         self.device = torch.device(device)
         self.precision, self.compile_model, channels_last = resolve_fast_settings(cfg, self.device)
         if channels_last:
@@ -87,7 +89,9 @@ class FastTrainStep:
         self.backend = None if cfg.backend == "auto" else cfg.backend
         self.perturbation = WeightPerturbation(self.flat, list(model.buffers()), cfg.gamma, cfg.perturb_steps,
                                                cfg.lsc_range, cfg.rwp_update, cfg.norm_scope, self.backend,
-                                               other_params=[p for p in self.params if id(p) not in flat_ids])
+                                               other_params=[p for p in self.params if id(p) not in flat_ids],
+                                               comm=self.dist)
+        self.other_params = [p for p in self.params if id(p) not in flat_ids]
         amp_dtype = AMP_DTYPES.get(self.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype \
             else contextlib.nullcontext
@@ -107,6 +111,8 @@ class FastTrainStep:
     def _unsupported_reason(self):
         if self.mode not in GRAPH_MODES:
             return None
+        if self.dist is not None:
+            return "capturing the all-reduces of a multi-process run is not supported (unmeasured)"
         if self.precision == "fp16":
             return "fp16 needs host syncs for its loss scale"
         if self.mode == "cuda-graphs" and self.capture is not False and self.device.type != "cuda":
@@ -231,12 +237,18 @@ class FastTrainStep:
             grad_scale = self.scaler.get_scale() if self.scaler is not None else None
             # One probe (AWP): the stall-free schedule reads no count at all, and is exact (gated update)
             schedule = "stall-free" if cfg.perturb_steps == 1 and grad_scale is None else self.break_schedule
-            info = self.perturbation.search(lambda: self.losses(x, x_adv, y, cfg.lsc_range)[:4], y.shape[0],
+            global_batch = y.shape[0] * (self.dist.world_size if self.dist is not None else 1)
+            info = self.perturbation.search(lambda: self.losses(x, x_adv, y, cfg.lsc_range)[:4], global_batch,
                                             grad_scale, schedule=schedule, run_probe=run_probe)
 
         self._zero_grad()
         masked_mean, _, _, _, logits_adv = self.losses(x, x_adv, y, FULL_RANGE)
         self._backward(masked_mean)
+        if self.dist is not None:
+            # Two all-reduces: the flat weight gradient and the rest (biases, norm affine) concatenated.
+            # The mean of the per-process means of B/N rows is the global batch mean (equal shares).
+            self.dist.average_(self.flat.g)
+            self.dist.average_grads_(self.other_params)
         if self.scaler is None:
             self.optimizer.step()
         else:

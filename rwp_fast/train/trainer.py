@@ -8,7 +8,11 @@ the fast path (``FastTrainStep``) with the fused ops on that backend.
 
 Reproducibility: every random draw of a step (augmentation, attack start) comes from generators seeded
 by (seed, epoch, step), never from global RNG state, so a run resumed from the checkpoint written at
-the end of epoch e replays epoch e + 1 exactly as the uninterrupted run did.
+the end of epoch e replays epoch e + 1 exactly as the uninterrupted run did. last.pt written inside an
+epoch (SIGTERM / SIGUSR1, or ``checkpoint_every_steps``) also holds the position in the epoch and the
+epoch's running metric sums, and a resume continues from that step.
+
+Many processes (torchrun): see ``rwp_fast.train.distributed``. Only rank 0 writes files.
 """
 
 import json
@@ -27,6 +31,8 @@ from ..data import BatchIterator, load_dataset
 from ..models import build_model
 from ..attacks import pgd_attack
 from ..reference import train_step_ref
+from ..reference.pgd_step import BatchSlice
+from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          weights_mismatch)
 from . import ema as ema_hooks, tb_log  # weight averaging (--ema-decay), --tensorboard
@@ -79,30 +85,45 @@ def _accuracy_and_loss(model, x, y):
     return (logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item()
 
 
-def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device, seed=0):
+def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device, seed=0, dist=None):
     """Natural and PGD-`steps` accuracy/loss of `model` in eval mode on uint8 images (N, C, H, W).
 
     The attack start is drawn from a generator seeded with `seed`, so the evaluation is repeatable. It
     runs the fast attack (fused ``pgd_step``, weights frozen) in fp32 on the eager model; with the torch
     backend that is exactly ``pgd_attack_ref``.
+
+    dist: a DistContext of several processes: each evaluates its share of every batch, with its rows of
+    the random start one process would draw (``BatchSlice``), and the sums are all-reduced once.
     """
     was_training = model.training
     model.eval()
     totals = dict(natural_correct=0, natural_loss=0.0, robust_correct=0, robust_loss=0.0)
     gen = torch.Generator(device=device).manual_seed(seed)
+    sharded = dist is not None and dist.enabled
     for i in range(0, len(x_all), batch_size):
         x = x_all[i:i + batch_size].to(device).float() / 255
         y = y_all[i:i + batch_size].to(device)
+        draws = gen
+        if sharded:
+            lo, hi = dist.rows(len(x))
+            draws = BatchSlice(gen, slice(lo, hi), len(x))
+            x, y = x[lo:hi], y[lo:hi]
+            if hi == lo:  # only a short last batch can leave a process without rows; later draws unused
+                continue
         c, loss = _accuracy_and_loss(model, x, y)
         totals["natural_correct"] += c
         totals["natural_loss"] += loss
         if steps > 0:
-            x_adv = pgd_attack(model, x, y, cfg.eps, cfg.step_size, steps, cfg.norm, True, "ce", gen,
+            x_adv = pgd_attack(model, x, y, cfg.eps, cfg.step_size, steps, cfg.norm, True, "ce", draws,
                                params=list(model.parameters()))
             c, loss = _accuracy_and_loss(model, x_adv, y)
             totals["robust_correct"] += c
             totals["robust_loss"] += loss
     model.train(was_training)
+    if sharded:
+        keys = list(totals)
+        summed = dist.sum_(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64, device=device))
+        totals = dict(zip(keys, summed.tolist()))
     n = max(len(x_all), 1)
     return {"natural_acc": totals["natural_correct"] / n, "natural_loss": totals["natural_loss"] / n,
             "robust_acc": totals["robust_correct"] / n, "robust_loss": totals["robust_loss"] / n}
@@ -136,6 +157,35 @@ class EpochStats:
                 self.mask_sums[k] += frac
                 self.mask_counts[k] += 1
 
+    ADDITIVE = ("images", "loss_sum", "correct")  # per-process sums; the search fields are the same everywhere
+
+    def reduce(self, dist):
+        """Sum the per-process fields over all processes (one all-reduce); the search diagnostics are
+        already global (global mask counts, same v everywhere)."""
+        if not dist.enabled:
+            return self
+        ref = self.correct if isinstance(self.correct, torch.Tensor) else None
+        device = ref.device if ref is not None else "cpu"
+        summed = dist.sum_(torch.stack([torch.as_tensor(getattr(self, k), dtype=torch.float64, device=device)
+                                        for k in self.ADDITIVE]))
+        out = EpochStats(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        out.images, out.loss_sum, out.correct = int(summed[0]), summed[1], summed[2]
+        return out
+
+    def state(self):
+        """Plain values and CPU tensors, for a mid-epoch checkpoint."""
+        cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        return {k: ([cpu(x) for x in v] if isinstance(v, list) else cpu(v))
+                for k, v in ((k, getattr(self, k)) for k in self.__dataclass_fields__)}
+
+    @classmethod
+    def from_state(cls, state, device, keep_sums=True):
+        dev = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+        out = cls(**{k: ([dev(x) for x in v] if isinstance(v, list) else dev(v)) for k, v in state.items()})
+        if not keep_sums:  # processes other than rank 0: the saved sums are global, rank 0 carries them
+            out.images, out.loss_sum, out.correct = 0, 0.0, 0
+        return out
+
     def summary(self):
         calls = max(self.search_calls, 1)
         return {
@@ -156,6 +206,7 @@ class Trainer:
         self.cfg = cfg.validate()
         self.log = log
         self.device = resolve_device(cfg.device)
+        self.dist, self.device = distributed.setup(cfg, self.device)  # plain run unless torchrun set WORLD_SIZE
         if self.device.type == "cpu" and cfg.precision == "fp16" and cfg.backend != "reference":
             # CPU autocast to fp16 runs most ops in fp32 with casts around them: slower than fp32, and
             # its loss scaling guards a range problem CPUs do not have. Refused rather than run slowly.
@@ -165,11 +216,20 @@ class Trainer:
         self.data = load_dataset(cfg)
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
                                  self.data.mean, self.data.std).to(self.device)
+        if self.dist.enabled:
+            if cfg.sync_bn:  # CUDA only (distributed.setup refuses it on CPU)
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # the same seed gives the same initial weights everywhere; the broadcast makes it a guarantee
+            self.dist.broadcast_from_main_([*self.model.parameters(), *self.model.buffers()])
+        # float buffers (BN running statistics) follow rank 0's after every step, so that every process
+        # holds what last.pt saves and evaluates the same model
+        self.synced_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         # The whole (uint8) training set moves to the device once; batches are cut and augmented there.
         self.batches = BatchIterator(self.data.train_x, self.data.train_y, cfg.batch_size, seed=cfg.seed,
-                                     device=self.device, augment=self.data.augment, extra=self.data.extra)
+                                     device=self.device, augment=self.data.augment, extra=self.data.extra,
+                                     shard=(self.dist.rank, self.dist.world_size))
         self.iters_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch))
@@ -177,13 +237,19 @@ class Trainer:
             from ..ops import set_backend
             from .fast_step import FastTrainStep
             set_backend(cfg.backend)
-            step_fn = FastTrainStep(self.model, self.optimizer, cfg, self.device)
+            step_fn = FastTrainStep(self.model, self.optimizer, cfg, self.device, dist=self.dist)
         self.step_fn = step_fn or train_step_ref
         # One generator for the whole run, reseeded by (seed, epoch, step) before every step: the draws
         # equal those of a fresh generator per step, and a CUDA graph can keep using the same object.
         self.step_generator = torch.Generator(device=self.device)
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
+        self.position = 0       # steps done in the current epoch (mid-epoch checkpoints)
+        self.resumed_stats = None  # that epoch's running sums (EpochStats.state) from a mid-epoch last.pt
+        self.after_step = None  # tests: called with the trainer after every step
+        self.preempt = None     # PreemptionFlag while fit() runs
+        self.stop_agreed = False
+        self.preempted = False  # fit() ended early on SIGTERM / SIGUSR1 (last.pt holds the position)
         self.best_metric = -1.0
         self.best_epoch = -1
         self.metrics_lines = 0
@@ -200,6 +266,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "metrics_lines": self.metrics_lines,
+            "position": self.position,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -229,6 +296,11 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.metrics_lines = state["metrics_lines"]
+        self.position = state.get("position", 0)
+        self.resumed_stats = state.get("epoch_stats")
+        if self.position and self.position >= self.iters_per_epoch:
+            raise CheckpointError(f"{source}: position {self.position} in the epoch, but an epoch has "
+                                  f"{self.iters_per_epoch} steps here")
         scaler = getattr(self.step_fn, "scaler", None)
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
@@ -292,83 +364,142 @@ class Trainer:
 
     def _progress(self, epoch):
         from tqdm import tqdm
-        disable = self.cfg.quiet or not sys.stderr.isatty()
+        disable = self.cfg.quiet or not sys.stderr.isatty() or not self.dist.is_main
         return tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                     disable=disable, leave=False, unit="step")
 
     def train_epoch(self):
-        cfg, epoch = self.cfg, self.epoch
+        """One epoch from self.position. Returns its metrics, or None when the processes agreed to stop
+        (SIGTERM / SIGUSR1) before its end; last.pt then holds the position."""
+        cfg, epoch, dist = self.cfg, self.epoch, self.dist
         perturb_active = epoch >= cfg.warmup_epochs
-        stats = EpochStats()
+        start_step = self.position
+        if self.resumed_stats is not None and start_step > 0:
+            stats = EpochStats.from_state(self.resumed_stats, self.device, keep_sums=dist.is_main)
+        else:
+            stats = EpochStats()
+        self.resumed_stats = None
+        session_images = 0  # images/s of a resumed epoch counts this session's images only
         self.model.train()
         start = time.perf_counter()
         bar = self._progress(epoch)
-        for i, (x, y) in enumerate(self.batches.epoch(epoch)):
+        bar.update(start_step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for i, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
             gen = self.step_generator.manual_seed(step_seed(cfg.seed, epoch, i))  # same draws as a new one
+            if dist.enabled:  # the draws of the global batch, this process's rows of them
+                gen = BatchSlice(gen, self.batches.rank_rows(i), cfg.batch_size)
             result = self.step_fn(self.model, self.optimizer, x, y, cfg, perturb_active=perturb_active,
                                   generator=gen)
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
+            self.position = i + 1
+            if dist.enabled:
+                dist.broadcast_from_main_(self.synced_buffers)
             if self.ema is not None:  # after step_fn: the weights are w again, never w + v
                 self.ema.update(self.step)
             stats.add(result, y)
+            session_images += len(y)
             bar.update(1)
             if not bar.disable and (i % 10 == 0 or i + 1 == self.iters_per_epoch):  # reading syncs
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(img_s=f"{stats.images / max(elapsed, 1e-9):.0f}",
                                 loss=f"{float(result.loss):.3f}", acc=f"{float(stats.correct) / stats.images:.3f}")
+            if self.after_step is not None:
+                self.after_step(self)
+            # one host-side 4-byte all-reduce per step: every process stops at the same step boundary
+            self.stop_agreed = dist.any_(self.preempt is not None and self.preempt.requested)
+            every = cfg.checkpoint_every_steps
+            mid = self.position < self.iters_per_epoch
+            if mid and (self.stop_agreed or (every and self.step % every == 0)):
+                self._save_mid_epoch(stats)
+                if self.stop_agreed:
+                    bar.close()
+                    return None
         bar.close()
+        stats = stats.reduce(dist)
+        images = stats.images if start_step == 0 else session_images * dist.world_size  # equal shares
         out = stats.summary()  # reads the device-side sums: the epoch's work is done after this
         seconds = time.perf_counter() - start
-        out.update(seconds=seconds, images_per_second=stats.images / max(seconds, 1e-9), lr=lr,
+        out.update(seconds=seconds, images_per_second=images / max(seconds, 1e-9), lr=lr,
                    perturb_active=perturb_active)
+        self.position = 0
         return out
+
+    def _save_mid_epoch(self, stats):
+        """last.pt at the current step: position and the epoch's running sums (global: reduced here)."""
+        reduced = stats.reduce(self.dist).state()  # a collective: every process calls it
+        if self.dist.is_main:
+            save_checkpoint(os.path.join(self.out_dir, "last.pt"), {**self.state_dict(), "epoch_stats": reduced})
 
     def evaluate(self):
         cfg, d = self.cfg, self.data
         n = cfg.eval_examples or len(d.test_x)
         test = evaluate_natural_and_pgd(self.model, d.test_x[:n], d.test_y[:n], cfg, cfg.eval_attack_steps,
-                                        max(cfg.batch_size, 128), self.device, seed=cfg.seed)
+                                        max(cfg.batch_size, 128), self.device, seed=cfg.seed, dist=self.dist)
         train = evaluate_natural_and_pgd(self.model, d.train_x[:n], d.train_y[:n], cfg, 0,
-                                         max(cfg.batch_size, 128), self.device)
+                                         max(cfg.batch_size, 128), self.device, dist=self.dist)
         return {"test_natural_acc": test["natural_acc"], "test_natural_loss": test["natural_loss"],
                 "test_robust_acc": test["robust_acc"], "test_robust_loss": test["robust_loss"],
                 "train_natural_acc": train["natural_acc"], "train_natural_loss": train["natural_loss"]}
 
     def fit(self):
-        """Train until cfg.epochs; returns the list of per-epoch metric dicts written this call."""
-        self._write_run_files()
-        self._truncate_metrics()
-        tb = tb_log.open_log(self)  # None without --tensorboard
+        """Train until cfg.epochs; returns the list of per-epoch metric dicts written this call.
+
+        SIGTERM / SIGUSR1 end it at the next step boundary (every process together) with last.pt written
+        at that position and ``self.preempted`` set. Only rank 0 writes files.
+        """
+        main = self.dist.is_main
+        if main:
+            self._write_run_files()
+            self._truncate_metrics()
+        tb = tb_log.open_log(self) if main else None  # None without --tensorboard
         written = []
-        while self.epoch < self.cfg.epochs:
-            row = {"epoch": self.epoch + 1, **self.train_epoch()}
-            row.update(self.evaluate())
-            self.epoch += 1
-            row["step"] = self.step
-            improved = row["test_robust_acc"] > self.best_metric
-            if improved:
-                self.best_metric, self.best_epoch = row["test_robust_acc"], self.epoch
-            row.update(best_test_robust_acc=self.best_metric, best_epoch=self.best_epoch)
-            row.update(ema_hooks.epoch_metrics(self))  # *_ema columns, with EMA only
-            with open(os.path.join(self.out_dir, METRICS_FILE), "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.metrics_lines += 1
-            if tb is not None:
-                tb.log_row(row)
-            state = self.state_dict()
-            if improved:
-                save_checkpoint(os.path.join(self.out_dir, "best.pt"), state)
-            ema_hooks.save_best(self, state)  # best_ema.pt, by the EMA's own robust accuracy
-            save_checkpoint(os.path.join(self.out_dir, "last.pt"), state)
-            written.append(row)
-            self.log(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_robust_loss']:.4f}  "
-                     f"test nat {row['test_natural_acc']:.4f}  PGD-{self.cfg.eval_attack_steps} "
-                     f"{row['test_robust_acc']:.4f}  {row['images_per_second']:.0f} img/s  "
-                     f"rwp steps {row['rwp_steps_mean']:.2f}  lr {row['lr']:.4g}")
+        self.preempted = False
+        with distributed.PreemptionFlag() as self.preempt:
+            while self.epoch < self.cfg.epochs:
+                train_row = self.train_epoch()
+                if train_row is None:
+                    self.preempted = True
+                    break
+                row = {"epoch": self.epoch + 1, **train_row}
+                row.update(self.evaluate())
+                self.epoch += 1
+                row["step"] = self.step
+                improved = row["test_robust_acc"] > self.best_metric
+                if improved:
+                    self.best_metric, self.best_epoch = row["test_robust_acc"], self.epoch
+                row.update(best_test_robust_acc=self.best_metric, best_epoch=self.best_epoch)
+                row.update(ema_hooks.epoch_metrics(self))  # *_ema columns, with EMA only
+                self.metrics_lines += 1
+                written.append(row)
+                if main:
+                    self._write_epoch(row, improved, tb)
+                if self.stop_agreed:  # the stop came at the epoch's last step: its checkpoint is written
+                    self.preempted = self.epoch < self.cfg.epochs
+                    break
+        self.preempt = None
         if tb is not None:
             tb.close()
+        if self.preempted and main:
+            self.log(f"stopped by a signal at epoch {self.epoch + 1} step {self.position} (global step "
+                     f"{self.step}); last.pt holds that position: continue with --resume {self.out_dir}")
         return written
+
+    def _write_epoch(self, row, improved, tb):
+        with open(os.path.join(self.out_dir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if tb is not None:
+            tb.log_row(row)
+        state = self.state_dict()
+        if improved:
+            save_checkpoint(os.path.join(self.out_dir, "best.pt"), state)
+        ema_hooks.save_best(self, state)  # best_ema.pt, by the EMA's own robust accuracy
+        save_checkpoint(os.path.join(self.out_dir, "last.pt"), state)
+        self.log(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_robust_loss']:.4f}  "
+                 f"test nat {row['test_natural_acc']:.4f}  PGD-{self.cfg.eval_attack_steps} "
+                 f"{row['test_robust_acc']:.4f}  {row['images_per_second']:.0f} img/s  "
+                 f"rwp steps {row['rwp_steps_mean']:.2f}  lr {row['lr']:.4g}")

@@ -1,0 +1,249 @@
+"""Many processes, one run: torch.distributed (NCCL on CUDA, gloo on CPU), launched by torchrun.
+
+What an N-process run computes (README, "Many GPUs"):
+
+* ``batch_size`` is the *global* batch. Every process builds the same global batch of every step (same
+  permutation, same augmentation draws) and keeps its share of the rows; the random draws of the step
+  (augmentation, the attack's random start) are drawn ONCE for the whole global batch, from the
+  generators seeded by (seed, epoch, step), and sliced (``BatchSlice``). The issue asked for seeds per
+  (seed, epoch, step, rank); drawing per global batch is stronger: an N-process run computes the same
+  numbers as the 1-process run with the same global batch (up to the order of floating-point sums,
+  on models whose output does not depend on the batch split: no BatchNorm), and a run resumed with
+  another world size stays on the same trajectory, because nothing random depends on the rank.
+* Gradients: one all-reduce (sum, then ÷N) of the flat gradient buffer ``FlatWeights.g`` and one of the
+  remaining parameters' gradients concatenated, after the training backward; so the weights are
+  bit-identical on every process after every step (same reduced gradient, same optimizer arithmetic).
+  Not DDP: DDP keeps its own gradient buckets (``.grad`` stops being a view of ``FlatWeights.g``, or
+  becomes a view of DDP's bucket), would all-reduce during the probes' backward every parameter that
+  requires grad (the probes freeze all but the flat weights: DDP needs find_unused_parameters and a
+  graph traversal per backward), and must be kept out of the attack with ``no_sync``. What the manual
+  all-reduce gives up is DDP's overlap of the all-reduce with the backward: it runs after the backward.
+  bench/comm_model.py (a model, unmeasured) puts the whole step's all-reduce time, with no overlap at all,
+  at 0.2 ms (AT) to 2.4 ms (AT-RWP, K2 = 10) per step for PreAct-18 on 8 GPUs over NVLink, against ≈ 2.7
+  to 6.3 ms of compute per GPU: efficiency 0.93 to 0.73 (WRN-34-10: 0.98 to 0.89). Overlap could win back
+  at most that gap, and for RWP 10 of the 11 all-reduces are probe gradients, which DDP could only overlap
+  by running (and reducing) the probe backward through DDP as well. If a measurement shows the gap
+  matters, per-segment hooks on FlatWeights can bucket and overlap the same all-reduce without DDP.
+* RWP probes: the count of the LSC mask is all-reduced (one 8-byte sum per probe, on the device: the
+  stall-free schedule still reads it without a stall) and so is each probe's flat gradient; the probe
+  gradient is then (1/B_global)·Σ_ranks Σ_i V_i ∇ℓ_i, and every process breaks at the same probe.
+* BatchNorm: local batch statistics (``--sync-bn``: SyncBatchNorm, CUDA only). The running statistics
+  are broadcast from rank 0 after every step (as DDP's broadcast_buffers does), so every process holds
+  rank 0's state — what last.pt saves — and a resume is exact.
+* Preemption: SIGTERM / SIGUSR1 set a flag; at every step boundary the flags are combined (one 4-byte
+  all-reduce on a gloo group, on the host: no GPU sync), and all processes stop together. Rank 0 writes
+  last.pt with the mid-epoch position.
+"""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+
+BACKEND_ENV = "RWP_FAST_DIST_BACKEND"       # nccl | gloo; default: nccl on CUDA, gloo on CPU
+TIMEOUT_ENV = "RWP_FAST_DIST_TIMEOUT_S"     # process-group timeout; a dead peer ends the job after it
+DEFAULT_TIMEOUT_S = 600                     # 10 min: longer than any one collective's wait for a slow peer
+                                            # (an eval epoch of WRN-34-10 PGD-20 on 10k images ≈ 1–2 min)
+BACKENDS = ("nccl", "gloo")
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def env_world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class DistContext:
+    """Rank, world size and the collectives the trainer uses; world_size 1 is a plain run (no-ops)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+    control_group: object = None   # gloo group for the host-side preemption flag
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def rows(self, n):
+        """[start, stop) of this process's share of n rows (equal shares when N divides n)."""
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def sum_(self, tensor):
+        """In-place all-reduce (sum); returns the tensor."""
+        if self.enabled:
+            import torch.distributed as dist
+            dist.all_reduce(tensor)
+        return tensor
+
+    def average_(self, tensor):
+        """In-place all-reduce (sum) then ÷ world size (gloo has no AVG)."""
+        if self.enabled:
+            self.sum_(tensor).div_(self.world_size)
+        return tensor
+
+    def average_grads_(self, params):
+        """One all-reduce for the gradients of `params` (all ranks hold the same set), concatenated."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.enabled or not grads:
+            return
+        flat = self.average_(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def broadcast_from_main_(self, tensors):
+        """Overwrite `tensors` (floating point) with rank 0's, in one broadcast per dtype."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+        groups = {}
+        for t in tensors:
+            groups.setdefault(t.dtype, []).append(t)
+        for ts in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            dist.broadcast(flat, 0)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def any_(self, flag):
+        """True on every process if `flag` is true on any (host-side, on the gloo control group)."""
+        if not self.enabled:
+            return bool(flag)
+        import torch.distributed as dist
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(t.item())
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.world_size = 1
+
+
+def setup(cfg, device):
+    """(DistContext, device) from torchrun's environment; a plain run when WORLD_SIZE is unset or 1.
+
+    Every launch error is a one-line ConfigError raised before the process group exists, so a bad launch
+    ends every process at once instead of leaving some waiting for the others.
+    """
+    world = env_world_size()
+    if world <= 1:
+        return DistContext(), device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    backend = os.environ.get(BACKEND_ENV) or ("nccl" if device.type == "cuda" else "gloo")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{BACKEND_ENV}: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "nccl" and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise ConfigError(f"{BACKEND_ENV}: the nccl backend needs CUDA, but this run is on {device.type} "
+                          f"(CUDA available: {torch.cuda.is_available()}); use gloo (the default on CPU)")
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:
+            raise ConfigError(f"nproc_per_node: {local_world} processes on this node but {gpus} GPU(s); one "
+                              f"process per GPU (allowed: nproc_per_node <= {gpus})")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    check_batch(cfg, world)
+    if cfg.backend == "reference":
+        raise ConfigError("backend: 'reference' runs one process only (it has no all-reduce); with "
+                          "WORLD_SIZE > 1 use one of auto, cuda, triton, torch")
+    if cfg.sync_bn and device.type != "cuda":
+        raise ConfigError("sync_bn: SyncBatchNorm runs on CUDA only; on CPU drop --sync-bn (local batch "
+                          "statistics)")
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return DistContext(rank, world, local_rank, backend, control), device
+
+
+def check_batch(cfg, world):
+    """batch_size is the global batch: N must divide it (and, with extra data, its two parts)."""
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} does not divide among {world} "
+                          f"processes; allowed: a multiple of {world}")
+
+
+def check_split(labeled, extra, world):
+    if labeled % world or extra % world:
+        raise ConfigError(f"batch_size: each of {world} processes takes an equal share of the {labeled} "
+                          f"labeled and the {extra} extra examples of every batch; allowed: a batch_size "
+                          f"whose two parts are multiples of {world}")
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 → ``requested`` (checked at step boundaries); previous handlers restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+        return False
+
+
+def strip_nproc(argv):
+    """argv without ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_nproc(nproc, argv, cfg=None):
+    """``rwp-fast train --nproc N ...``: run ``torchrun --standalone --nproc_per_node N -m rwp_fast ...``
+    on this machine and return its exit status. Checks what it can before starting N processes."""
+    if nproc < 1:
+        raise ConfigError(f"nproc: must be an integer >= 1, got {nproc}")
+    if cfg is not None:
+        check_batch(cfg, nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "rwp_fast"] + strip_nproc(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(
+        1, (os.cpu_count() or 1) // nproc)))}
+    proc = subprocess.Popen(cmd, env=env)
+    # pass SIGTERM / SIGUSR1 on to torchrun, which forwards them to the ranks (they stop together)
+    previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum)) for sig in PREEMPT_SIGNALS}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

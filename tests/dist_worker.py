@@ -1,0 +1,123 @@
+"""Run under torchrun by tests/test_distributed.py (not collected by pytest: no test_ prefix).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py trace OUT_DIR
+    ... tests/dist_worker.py preempt STEP -- <rwp-fast train arguments>
+
+trace: every scenario of ``scenarios()`` for a few steps; writes OUT_DIR/rank{R}.pt with the weights after
+every step (and the empty-mask search results). preempt: ``rwp-fast train`` whose rank 1 sends itself
+SIGTERM after global step STEP.
+"""
+
+import math
+import os
+import signal
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rwp_fast.config import RunConfig  # noqa: E402
+
+
+def base_cfg(**kw):
+    cfg = dict(dataset="digits", model="small_cnn_gn", epsilon=32.0, alpha=8.0, attack_steps=2, eval_attack_steps=2,
+               perturb="none", gamma=0.01, c_min=2.3, k2=3, epochs=1, batch_size=32, lr=0.05, train_examples=128,
+               eval_examples=64, quiet=True, device="cpu", backend="torch", out_dir="/nonexistent")
+    cfg.update(kw)
+    return RunConfig(**cfg).validate()
+
+
+def scenarios():
+    """name -> (config, break schedule or None)."""
+    return {
+        "at": (base_cfg(), None),
+        "at-awp": (base_cfg(perturb="awp"), None),
+        "at-rwp-accumulate": (base_cfg(perturb="rwp"), None),
+        "at-rwp-paper": (base_cfg(perturb="rwp", rwp_update="paper"), None),
+        "at-rwp-stall-free": (base_cfg(perturb="rwp"), "stall-free"),
+        "trades-rwp": (base_cfg(perturb="rwp", method="trades", c_min=0.5), None),
+        "bn-at-rwp": (base_cfg(perturb="rwp", model="small_cnn"), None),
+    }
+
+
+def trace(cfg, schedule):
+    """Weights after every step of one epoch, and the epoch's (reduced) training metrics."""
+    from rwp_fast.train import Trainer
+    trainer = Trainer(cfg, log=lambda *a: None)
+    if schedule is not None:
+        trainer.step_fn.break_schedule = schedule
+    weights = []
+    trainer.after_step = lambda t: weights.append(
+        torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]).clone())
+    metrics = trainer.train_epoch()
+    evaluation = trainer.evaluate()
+    return {"weights": weights, "metrics": metrics, "eval": evaluation}
+
+
+def empty_mask_batch(seed=0):
+    """A small_cnn_gn whose logits are spread wide, a global batch of 16 and labels such that rows 0–7
+    (rank 0) have loss < ln 10 and rows 8–15 (rank 1) loss > ln 10 by a wide margin: with c_min = ln 10
+    the LSC mask is empty on rank 1 only."""
+    from rwp_fast.models import build_model
+    torch.manual_seed(seed)
+    model = build_model("small_cnn_gn", 10, 1, [0.5], [0.25])
+    with torch.no_grad():
+        model.net.linear.weight.mul_(50)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = model(x)
+    y = torch.cat([logits[:8].argmax(1), logits[8:].argmin(1)])
+    return model, x, y
+
+
+def empty_mask_search(schedule, rows):
+    """One AT-RWP step (attack skipped: x_adv = x) on `rows` of the empty-mask batch; v and the weights."""
+    from rwp_fast.train import distributed
+    from rwp_fast.train.fast_step import FastTrainStep
+    cfg = base_cfg(perturb="rwp", c_min=math.log(10), k2=3)
+    model, x, y = empty_mask_batch()
+    dist, _ = distributed.setup(cfg, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = FastTrainStep(model, opt, cfg, torch.device("cpu"), dist=dist)
+    step.break_schedule = schedule
+    step.keep_v = True
+    x, y = x[rows], y[rows]
+    losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    result = step(model, opt, x, y, cfg, x_adv=x)
+    return {"v": result.v, "steps": int(result.search.steps_taken),
+            "mask": [float(f) for f in result.search.mask_fractions], "local_count": int((losses < cfg.c_min).sum()),
+            "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "trace":
+        out = sys.argv[2]
+        rank = int(os.environ["RANK"])
+        results = {name: trace(cfg, schedule) for name, (cfg, schedule) in scenarios().items()}
+        lo, hi = 8 * rank, 8 * (rank + 1)
+        results["empty-mask"] = {s: empty_mask_search(s, slice(lo, hi)) for s in ("sync", "stall-free")}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    elif mode == "preempt":
+        kill_after = int(sys.argv[2])
+        from rwp_fast import cli
+        from rwp_fast.train import Trainer
+        original = Trainer.__init__
+
+        def init(self, *a, **kw):
+            original(self, *a, **kw)
+            if self.dist.rank == 1:  # the signal reaches one process only: the others must stop too
+                def hook(t):
+                    if t.step == kill_after:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                self.after_step = hook
+        Trainer.__init__ = init
+        sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))
+
+
+if __name__ == "__main__":
+    main()

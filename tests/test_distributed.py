@@ -1,0 +1,206 @@
+"""Multi-process training (issue 11) on CPU: gloo, 2 processes under torchrun, tiny runs on digits.
+
+* equivalence: a 2-process run with global batch 32 equals the 1-process run with batch 32 after every step,
+  for AT, AT-AWP, AT-RWP (accumulate, paper, and the stall-free early break), on small_cnn_gn (GroupNorm:
+  per-example statistics). Tolerance: rtol 1e-5, atol 1e-6 — the two differ only in the order of sums
+  (mean of two 16-row means vs one 32-row mean, convolutions over 16 vs 32 rows); measured ≤ 6e-8 relative
+  to the largest weight after 4 steps. The training metrics and the sharded evaluation agree likewise;
+* BatchNorm (small_cnn): weights bit-identical on both processes after every step;
+* the LSC mask empty on one process only: no deadlock, the same v on both, equal to the 1-process v;
+* SIGTERM to one process mid-epoch, then --resume: last.pt equals the uninterrupted 2-process run's;
+* bad launches: one-line errors, before any process group exists.
+
+Every launch runs under a timeout in its own session, killed whole on expiry: no test can hang.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rwp_fast.config import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import dist_worker  # noqa: E402
+
+TIMEOUT_S = 240
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+       "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "RWP_FAST_DIST_TIMEOUT_S": "60"}
+
+
+def launch(cmd, timeout=TIMEOUT_S):
+    """Run cmd in its own session; on timeout kill the whole session (torchrun and its workers)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=os.path.dirname(HERE))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a hang): {' '.join(cmd)}\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    rc, log = launch(TORCHRUN + [os.path.join(HERE, "dist_worker.py"), "trace", str(out)])
+    assert rc == 0, log[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", ["at", "at-awp", "at-rwp-accumulate", "at-rwp-paper", "at-rwp-stall-free"])
+def test_two_processes_equal_one_process_step_by_step(traces, name):
+    cfg, schedule = dist_worker.scenarios()[name]
+    one = dist_worker.trace(cfg, schedule)   # this process: WORLD_SIZE unset, a plain run of batch 32
+    two = traces[0][name]
+    assert len(two["weights"]) == len(one["weights"]) == 4
+    for step, (a, b, c) in enumerate(zip(two["weights"], traces[1][name]["weights"], one["weights"])):
+        assert torch.equal(a, b), f"step {step}: the two processes' weights differ"
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    assert two["metrics"]["lsc_mask_fraction"] == one["metrics"]["lsc_mask_fraction"]
+    assert two["metrics"]["rwp_steps_mean"] == one["metrics"]["rwp_steps_mean"]
+    assert two["metrics"]["train_robust_acc"] == one["metrics"]["train_robust_acc"]
+    assert math.isclose(two["metrics"]["train_robust_loss"], one["metrics"]["train_robust_loss"], rel_tol=1e-5)
+    for k, v in one["eval"].items():
+        assert math.isclose(two["eval"][k], v, rel_tol=1e-5), k
+
+
+def test_batchnorm_weights_bit_identical_on_every_process(traces):
+    a, b = traces[0]["bn-at-rwp"]["weights"], traces[1]["bn-at-rwp"]["weights"]
+    assert len(a) == 4
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"step {step}"
+    assert not torch.equal(a[0], a[-1])  # it trained
+
+
+@pytest.mark.parametrize("schedule", ["sync", "stall-free"])
+def test_mask_empty_on_one_process_only_breaks_nowhere_alone(traces, schedule):
+    r0, r1 = traces[0]["empty-mask"][schedule], traces[1]["empty-mask"][schedule]
+    assert r0["local_count"] == 8 and r1["local_count"] == 0  # probe 1: rank 1's own mask is empty
+    # rank 1 did not break at probe 1: it took the step with the global mask (8 of 16)
+    assert r0["steps"] == r1["steps"] >= 1 and r0["mask"] == r1["mask"] and r0["mask"][0] == 0.5
+    one = dist_worker.empty_mask_search(schedule, slice(0, 16))
+    assert r0["mask"] == one["mask"] and r0["steps"] == one["steps"]
+    for a, b, c in zip(r0["v"], r1["v"], one["v"]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    assert any(bool(v.abs().sum() > 0) for v in r0["v"])
+    assert torch.equal(r0["weights"], r1["weights"])
+
+
+TRAIN = ["--dataset", "digits", "--model", "small_cnn", "--epsilon", "32", "--alpha", "8", "--attack-steps", "2",
+         "--eval-attack-steps", "2", "--perturb", "rwp", "--c-min", "2.3", "--k2", "2", "--epochs", "2",
+         "--batch-size", "32", "--train-examples", "128", "--eval-examples", "64", "--lr", "0.05",
+         "--lr-milestones", "1", "--device", "cpu", "--backend", "torch", "--quiet"]
+
+
+def test_sigterm_to_one_process_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    rc, log = launch([sys.executable, "-m", "rwp_fast", "train", "--nproc", "2", *TRAIN, "--out-dir", str(straight)])
+    assert rc == 0, log[-4000:]
+    # rank 1 alone gets SIGTERM after global step 6 = step 2 of epoch 2 (4 steps per epoch)
+    rc, log = launch(TORCHRUN + [os.path.join(HERE, "dist_worker.py"), "preempt", "6", "--", "train", *TRAIN,
+                                 "--out-dir", str(killed)])
+    assert rc == 0, log[-4000:]
+    assert "stopped by a signal at epoch 2 step 2" in log
+    mid = torch.load(killed / "last.pt", weights_only=True)
+    assert (mid["epoch"], mid["step"], mid["position"]) == (1, 6, 2)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1
+    rc, log = launch([sys.executable, "-m", "rwp_fast", "train", "--nproc", "2", "--resume", str(killed)])
+    assert rc == 0, log[-4000:]
+    assert log.count("resuming") == 1  # rank 0 only
+    a, b = torch.load(straight / "last.pt", weights_only=True), torch.load(killed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8 and b["position"] == 0
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_a) == len(rows_b) == 2
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ("test_robust_acc", "test_natural_loss", "lsc_mask_fraction", "train_robust_acc", "step"):
+            assert ra[k] == rb[k], k
+        # the epoch's loss sum was reduced at the stop and again at the end: summation order only
+        assert math.isclose(ra["train_robust_loss"], rb["train_robust_loss"], rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------ bad launches (no group)
+def _setup(monkeypatch, env, device="cpu", **cfg):
+    from rwp_fast.train import distributed
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **env}.items():
+        monkeypatch.setenv(k, v)
+    return distributed.setup(dist_worker.base_cfg(**cfg), torch.device(device))
+
+
+def test_nccl_without_cuda_is_a_one_line_error(monkeypatch):
+    with pytest.raises(ConfigError, match=r"^RWP_FAST_DIST_BACKEND: the nccl backend needs CUDA") as e:
+        _setup(monkeypatch, {"RWP_FAST_DIST_BACKEND": "nccl"})
+    assert "\n" not in str(e.value)
+
+
+def test_more_processes_than_gpus_on_a_node_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"^nproc_per_node: 4 processes on this node but 2 GPU\(s\)"):
+        _setup(monkeypatch, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, device="cuda")
+
+
+def test_batch_not_divisible_is_a_one_line_error(monkeypatch, capsys):
+    with pytest.raises(ConfigError, match=r"^batch_size: the global batch 33 does not divide among 2 processes"):
+        _setup(monkeypatch, {}, batch_size=33)
+    from rwp_fast import cli  # --nproc checks it before starting any process
+    assert cli.main(["train", "--nproc", "2", "--dataset", "digits", "--batch-size", "33", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rwp-fast train: error: batch_size: the global batch 33 does not divide among 2 processes; "
+                   "allowed: a multiple of 2"]
+
+
+def test_reference_backend_and_cpu_sync_bn_are_refused_with_many_processes(monkeypatch):
+    with pytest.raises(ConfigError, match=r"^backend: 'reference' runs one process only"):
+        _setup(monkeypatch, {}, backend="reference")
+    with pytest.raises(ConfigError, match=r"^sync_bn: SyncBatchNorm runs on CUDA only"):
+        _setup(monkeypatch, {}, sync_bn=True)
+
+
+def test_checkpoint_from_another_model_is_a_one_line_error(tmp_path):
+    from rwp_fast.train import CheckpointError, Trainer, save_checkpoint
+    cfg = dist_worker.base_cfg(out_dir=str(tmp_path / "run"), epochs=1)
+    state = Trainer(cfg).state_dict()   # small_cnn_gn weights, saved under a config that says small_cnn
+    save_checkpoint(tmp_path / "run" / "last.pt", {**state, "config": cfg.replace(model="small_cnn").to_dict()})
+    with pytest.raises(CheckpointError, match=r"its config says model small_cnn, but the weights are from "
+                                              r"small_cnn_gn") as e:
+        Trainer.resume(str(tmp_path / "run"))
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ benchmarks
+def test_comm_model_is_the_ring_formula_and_rwp_probes_add_traffic():
+    from bench import comm_model
+    # bytes × 2(N − 1)/N ÷ bandwidth + latency: 1 GB over 4 GPUs at 1 GB/s = 1.5 s
+    assert comm_model.allreduce_seconds(1e9, 4, 1e9, 0.0) == pytest.approx(1.5)
+    params, weights, flops = comm_model.model_sizes("preact_resnet18")
+    assert params == 11_172_170 and 0.99 * params < weights < params and flops > 1e9
+    link = "100 Gb/s Ethernet"
+    at, rwp = (comm_model.predict("preact_resnet18", k, 8, link, 128, 150.0) for k in (0, 10))
+    # 10 probes: 10 more flat-gradient all-reduces (+ 10 count latencies)
+    extra = 10 * (comm_model.allreduce_seconds(4 * weights, 8, 12.5e9, 50e-6) + 50e-6)
+    assert rwp["comm_ms"] - at["comm_ms"] == pytest.approx(1e3 * extra)
+    assert 0 < rwp["efficiency"] < at["efficiency"] < 1
+
+
+def test_bench_nproc_smoke_runs_one_and_two_processes(tmp_path):
+    out = tmp_path / "dist.json"
+    rc, log = launch([sys.executable, "-m", "bench", "--nproc", "2", "--smoke", "--device", "cpu", "--json", str(out)])
+    assert rc == 0, log[-4000:]
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["nproc"]) for r in rows] == [("at", 2), ("at-rwp", 2)]
+    assert all(r["note"] == "smoke, not a measurement" and r["images_per_s_1proc"] > 0 for r in rows)
