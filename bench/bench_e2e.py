@@ -834,6 +834,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write all rows to this JSON file (rewritten as rows arrive)")
     p.add_argument("--no-results", action="store_true", help="do not append to bench/results/e2e.jsonl")
     p.add_argument("--table-from", default=None, help="only print the table of an existing --json file")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="N > 1: the fast step on N processes (torchrun, global batch split) vs 1 process, "
+                        "AT and AT-RWP; bench/bench_dist.py (multi-GPU speed is unmeasured so far)")
     args = p.parse_args(argv)
     defaults = (1, 2, 1) if args.smoke else (5, 3, 2)
     for name, value in zip(("steps", "repeats", "warmup"), defaults):
@@ -849,6 +852,9 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.nproc > 1:
+        from .bench_dist import run as run_dist
+        return run_dist(args)
     if args.table_from:
         with open(args.table_from) as f:
             print_table(json.load(f))
