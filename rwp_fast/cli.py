@@ -218,6 +218,8 @@ def cmd_demo(args):
         else:
             trainer = Trainer(cfg)
         trainer.fit()
+        if trainer.preempted:  # SIGTERM / SIGUSR1: last.pt holds the position; `rwp-fast demo` again resumes
+            return
         with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
         rows.append((name.upper(), 100 * trainer.best_metric, 100 * metrics[-1]["test_robust_acc"],

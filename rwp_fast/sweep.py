@@ -293,6 +293,9 @@ def run_one(cfg, log=print):
     else:
         trainer = Trainer(cfg, log=log)
     trainer.fit()
+    if trainer.preempted:  # SIGTERM / SIGUSR1: not done; last.pt holds the position for the next sweep
+        raise SystemExit(f"sweep: {cfg.out_dir} stopped by a signal at step {trainer.step}; run the sweep "
+                         "again to resume it from its last.pt")
     with open(os.path.join(cfg.out_dir, DONE_FILE), "w") as f:
         json.dump({"epochs": trainer.epoch, "best_test_robust_acc": trainer.best_metric,
                    "best_epoch": trainer.best_epoch}, f)

@@ -204,3 +204,52 @@ def test_bench_nproc_smoke_runs_one_and_two_processes(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["method"], r["nproc"]) for r in rows] == [("at", 2), ("at-rwp", 2)]
     assert all(r["note"] == "smoke, not a measurement" and r["images_per_s_1proc"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------------------ one process
+def test_sigterm_stops_a_single_process_run_at_a_step_boundary_and_resume_is_exact(tmp_path):
+    """The same stop and resume without torchrun; with one process the metrics are exact too."""
+    from rwp_fast.train import Trainer
+    kw = dict(model="small_cnn", perturb="rwp", epochs=2, checkpoint_every_steps=3, eval_examples=32)
+    straight = Trainer(dist_worker.base_cfg(out_dir=str(tmp_path / "a"), **kw), log=lambda *a: None)
+    straight.fit()
+    stopped = Trainer(dist_worker.base_cfg(out_dir=str(tmp_path / "b"), **kw), log=lambda *a: None)
+    stopped.after_step = lambda t: os.kill(os.getpid(), signal.SIGTERM) if t.step == 5 else None
+    stopped.fit()
+    assert stopped.preempted and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    mid = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert (mid["epoch"], mid["step"], mid["position"]) == (1, 5, 1)
+    resumed = Trainer.resume(str(tmp_path / "b"), log=lambda *a: None)
+    resumed.fit()
+    assert not resumed.preempted and resumed.step == 8
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
+    rows = [[strip(json.loads(x)) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert rows[0] == rows[1]
+
+
+def test_checkpoint_every_steps_writes_the_mid_epoch_position(tmp_path):
+    from rwp_fast.train import Trainer
+    t = Trainer(dist_worker.base_cfg(out_dir=str(tmp_path / "r"), checkpoint_every_steps=3), log=lambda *a: None)
+    seen = []
+    t.after_step = lambda t: seen.append(t.step)
+    t.train_epoch()
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert seen == [1, 2, 3, 4] and (state["step"], state["position"]) == (3, 3)
+    assert state["epoch_stats"]["images"] == 96
+
+
+def test_a_run_stopped_by_a_signal_is_not_marked_done_by_a_sweep(tmp_path, monkeypatch):
+    from rwp_fast import sweep
+    from rwp_fast.train import Trainer
+
+    def fit(self):
+        self.preempted = True
+        return []
+    monkeypatch.setattr(Trainer, "fit", fit)
+    cfg = dist_worker.base_cfg(out_dir=str(tmp_path / "p"))
+    os.makedirs(cfg.out_dir)
+    with pytest.raises(SystemExit, match="stopped by a signal"):
+        sweep.run_one(cfg, log=lambda *a: None)
+    assert not (tmp_path / "p" / sweep.DONE_FILE).exists()
