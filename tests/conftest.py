@@ -43,6 +43,15 @@ def _seed(request):
 
 
 @pytest.fixture(autouse=True)
+def _restore_threads():
+    """The CLI's smoke modes call torch.set_num_threads(1) for the process; in-process CLI tests must not
+    hand that to later tests (it changes summation orders, which the equivalence tests compare)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _no_tf32():
     """fp32 means fp32 in every test: the GPU tests compare fp32 results with the reference at fp32
     tolerances, and on Ampere/Hopper cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa,

@@ -26,7 +26,9 @@ CASES = {
     "at-rwp-accumulate-global": dict(method="at", perturb="rwp", rwp_update="accumulate", norm_scope="global"),
     "at-rwp-paper-global": dict(method="at", perturb="rwp", rwp_update="paper", norm_scope="global"),
     "at-awp": dict(method="at", perturb="awp"),
-    "trades-rwp": dict(method="trades", perturb="rwp", c_min=2.45),
+    # c_min 2.46, not 2.45: at 2.45 one TRADES loss of step 2 lies within rounding of c_min, so whether it is
+    # masked depended on the summation order (one OpenMP thread flipped it: v 0.8% off, every step correct).
+    "trades-rwp": dict(method="trades", perturb="rwp", c_min=2.46),
 }
 
 
