@@ -583,6 +583,8 @@ class Suite:
                     row["fallback"] = step.mode
                 row["steps"], row["repeats"], row["warmup"] = args.steps, args.repeats, warmup
                 row["probes"] = _probes(timing["result"])
+                # the work behind those probes: the stall-free break runs up to two past the first empty mask
+                row["probes_launched"] = getattr(getattr(timing["result"], "search", None), "probes_launched", None)
                 row["expected_probes"] = expected_probes(cfg, variant)
                 row["settings"] = resolved_settings(variant, cfg, device)
                 notes = []

@@ -101,6 +101,8 @@ def test_stall_free_break_equals_reference_and_sync(empty_at, update, scope):
     assert torch.equal(sync[2], free[2])
     # Probes launched: the stall-free schedule runs at most 2 past the first empty one, never more than K2.
     assert free[4] == (K2 if empty_at is None else min(empty_at + 2, K2))
+    # ... and the search reports the probes it launched (what the benchmark shows beside the probes taken)
+    assert (sync[0].probes_launched, free[0].probes_launched) == (sync[4], free[4])
 
 
 @pytest.mark.parametrize("update", ["accumulate", "paper"])

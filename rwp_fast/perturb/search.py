@@ -83,6 +83,9 @@ class FastSearchInfo:
     mask_fractions: list = field(default_factory=list)
     v_norm_ratio: object = 0.0
     nonfinite: bool = False  # fp16: a probe gradient overflowed and the search stopped there
+    # probes whose work was launched: sync, one forward each (a backward too unless the mask was empty);
+    # stall-free, whole probes, up to two past the first empty mask (their gated updates are no-ops)
+    probes_launched: int = 0
 
 
 class WeightPerturbation:
@@ -234,6 +237,7 @@ class WeightPerturbation:
             with frozen(self.other_params):
                 masked_mean = self.probe_forward(probe)
             info.mask_fractions.append(self.count.float() / batch_size)
+            info.probes_launched += 1
             if int(self.count) == 0:  # the one host sync per iteration: the exact early break
                 break
             with frozen(self.other_params):
@@ -286,6 +290,7 @@ class WeightPerturbation:
         n = launched if first_empty is None else first_empty + 1
         info.mask_fractions = list((self.counts[:n].float() / batch_size).unbind())
         info.steps_taken = self.steps.clone()
+        info.probes_launched = launched
         return info
 
     def remove(self):
