@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._fs import atomic_write
 from .batches import Augmentation
 from .datasets import DataFormatError, DatasetNotFoundError
 
@@ -192,18 +192,7 @@ def _read_cache(path, fingerprint):
 
 def _write_atomic_npz(path, **arrays):
     """np.savez to a temporary file in the same directory, fsync, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=CACHE_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays), prefix=CACHE_PREFIX)
 
 
 def load_folder(root, image_size=0, skip_bad=False, quiet=False):

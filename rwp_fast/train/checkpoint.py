@@ -14,10 +14,11 @@ torn one. A corrupt or mismatched file raises CheckpointError and changes nothin
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from .._fs import atomic_write
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "epoch", "step", "model", "optimizer", "scheduler", "rng")
@@ -29,25 +30,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path, state):
     """Write `state` to `path` atomically (temp file + fsync + rename + directory fsync)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
