@@ -116,7 +116,7 @@ def plot_runs(run_dirs, out_path, labels=None):
             unmasked.append(label)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test robust accuracy (%)")
-    ax_acc.set_title("robust accuracy (◆ best, ● last; coinciding markers nest)", fontsize=10)
+    ax_acc.set_title("robust accuracy (◆ best, ○ last; coinciding markers nest)", fontsize=10)
     # below the axes: a legend inside would cover curves or markers somewhere
     ax_acc.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax_mask.set_xlabel("epoch")
