@@ -101,6 +101,7 @@ def main():
         results["empty-mask"] = {s: empty_mask_search(s, slice(lo, hi)) for s in ("sync", "stall-free")}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         import torch.distributed as dist
+        dist.barrier()  # as DistContext.close: no process tears its connections down mid-collective
         dist.destroy_process_group()
     elif mode == "preempt":
         kill_after = int(sys.argv[2])

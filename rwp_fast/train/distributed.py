@@ -232,6 +232,21 @@ def strip_nproc(argv):
     return out
 
 
+def _child_pids(pid):
+    """The direct children of `pid` (Linux /proc), or [] where that cannot be read."""
+    pids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return pids
+
+
+SHUTDOWN_TIMEOUT_S = 600  # torchrun's grace period after SIGTERM (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), see below
+
+
 def launch_nproc(nproc, argv, cfg=None):
     """``rwp-fast train --nproc N ...``: run ``torchrun --standalone --nproc_per_node N -m rwp_fast ...``
     on this machine and return its exit status. Checks what it can before starting N processes."""
@@ -243,9 +258,22 @@ def launch_nproc(nproc, argv, cfg=None):
            "-m", "rwp_fast"] + strip_nproc(argv)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(
         1, (os.cpu_count() or 1) // nproc)))}
+    # torchrun SIGKILLs its workers 30 s after forwarding a SIGTERM by default; a stop is seen at the next
+    # step boundary, which can be behind a whole per-epoch evaluation (minutes for WRN-34-10).
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     proc = subprocess.Popen(cmd, env=env)
-    # pass SIGTERM / SIGUSR1 on to torchrun, which forwards them to the ranks (they stop together)
-    previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum)) for sig in PREEMPT_SIGNALS}
+    # Both preemption signals go to the ranks themselves as SIGTERM: they stop together at the next step
+    # boundary, rank 0 writes last.pt, they exit 0 and so does torchrun. Not to torchrun: it does not
+    # handle SIGUSR1 (it would die and orphan the ranks, which would train on unsupervised), and a
+    # SIGTERM makes it exit non-zero even when every rank stopped cleanly. Where /proc cannot name the
+    # ranks, torchrun gets the SIGTERM and forwards it.
+    def forward(signum, frame):
+        for pid in _child_pids(proc.pid) or [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
     try:
         return proc.wait()
     finally:

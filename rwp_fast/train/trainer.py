@@ -213,7 +213,11 @@ class Trainer:
             raise ConfigError("precision: 'fp16' needs a CUDA device (fp16 autocast on CPU is not a speed "
                               "path); on CPU use one of auto, fp32, bf16")
         torch.manual_seed(cfg.seed)
+        if cfg.download and self.dist.enabled and not self.dist.is_main:
+            self.dist.any_(False)  # wait for rank 0's download: N processes extracting into one folder race
         self.data = load_dataset(cfg)
+        if cfg.download and self.dist.enabled and self.dist.is_main:
+            self.dist.any_(False)
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
                                  self.data.mean, self.data.std).to(self.device)
         if self.dist.enabled:
