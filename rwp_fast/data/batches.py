@@ -342,7 +342,12 @@ class BatchIterator:
                     if stop.is_set():
                         return
             except BaseException as exc:   # handed to the consumer, which re-raises it
-                ready.put(exc)
+                while not stop.is_set():   # as above: a consumer that has stopped must not block this thread
+                    try:
+                        ready.put(exc, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
 
         thread = threading.Thread(target=produce, name="rwp-fast-extra-stream", daemon=True)
         thread.start()

@@ -164,8 +164,12 @@ def run_autoattack(AutoAttack, model, x_all, y_all, eps, norm, batch_size, devic
             raise RuntimeError(f"autoattack: run_standard_evaluation returned {type(out).__name__}; expected "
                                f"(x_adv, y_adv) as pyautoattack 0.2.0 does")
         stage_x, stage_y = out
-        flipped = stage_y.to(device) != y_all[idx]
-        x_adv[idx[flipped]] = stage_x.to(device)[flipped]
+        stage_x = stage_x.to(device)
+        # a flip is a changed label on a changed image: pyautoattack re-runs its own clean pass in other
+        # batches, and a point on the decision boundary can come back "wrong" with its image untouched
+        changed = (stage_x != x_all[idx]).flatten(1).any(1)
+        flipped = (stage_y.to(device) != y_all[idx]) & changed
+        x_adv[idx[flipped]] = stage_x[flipped]
         y_pred[idx[flipped]] = stage_y.to(device)[flipped]
         robust[idx[flipped]] = False
         stages.append({"attack": attack, "flipped": int(flipped.sum()), "robust": int(robust.sum()),
