@@ -297,8 +297,9 @@ void check_logits(const Tensor& logits, const char* op, const char* name) {
   check_main(logits, op, name);
   TORCH_CHECK(logits.dim() == 2, op, ": ", name, " must be 2-D (B, C), got shape ",
               logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, op, ": ", name, " must have at least one class, got shape ",
-              logits.sizes());
+  // B >= 1 as in the Triton host functions: count and masked_mean are written by the kernels.
+  TORCH_CHECK(logits.size(0) >= 1 && logits.size(1) >= 1, op, ": ", name,
+              " must be (B, C) with B, C >= 1, got shape ", logits.sizes());
 }
 
 void check_target(const Tensor& target, const Tensor& logits, const char* op) {
@@ -323,8 +324,7 @@ void check_row_vector(const Tensor& t, const Tensor& logits, at::ScalarType dtyp
   check_shape(t, {logits.size(0)}, op, name);
 }
 
-// The four fp32/bool outputs that both forwards share. count and masked_mean are zeroed here: the
-// kernel adds into them with atomics.
+// The four outputs that both forwards share; the kernels write every element, so none is zeroed.
 struct LscOutputs {
   Tensor loss, mask, count, masked_mean;
 };
@@ -333,7 +333,7 @@ LscOutputs make_lsc_outputs(const Tensor& logits) {
   const int64_t batch = logits.size(0);
   const auto f32 = logits.options().dtype(at::kFloat);
   return {at::empty({batch}, f32), at::empty({batch}, logits.options().dtype(at::kBool)),
-          at::zeros({1}, logits.options().dtype(at::kInt)), at::zeros({1}, f32)};
+          at::empty({1}, logits.options().dtype(at::kLong)), at::empty({1}, f32)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lsc_loss_fwd(const Tensor& logits,
@@ -356,7 +356,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lsc_loss_fwd(const Tensor& lo
       C10_CUDA_CHECK(rwp::lsc_loss_fwd(
           cptr<scalar_t>(logits), target.data_ptr<int64_t>(), batch, classes,
           static_cast<float>(p), static_cast<float>(q), o.loss.data_ptr<float>(),
-          o.mask.data_ptr<bool>(), o.count.data_ptr<int32_t>(), o.masked_mean.data_ptr<float>(),
+          o.mask.data_ptr<bool>(), o.count.data_ptr<int64_t>(), o.masked_mean.data_ptr<float>(),
           lse.data_ptr<float>(), stream));
     });
   }
@@ -409,7 +409,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lsc_loss_trad
           cptr<scalar_t>(logits_nat), cptr<scalar_t>(logits_adv), target.data_ptr<int64_t>(),
           batch, classes, static_cast<float>(beta), static_cast<float>(p),
           static_cast<float>(q), o.loss.data_ptr<float>(), o.mask.data_ptr<bool>(),
-          o.count.data_ptr<int32_t>(), o.masked_mean.data_ptr<float>(),
+          o.count.data_ptr<int64_t>(), o.masked_mean.data_ptr<float>(),
           lse_nat.data_ptr<float>(), lse_adv.data_ptr<float>(), kl.data_ptr<float>(), stream));
     });
   }

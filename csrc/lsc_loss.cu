@@ -8,14 +8,16 @@
 // C = 1000 is 32 iterations a lane. The whole (B, C) problem is under 1 MB, so launch latency
 // dominates, not the row layout.
 //
-// Masked mean: each block sums Σ maskᵢ·ℓᵢ over its rows and does one atomicAdd of sum/B, and one
-// atomicAdd of its count. The caller zeroes both outputs. masked_mean is divided by B, the whole
-// batch, not by the count (SPEC.md §2). The float atomics make the last bits of masked_mean depend
-// on the order in which blocks finish, within B/4 additions of fp32 rounding. Only
-// per-example ℓᵢ, lse and mask are bit-stable from run to run.
+// Masked mean and count: a second launch of one block sums maskᵢ·ℓᵢ and maskᵢ over the B rows in
+// a fixed order (each thread a fixed stride of rows, then the block tree), and divides by B, the
+// whole batch, not the count (SPEC.md §2). Fixed order means the same bits on every run, which
+// float atomics (added in the order blocks finish) do not give, and the outputs need no zero-fill
+// launch: 2 launches a forward instead of 3. B is a training batch (128–1024), so the one block
+// reads at most a few KB.
 //
-// As in the reference, the masked sum is ℓᵢ·float(maskᵢ). A NaN or inf ℓᵢ therefore makes
-// masked_mean NaN even when that row is masked out.
+// As in the reference, the masked sum is ℓᵢ·float(maskᵢ) and the backward's coefficient is
+// grad_out/B·float(maskᵢ). A NaN or inf ℓᵢ therefore makes masked_mean NaN even when that row is
+// masked out, and its gradient row NaN where the reference's autograd gives 0·NaN.
 #include <cmath>
 
 #include "rwp_device.cuh"
@@ -60,61 +62,57 @@ __device__ __forceinline__ float warp_lse(float m, float s) {
   return __shfl_sync(kFullMask, m + logf(s), 0);
 }
 
-// The mask and the block's share of count and masked_mean. Lane 0 of each warp brings its row's
-// loss; rows past B bring valid = false. Every thread of the block must call this.
-__device__ __forceinline__ void mask_and_accumulate(float loss, bool valid, float p, float q,
-                                                    int64_t batch, bool* mask_out, int64_t row,
-                                                    int32_t* count, float* masked_mean) {
-  __shared__ float s_sum[kRowsPerBlock];
-  __shared__ int s_cnt[kRowsPerBlock];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  if (lane == 0) {
-    const bool in_range = valid && loss >= p && loss < q;  // p ≤ ℓ < q, strict upper bound
-    if (valid) mask_out[row] = in_range;
-    s_sum[warp] = valid ? loss * (in_range ? 1.f : 0.f) : 0.f;
-    s_cnt[warp] = in_range ? 1 : 0;
+constexpr int kReduceThreads = 256;
+
+// p ≤ ℓ < q, strict upper bound. A NaN loss is outside every range.
+__device__ __forceinline__ bool in_lsc_range(float loss, float p, float q) {
+  return loss >= p && loss < q;
+}
+
+// One block: count = Σ maskᵢ and masked_mean = (Σ ℓᵢ·maskᵢ) / B, in a fixed order.
+__global__ void __launch_bounds__(kReduceThreads)
+lsc_masked_sum_kernel(const float* loss, const bool* mask, int64_t batch, int64_t* count,
+                      float* masked_mean) {
+  __shared__ float s_sum[kWarp];
+  __shared__ int64_t s_cnt[kWarp];
+  float sum = 0.f;
+  int64_t cnt = 0;
+  for (int64_t i = threadIdx.x; i < batch; i += kReduceThreads) {
+    const bool v = mask[i];
+    sum += loss[i] * (v ? 1.f : 0.f);  // a product, not a select: see the header
+    cnt += v ? 1 : 0;
   }
-  __syncthreads();
+  sum = block_sum(sum, s_sum);
+  cnt = block_sum(cnt, s_cnt);
   if (threadIdx.x == 0) {
-    float sum = 0.f;
-    int cnt = 0;
-#pragma unroll
-    for (int w = 0; w < kRowsPerBlock; ++w) {
-      sum += s_sum[w];
-      cnt += s_cnt[w];
-    }
-    if (cnt != 0) atomicAdd(count, cnt);
-    // sum != 0 lets a NaN through (NaN != 0 is true) and skips only exact zeros.
-    if (sum != 0.f) atomicAdd(masked_mean, __fdiv_rn(sum, static_cast<float>(batch)));
+    *count = cnt;
+    *masked_mean = __fdiv_rn(sum, static_cast<float>(batch));
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 lsc_fwd_kernel(const T* logits, const int64_t* target, int64_t batch, int64_t classes, float p,
-               float q, float* loss_out, bool* mask_out, int32_t* count, float* masked_mean,
-               float* lse_out) {
+               float q, float* loss_out, bool* mask_out, float* lse_out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  const bool valid = row < batch;
-  float loss = 0.f;
-  if (valid) {  // warp-uniform
-    const T* z = logits + row * classes;
-    float m = -INFINITY, s = 0.f;
-    for (int64_t c = lane; c < classes; c += kWarp) lse_push(m, s, to_float(z[c]));
-    const float lse = warp_lse(m, s);
-    if (lane == 0) {
-      const int64_t y = target[row];
-      loss = (y >= 0 && y < classes) ? lse - to_float(z[y]) : NAN;
-      loss_out[row] = loss;
-      lse_out[row] = lse;
-    }
+  if (row >= batch) return;  // warp-uniform
+  const T* z = logits + row * classes;
+  float m = -INFINITY, s = 0.f;
+  for (int64_t c = lane; c < classes; c += kWarp) lse_push(m, s, to_float(z[c]));
+  const float lse = warp_lse(m, s);
+  if (lane == 0) {
+    const int64_t y = target[row];
+    const float loss = (y >= 0 && y < classes) ? lse - to_float(z[y]) : NAN;
+    loss_out[row] = loss;
+    lse_out[row] = lse;
+    mask_out[row] = in_lsc_range(loss, p, q);
   }
-  mask_and_accumulate(loss, valid, p, q, batch, mask_out, row, count, masked_mean);
 }
 
 // dlogits = grad_out/B·maskᵢ·(softmax − onehot). grad_out/B is one fp32 division, as in the
-// reference's autograd of sum()/n. A masked-out row gets zeros.
+// reference's autograd of sum()/n. A masked-out row gets 0·(softmax − onehot): zeros, or NaN where
+// the row itself is NaN, as the reference.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 lsc_bwd_kernel(const float* grad_out, const T* logits, const int64_t* target, const float* lse,
@@ -123,11 +121,7 @@ lsc_bwd_kernel(const float* grad_out, const T* logits, const int64_t* target, co
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (row >= batch) return;
   T* d = dlogits + row * classes;
-  if (!mask[row]) {
-    for (int64_t c = lane; c < classes; c += kWarp) d[c] = from_float<T>(0.f);
-    return;
-  }
-  const float coef = __fdiv_rn(*grad_out, static_cast<float>(batch));
+  const float coef = __fdiv_rn(*grad_out, static_cast<float>(batch)) * (mask[row] ? 1.f : 0.f);
   const float row_lse = lse[row];
   const int64_t y = target[row];
   const T* z = logits + row * classes;
@@ -143,40 +137,36 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 trades_fwd_kernel(const T* logits_nat, const T* logits_adv, const int64_t* target, int64_t batch,
                   int64_t classes, float beta, float p, float q, float* loss_out, bool* mask_out,
-                  int32_t* count, float* masked_mean, float* lse_nat_out, float* lse_adv_out,
-                  float* kl_out) {
+                  float* lse_nat_out, float* lse_adv_out, float* kl_out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  const bool valid = row < batch;
-  float loss = 0.f;
-  if (valid) {
-    const T* zn = logits_nat + row * classes;
-    const T* za = logits_adv + row * classes;
-    float mn = -INFINITY, sn = 0.f, ma = -INFINITY, sa = 0.f;
-    for (int64_t c = lane; c < classes; c += kWarp) {
-      lse_push(mn, sn, to_float(zn[c]));
-      lse_push(ma, sa, to_float(za[c]));
-    }
-    const float lse_nat = warp_lse(mn, sn);
-    const float lse_adv = warp_lse(ma, sa);
-    float kl = 0.f;
-    for (int64_t c = lane; c < classes; c += kWarp) {
-      const float log_p_nat = to_float(zn[c]) - lse_nat;
-      const float log_p_adv = to_float(za[c]) - lse_adv;
-      kl += expf(log_p_nat) * (log_p_nat - log_p_adv);
-    }
-    kl = __shfl_sync(kFullMask, warp_sum(kl), 0);
-    if (lane == 0) {
-      const int64_t y = target[row];
-      const float ce = (y >= 0 && y < classes) ? lse_nat - to_float(zn[y]) : NAN;
-      loss = __fadd_rn(ce, __fmul_rn(beta, kl));  // ce + β·kl, the reference's order
-      loss_out[row] = loss;
-      lse_nat_out[row] = lse_nat;
-      lse_adv_out[row] = lse_adv;
-      kl_out[row] = kl;
-    }
+  if (row >= batch) return;  // warp-uniform
+  const T* zn = logits_nat + row * classes;
+  const T* za = logits_adv + row * classes;
+  float mn = -INFINITY, sn = 0.f, ma = -INFINITY, sa = 0.f;
+  for (int64_t c = lane; c < classes; c += kWarp) {
+    lse_push(mn, sn, to_float(zn[c]));
+    lse_push(ma, sa, to_float(za[c]));
   }
-  mask_and_accumulate(loss, valid, p, q, batch, mask_out, row, count, masked_mean);
+  const float lse_nat = warp_lse(mn, sn);
+  const float lse_adv = warp_lse(ma, sa);
+  float kl = 0.f;
+  for (int64_t c = lane; c < classes; c += kWarp) {
+    const float log_p_nat = to_float(zn[c]) - lse_nat;
+    const float log_p_adv = to_float(za[c]) - lse_adv;
+    kl += expf(log_p_nat) * (log_p_nat - log_p_adv);
+  }
+  kl = __shfl_sync(kFullMask, warp_sum(kl), 0);
+  if (lane == 0) {
+    const int64_t y = target[row];
+    const float ce = (y >= 0 && y < classes) ? lse_nat - to_float(zn[y]) : NAN;
+    const float loss = __fadd_rn(ce, __fmul_rn(beta, kl));  // ce + β·kl, the reference's order
+    loss_out[row] = loss;
+    lse_nat_out[row] = lse_nat;
+    lse_adv_out[row] = lse_adv;
+    kl_out[row] = kl;
+    mask_out[row] = in_lsc_range(loss, p, q);
+  }
 }
 
 // With cᵢ = grad_out/B·maskᵢ:
@@ -193,14 +183,7 @@ trades_bwd_kernel(const float* grad_out, const T* logits_nat, const T* logits_ad
   if (row >= batch) return;
   T* dn = d_nat + row * classes;
   T* da = d_adv + row * classes;
-  if (!mask[row]) {
-    for (int64_t c = lane; c < classes; c += kWarp) {
-      dn[c] = from_float<T>(0.f);
-      da[c] = from_float<T>(0.f);
-    }
-    return;
-  }
-  const float coef = __fdiv_rn(*grad_out, static_cast<float>(batch));
+  const float coef = __fdiv_rn(*grad_out, static_cast<float>(batch)) * (mask[row] ? 1.f : 0.f);
   const float ln = lse_nat[row], la = lse_adv[row], row_kl = kl[row];
   const int64_t y = target[row];
   const T* zn = logits_nat + row * classes;
@@ -221,15 +204,25 @@ unsigned row_blocks(int64_t batch) {
   return static_cast<unsigned>((batch + kRowsPerBlock - 1) / kRowsPerBlock);
 }
 
+// The second launch of both forwards, after the row kernel on the same stream. A launch error
+// of the row kernel is reported first.
+cudaError_t masked_sum(const float* loss, const bool* mask, int64_t batch, int64_t* count,
+                       float* masked_mean, cudaStream_t stream) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  lsc_masked_sum_kernel<<<1, kReduceThreads, 0, stream>>>(loss, mask, batch, count, masked_mean);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t lsc_loss_fwd(const T* logits, const int64_t* target, int64_t batch, int64_t classes,
-                         float p, float q, float* loss, bool* mask, int32_t* count,
+                         float p, float q, float* loss, bool* mask, int64_t* count,
                          float* masked_mean, float* lse, cudaStream_t stream) {
-  lsc_fwd_kernel<T><<<row_blocks(batch), kThreads, 0, stream>>>(
-      logits, target, batch, classes, p, q, loss, mask, count, masked_mean, lse);
-  return cudaGetLastError();
+  lsc_fwd_kernel<T><<<row_blocks(batch), kThreads, 0, stream>>>(logits, target, batch, classes,
+                                                                p, q, loss, mask, lse);
+  return masked_sum(loss, mask, batch, count, masked_mean, stream);
 }
 
 template <typename T>
@@ -244,12 +237,12 @@ cudaError_t lsc_loss_bwd(const float* grad_out, const T* logits, const int64_t* 
 template <typename T>
 cudaError_t lsc_loss_trades_fwd(const T* logits_nat, const T* logits_adv, const int64_t* target,
                                 int64_t batch, int64_t classes, float beta, float p, float q,
-                                float* loss, bool* mask, int32_t* count, float* masked_mean,
+                                float* loss, bool* mask, int64_t* count, float* masked_mean,
                                 float* lse_nat, float* lse_adv, float* kl, cudaStream_t stream) {
   trades_fwd_kernel<T><<<row_blocks(batch), kThreads, 0, stream>>>(
-      logits_nat, logits_adv, target, batch, classes, beta, p, q, loss, mask, count, masked_mean,
-      lse_nat, lse_adv, kl);
-  return cudaGetLastError();
+      logits_nat, logits_adv, target, batch, classes, beta, p, q, loss, mask, lse_nat, lse_adv,
+      kl);
+  return masked_sum(loss, mask, batch, count, masked_mean, stream);
 }
 
 template <typename T>
@@ -265,12 +258,12 @@ cudaError_t lsc_loss_trades_bwd(const float* grad_out, const T* logits_nat, cons
 
 #define RWP_INSTANTIATE_LSC(T)                                                                    \
   template cudaError_t lsc_loss_fwd<T>(const T*, const int64_t*, int64_t, int64_t, float, float, \
-                                       float*, bool*, int32_t*, float*, float*, cudaStream_t);   \
+                                       float*, bool*, int64_t*, float*, float*, cudaStream_t);   \
   template cudaError_t lsc_loss_bwd<T>(const float*, const T*, const int64_t*, const float*,     \
                                        const bool*, int64_t, int64_t, T*, cudaStream_t);         \
   template cudaError_t lsc_loss_trades_fwd<T>(const T*, const T*, const int64_t*, int64_t,       \
                                               int64_t, float, float, float, float*, bool*,       \
-                                              int32_t*, float*, float*, float*, float*,          \
+                                              int64_t*, float*, float*, float*, float*,          \
                                               cudaStream_t);                                     \
   template cudaError_t lsc_loss_trades_bwd<T>(const float*, const T*, const T*, const int64_t*,  \
                                               const float*, const float*, const float*,          \

@@ -78,22 +78,24 @@ __device__ __forceinline__ float clamp_f(float v, float lo, float hi) {
 
 // ---- reductions. The order is fixed and does not depend on scheduling, so the results are the
 // same from run to run.
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
 
-// Sum over the block; every thread gets the result. `shared` holds at least 32 floats. Every
+// Sum over the block; every thread gets the result. `shared` holds at least 32 values. Every
 // thread of the block must call this. It synchronizes, so `shared` can be used again straight
 // after.
-__device__ __forceinline__ float block_sum(float v, float* shared) {
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int num_warps = (blockDim.x + kWarp - 1) / kWarp;
   v = warp_sum(v);
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  float total = lane < num_warps ? shared[lane] : 0.f;
+  T total = lane < num_warps ? shared[lane] : T(0);
   total = warp_sum(total);  // every warp reduces the same values in the same order
   __syncthreads();          // `shared` can now be used again
   return total;

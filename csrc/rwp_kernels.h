@@ -57,15 +57,15 @@ cudaError_t pgd_random_init_l2(const T* x_nat, const TN* noise, const float* rad
 
 // ---------------------------------------------------------------------------------------------
 // lsc_loss (csrc/lsc_loss.cu). logits is (batch, classes) row-major and target is (batch,) int64.
-// The mask is p ≤ ℓᵢ < q. count (int32) and masked_mean (fp32) are single elements that the
-// caller has ZEROED: the kernel adds into them with atomics. masked_mean = Σ maskᵢ·ℓᵢ / batch,
+// The mask is p ≤ ℓᵢ < q. count (int64) and masked_mean (fp32) are single elements, written by a
+// second, one-block launch that sums the rows in a fixed order. masked_mean = Σ maskᵢ·ℓᵢ / batch,
 // a mean over the whole batch and not over the masked rows. A target outside [0, classes) gives
 // ℓᵢ = NaN, so that row is never masked in.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 cudaError_t lsc_loss_fwd(const T* logits, const int64_t* target, int64_t batch, int64_t classes,
-                         float p, float q, float* loss, bool* mask, int32_t* count,
+                         float p, float q, float* loss, bool* mask, int64_t* count,
                          float* masked_mean, float* lse, cudaStream_t stream);
 
 // dlogits = grad_out·maskᵢ/batch·(softmax − onehot). grad_out is one fp32 on the device, read
@@ -79,7 +79,7 @@ cudaError_t lsc_loss_bwd(const float* grad_out, const T* logits, const int64_t* 
 template <typename T>
 cudaError_t lsc_loss_trades_fwd(const T* logits_nat, const T* logits_adv, const int64_t* target,
                                 int64_t batch, int64_t classes, float beta, float p, float q,
-                                float* loss, bool* mask, int32_t* count, float* masked_mean,
+                                float* loss, bool* mask, int64_t* count, float* masked_mean,
                                 float* lse_nat, float* lse_adv, float* kl, cudaStream_t stream);
 
 // With cᵢ = grad_out·maskᵢ/batch:

@@ -105,23 +105,27 @@ def _variants(op):
                 nw = dict(num_warps=4 if block >= 1024 else 1)
                 out += [
                     Variant(k._lsc_loss_fwd_kernel,
-                            dict(logits_ptr=p, target_ptr="*i64", loss_ptr="*fp32", mask_ptr="*i1", count_ptr="*i32",
-                                 masked_mean_ptr="*fp32", lse_ptr="*fp32", n_cols="i32", batch="fp32", p="fp32",
-                                 q="fp32"), dict(BLOCK=block), nw, rounding="lsc"),
+                            dict(logits_ptr=p, target_ptr="*i64", loss_ptr="*fp32", mask_ptr="*i1", lse_ptr="*fp32",
+                                 n_cols="i32", p="fp32", q="fp32"), dict(BLOCK=block), nw, rounding="lsc"),
                     Variant(k._lsc_loss_bwd_kernel,
                             dict(grad_out_ptr="*fp32", logits_ptr=p, target_ptr="*i64", lse_ptr="*fp32",
                                  mask_ptr="*i1", dlogits_ptr=p, n_cols="i32", batch="fp32"), dict(BLOCK=block), nw,
                             rounding="lsc"),
                     Variant(k._lsc_loss_trades_fwd_kernel,
                             dict(nat_ptr=p, adv_ptr=p, target_ptr="*i64", loss_ptr="*fp32", mask_ptr="*i1",
-                                 count_ptr="*i32", masked_mean_ptr="*fp32", lse_nat_ptr="*fp32", lse_adv_ptr="*fp32",
-                                 kl_ptr="*fp32", n_cols="i32", batch="fp32", beta="fp32", p="fp32", q="fp32"),
+                                 lse_nat_ptr="*fp32", lse_adv_ptr="*fp32", kl_ptr="*fp32", n_cols="i32",
+                                 beta="fp32", p="fp32", q="fp32"),
                             dict(BLOCK=block), nw, rounding="lsc"),
                     Variant(k._lsc_loss_trades_bwd_kernel,
                             dict(grad_out_ptr="*fp32", nat_ptr=p, adv_ptr=p, target_ptr="*i64", lse_nat_ptr="*fp32",
                                  lse_adv_ptr="*fp32", kl_ptr="*fp32", mask_ptr="*i1", d_nat_ptr=p, d_adv_ptr=p,
                                  n_cols="i32", batch="fp32", beta="fp32"), dict(BLOCK=block), nw, rounding="lsc"),
                 ]
+        for block in (16, k.REDUCE_BLOCK):
+            out.append(Variant(k._lsc_masked_sum_kernel,
+                               dict(loss_ptr="*fp32", mask_ptr="*i1", count_ptr="*i64", masked_mean_ptr="*fp32",
+                                    batch="i32", batch_f="fp32"), dict(BLOCK=block),
+                               dict(num_warps=4 if block >= 512 else 1), rounding="ieee"))
         return out
     if op == "weight_perturb":
         from . import weight_perturb as k

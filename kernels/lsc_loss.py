@@ -5,10 +5,11 @@ One program per row. The row is streamed over the classes in blocks with an onli
 (log-sum-exp), so C is not limited by the block size (C = 1000 is one 1024-wide block; larger C loops).
 All arithmetic is fp32 whatever the logits' dtype (fp32, fp16, bf16).
 
-The forward kernel also produces the mask count and the masked mean with two atomic adds into
-zero-initialised (1,) outputs, so the RWP loop can read ΣVᵢ (its early-exit test, SPEC.md §2) without
-another pass over the batch. The fp32 atomic sum is order-dependent on a GPU: the masked mean is
-reproducible to fp32 rounding (about B·2⁻²⁴ relative), not bit for bit.
+The forward is two launches: one program per row writes ℓᵢ and Vᵢ, then one program sums Vᵢ and
+Vᵢ·ℓᵢ over the batch in a fixed order (blocks of rows in sequence, a tree within a block) for the
+count, which the RWP loop reads for its early exit (SPEC.md §2), and the masked mean. Fixed order gives
+the same bits on every run, which float atomics (added in the order programs finish) do not, and the
+outputs need no zero-fill launches: 2 launches instead of 3.
 
 Rounding on a GPU. The divisions by B are IEEE (``tl.div_rn``; a plain ``/`` is ``div.full.f32``, 2 ulp).
 ``tl.exp`` and ``tl.log`` stay the hardware approximations, for speed: ``exp(x)`` is
@@ -58,26 +59,39 @@ def _target_logit(row_ptr, target_ptr, row, n_cols):
 
 
 @triton.jit
-def _lsc_reduce(loss, row, loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, batch, p, q):
-    """Store ℓᵢ and Vᵢ = p ≤ ℓᵢ < q; add Vᵢ into count and Vᵢ·ℓᵢ/B into the masked mean."""
-    in_range = (loss >= p) & (loss < q)
+def _lsc_store_row(loss, row, loss_ptr, mask_ptr, p, q):
+    """Store ℓᵢ and Vᵢ = p ≤ ℓᵢ < q (a NaN loss is outside every range)."""
     tl.store(loss_ptr + row, loss)
-    tl.store(mask_ptr + row, in_range)
-    tl.atomic_add(count_ptr, in_range.to(tl.int32))
-    # Vᵢ·ℓᵢ as a product, not a select: a NaN or ±inf loss is outside the mask, and the reference's
-    # (and the CUDA kernel's) 0·NaN = NaN must reach the mean so that a diverged batch is not hidden.
-    tl.atomic_add(masked_mean_ptr, tl.div_rn(loss, batch) * in_range.to(tl.float32))
+    tl.store(mask_ptr + row, (loss >= p) & (loss < q))
 
 
 @triton.jit
-def _lsc_loss_fwd_kernel(logits_ptr, target_ptr, loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, lse_ptr,
-                         n_cols, batch, p, q, BLOCK: tl.constexpr):
+def _lsc_masked_sum_kernel(loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, batch, batch_f,
+                           BLOCK: tl.constexpr):
+    """One program: count = Σ Vᵢ and masked_mean = (Σ Vᵢ·ℓᵢ) / B, in a fixed order."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, batch, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        inb = rows < batch
+        v = tl.load(mask_ptr + rows, mask=inb, other=0).to(tl.float32)
+        # Vᵢ·ℓᵢ as a product, not a select: a NaN or ±inf loss is outside the mask, and the reference's
+        # 0·NaN = NaN must reach the mean so that a diverged batch is not hidden.
+        acc += tl.load(loss_ptr + rows, mask=inb, other=0.0) * v
+        cnt += v.to(tl.int64)
+    tl.store(count_ptr, tl.sum(cnt, axis=0))
+    tl.store(masked_mean_ptr, tl.div_rn(tl.sum(acc, axis=0), batch_f))
+
+
+@triton.jit
+def _lsc_loss_fwd_kernel(logits_ptr, target_ptr, loss_ptr, mask_ptr, lse_ptr, n_cols, p, q,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * n_cols
     lse = _row_lse(row_ptr, n_cols, BLOCK)
     loss = lse - _target_logit(row_ptr, target_ptr, row, n_cols)
     tl.store(lse_ptr + row, lse)
-    _lsc_reduce(loss, row, loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, batch, p, q)
+    _lsc_store_row(loss, row, loss_ptr, mask_ptr, p, q)
 
 
 @triton.jit
@@ -98,9 +112,8 @@ def _lsc_loss_bwd_kernel(grad_out_ptr, logits_ptr, target_ptr, lse_ptr, mask_ptr
 
 
 @triton.jit
-def _lsc_loss_trades_fwd_kernel(nat_ptr, adv_ptr, target_ptr, loss_ptr, mask_ptr, count_ptr,
-                                masked_mean_ptr, lse_nat_ptr, lse_adv_ptr, kl_ptr,
-                                n_cols, batch, beta, p, q, BLOCK: tl.constexpr):
+def _lsc_loss_trades_fwd_kernel(nat_ptr, adv_ptr, target_ptr, loss_ptr, mask_ptr, lse_nat_ptr, lse_adv_ptr,
+                                kl_ptr, n_cols, beta, p, q, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     nat_row = nat_ptr + row * n_cols
     adv_row = adv_ptr + row * n_cols
@@ -120,7 +133,7 @@ def _lsc_loss_trades_fwd_kernel(nat_ptr, adv_ptr, target_ptr, loss_ptr, mask_ptr
     tl.store(lse_nat_ptr + row, lse_nat)
     tl.store(lse_adv_ptr + row, lse_adv)
     tl.store(kl_ptr + row, kl)
-    _lsc_reduce(loss, row, loss_ptr, mask_ptr, count_ptr, masked_mean_ptr, batch, p, q)
+    _lsc_store_row(loss, row, loss_ptr, mask_ptr, p, q)
 
 
 @triton.jit
@@ -184,30 +197,44 @@ def _check_row_stats(logits, **stats):
         check_tensor(name, t, dtypes=(dtype,), device=logits.device, shape=(batch,))
 
 
-def _new_reduce_outputs(batch, device):
-    """loss (B,) fp32, mask (B,) bool, and the zero-initialised atomic targets count and masked_mean."""
-    return (new_output((batch,), torch.float32, device), new_output((batch,), torch.bool, device),
-            torch.zeros(1, dtype=torch.int32, device=device),
-            torch.zeros(1, dtype=torch.float32, device=device))
+# Rows per block of the masked sum: a training batch (128–1024) is one block; larger B loops.
+REDUCE_BLOCK = 1024
+
+
+def _new_row_outputs(batch, device):
+    """loss (B,) fp32 and mask (B,) bool, written by the row kernels."""
+    return new_output((batch,), torch.float32, device), new_output((batch,), torch.bool, device)
+
+
+def _masked_sum(loss, mask):
+    """(count (1,) int64, masked_mean (1,) fp32) by the one-program fixed-order sum."""
+    batch = loss.shape[0]
+    count = new_output((1,), torch.int64, loss.device)
+    masked_mean = new_output((1,), torch.float32, loss.device)
+    block = min(max(triton.next_power_of_2(batch), 16), REDUCE_BLOCK)
+    _lsc_masked_sum_kernel[(1,)](loss, mask, count, masked_mean, batch, float(batch), BLOCK=block,
+                                 num_warps=4 if block >= 512 else 1)
+    return count, masked_mean
 
 
 def lsc_loss_fwd(logits, target, p, q):
     """Per-example CE with the LSC mask.
 
     logits: (B, C) contiguous fp32/fp16/bf16; target: (B,) int64 in [0, C); p, q: floats, p <= q.
-    Returns (loss (B,) fp32, mask (B,) bool = p ≤ loss < q, count (1,) int32 = Σ mask,
+    Returns (loss (B,) fp32, mask (B,) bool = p ≤ loss < q, count (1,) int64 = Σ mask,
     masked_mean (1,) fp32 = Σ mask·loss / B, lse (B,) fp32 log-sum-exp of each row, for the backward).
     """
     _check_logits("logits", logits)
     _check_target(target, logits)
     p, q = _check_range(p, q)
     batch, n_cols = logits.shape
-    loss, mask, count, masked_mean = _new_reduce_outputs(batch, logits.device)
+    loss, mask = _new_row_outputs(batch, logits.device)
     lse = new_output((batch,), torch.float32, logits.device)
     block, num_warps = _launch_params(n_cols)
     with _common.on_device(logits):
-        _lsc_loss_fwd_kernel[(batch,)](logits, target, loss, mask, count, masked_mean, lse,
-                                       n_cols, float(batch), p, q, BLOCK=block, num_warps=num_warps)
+        _lsc_loss_fwd_kernel[(batch,)](logits, target, loss, mask, lse, n_cols, p, q, BLOCK=block,
+                                       num_warps=num_warps)
+        count, masked_mean = _masked_sum(loss, mask)
     return loss, mask, count, masked_mean, lse
 
 
@@ -245,13 +272,13 @@ def lsc_loss_trades_fwd(logits_nat, logits_adv, target, beta, p, q):
     p, q = _check_range(p, q)
     batch, n_cols = logits_nat.shape
     device = logits_nat.device
-    loss, mask, count, masked_mean = _new_reduce_outputs(batch, device)
+    loss, mask = _new_row_outputs(batch, device)
     lse_nat, lse_adv, kl = (new_output((batch,), torch.float32, device) for _ in range(3))
     block, num_warps = _launch_params(n_cols)
     with _common.on_device(logits_nat):
-        _lsc_loss_trades_fwd_kernel[(batch,)](logits_nat, logits_adv, target, loss, mask, count, masked_mean,
-                                              lse_nat, lse_adv, kl, n_cols, float(batch), float(beta), p, q,
-                                              BLOCK=block, num_warps=num_warps)
+        _lsc_loss_trades_fwd_kernel[(batch,)](logits_nat, logits_adv, target, loss, mask, lse_nat, lse_adv, kl,
+                                              n_cols, float(beta), p, q, BLOCK=block, num_warps=num_warps)
+        count, masked_mean = _masked_sum(loss, mask)
     return loss, mask, count, masked_mean, lse_nat, lse_adv, kl
 
 

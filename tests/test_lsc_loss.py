@@ -230,3 +230,42 @@ def test_strided_logits_are_accepted(backend, device):
     got = ops.lsc_loss_trades(got_leaf.t(), got_leaf.t() * 0.5, target, TRADES_BETA, backend=backend)
     ref = lsc_loss_trades_ref(ref_leaf.t(), ref_leaf.t() * 0.5, target, TRADES_BETA)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("trades", [False, True])
+def test_nan_and_inf_rows_reach_the_gradient_as_in_the_reference(backend, device, trades):
+    """A NaN or inf loss is outside every mask, yet the reference's autograd gives that row 0·NaN = NaN
+    gradients (a diverged batch must not look healthy). The CUDA backward once wrote zeros there
+    (bench/results/2026-12-04-h200: 20 NaN missing for CE, 30 for TRADES)."""
+    logits, target = make_logits(12, 10, device)
+    logits[3, 1] = float("nan")   # NaN logit: NaN lse, NaN loss
+    logits[4, 2] = float("inf")   # inf logit: inf − inf in the softmax
+    logits[5] = -float("inf")     # all −inf but one: p log p = 0·(−inf) in the KL
+    logits[5, 0] = 0.0
+    other = torch.randn_like(logits)
+    other[5] = logits[5]
+    args = (logits, other, target, TRADES_BETA) if trades else (logits, target)
+    ref_fn = lsc_loss_trades_ref if trades else lsc_loss_ref
+    fast_fn = ops.lsc_loss_trades if trades else ops.lsc_loss
+    ref, ref_grads = ref_with_grad(ref_fn, *args)
+    n_logits = 2 if trades else 1
+    leaves = [t.detach().clone().requires_grad_(True) for t in args[:n_logits]]
+    out = fast_fn(*leaves, *args[n_logits:], backend=backend)
+    (out[0] * 0.7).backward()
+    assert torch.isnan(ref[0]) and torch.isnan(out[0])
+    for leaf, ref_grad in zip(leaves, ref_grads):
+        assert ref_grad.isnan().sum() >= 10  # the case is live: whole NaN rows in the reference
+        assert torch.equal(leaf.grad.isnan(), ref_grad.isnan())
+        finite = ~ref_grad.isnan()
+        torch.testing.assert_close(leaf.grad[finite], ref_grad[finite], **GRAD_TOL)
+
+
+def test_masked_mean_and_count_are_fixed_order(backend, device):
+    """The count is int64 like the reference's, and two calls on the same logits give the same bits
+    (a one-program fixed-order sum instead of float atomics, whose order varies on a GPU)."""
+    logits, target = make_logits(1000, 10, device)
+    first = ops.lsc_loss(logits, target, 0.0, 2.0, backend=backend)
+    second = ops.lsc_loss(logits, target, 0.0, 2.0, backend=backend)
+    assert first[3].dtype == torch.int64 and first[3].shape == ()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])
+    assert 0 < int(first[3]) < 1000  # a partial mask, so the sum has both kinds of rows

@@ -79,7 +79,7 @@ def lsc_loss_fwd(logits, target, p, q):
     """Per-example CE with the LSC mask p ≤ ℓᵢ < q.
 
     logits: (B, C) float; target: (B,) int64. Returns (loss (B,) fp32, mask (B,) bool,
-    count (1,) int32, masked_mean (1,) fp32 = Σ maskᵢ·ℓᵢ / B, lse (B,) fp32 saved for backward).
+    count (1,) int64, masked_mean (1,) fp32 = Σ maskᵢ·ℓᵢ / B, lse (B,) fp32 saved for backward).
     """
     return _ops.lsc_loss_fwd(logits, target, float(p), float(q))
 

@@ -29,7 +29,7 @@ def _lsc_outputs_fake(logits):
     batch = logits.shape[0]
     return (logits.new_empty((batch,), dtype=torch.float32),  # loss
             logits.new_empty((batch,), dtype=torch.bool),     # mask
-            logits.new_empty((1,), dtype=torch.int32),        # count
+            logits.new_empty((1,), dtype=torch.int64),        # count
             logits.new_empty((1,), dtype=torch.float32))      # masked_mean
 
 

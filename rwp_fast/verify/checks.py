@@ -173,8 +173,11 @@ def lsc_loss_checks(ctx):
                     (r_mean, r_loss, r_mask, r_count), r_grads = _fwd_bwd(ref_fn, leaves, (target, p, q))
                     (mean, loss, mask, count), grads = _fwd_bwd(op_fn, leaves, (target, p, q))
                     shape = (b, c)
-                    yield name, family, shape, "loss", loss, r_loss, T.lsc_loss("loss", ctx.dtype, trades, zmax)
-                    yield name, family, shape, "mean", mean, r_mean, T.lsc_loss("mean", ctx.dtype, trades, zmax)
+
+                    def tol(output):
+                        return T.lsc_loss(output, ctx.dtype, trades, zmax, classes=c)
+                    yield name, family, shape, "loss", loss, r_loss, tol("loss")
+                    yield name, family, shape, "mean", mean, r_mean, tol("mean")
                     # the mask is the backend's own loss thresholded, exactly (catches ≤ for <) ...
                     yield name, family, shape, "mask vs own loss", mask, lsc_mask_ref(loss, p, q), \
                         T.lsc_loss("mask", ctx.dtype)
@@ -186,7 +189,7 @@ def lsc_loss_checks(ctx):
                         T.lsc_loss("count", ctx.dtype)
                     for k, (g, rg) in enumerate(zip(grads, r_grads)):
                         out = "grad" if not trades else ("grad nat", "grad adv")[k]
-                        yield name, family, shape, out, g, rg, T.lsc_loss("grad", ctx.dtype, trades, zmax)
+                        yield name, family, shape, out, g, rg, tol("grad")
 
 
 # ----------------------------------------------------------------------------------------- weight_perturb
