@@ -36,6 +36,10 @@ a ``TorchDispatchMode`` (``rwp_fast.train.graphs.count_aten_ops``) for every eag
 launches roughly one kernel per aten op in eager mode; a dispatch mode does not see inside compiled code).
 On CUDA each row also has ``host_ms_per_step`` (wall clock until the block's last launch returned) and
 ``gpu_ms_per_step`` (CUDA events around the block): host ≈ GPU time means the GPU waited for the host.
+Neither says how long the GPU worked, so one more step runs under ``torch.profiler``: ``gpu_busy_ms_per_step``
+is the sum of its kernels' and copies' device time, and ``gpu_busy_fraction`` = busy / wall step time (1.0:
+GPU-bound; 0.1: the GPU idles 90% of the step). ``cudagraph_skips`` counts Inductor's skipped cudagraph
+trees during the row (``reduce-overhead`` only logs a skip, so a row labelled captured may not be).
 
 Timing: ``warmup`` untimed steps first (the first compiled step compiles), then ``repeats`` blocks of
 ``steps`` steps, each block between two ``torch.cuda.synchronize()``; images/s is the median over the
@@ -85,6 +89,7 @@ import contextlib
 import json
 import math
 import os
+import functools
 import statistics
 import sys
 import time
@@ -372,6 +377,25 @@ def profile_attack(step, x, y, generator, device):
             "attack_dgrad_kernels": sum(e.count for e in kernels if "dgrad" in e.key.lower())}
 
 
+def profile_gpu_busy_ms(run_step, device):
+    """CUDA only: the device time (ms) of one step's kernels and memory copies, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_step()
+        common.sync(device)
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if getattr(e, "device_type", None) == cuda) / 1e3
+
+
+def _cudagraph_skips():
+    try:
+        from torch._dynamo.utils import counters
+        return sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",))
+    except Exception:  # noqa: BLE001  only a diagnostic
+        return None
+
+
 def matmul_ceiling(device):
     """(TFLOP/s, description): bf16 8192² matmul on CUDA; (None, why) on CPU: no MFU is given there.
 
@@ -568,6 +592,7 @@ class Suite:
                 else:
                     model.load_state_dict(initial)  # every method starts from the same weights
                 step, optimizer = make_step(variant, model, cfg, device)
+                skips_before = _cudagraph_skips()
                 # one warm-up step is enough for eager variants; compiled ones compile in the first
                 warmup = args.warmup if resolved_settings(variant, cfg, device)["compile"] else min(args.warmup, 1)
                 timing = time_steps(step, model, optimizer, cfg, batches, device, warmup, args.steps,
@@ -602,6 +627,17 @@ class Suite:
                                                   .manual_seed(0), device))
                     except Exception as exc:  # noqa: BLE001
                         notes.append(f"attack profile failed: {type(exc).__name__}")
+                if device.type == "cuda":
+                    gen = torch.Generator(device=device).manual_seed(1)
+                    try:
+                        busy = profile_gpu_busy_ms(functools.partial(step, model, optimizer, *batches[0], cfg, True, gen),
+                                                   device)
+                        row["gpu_busy_ms_per_step"] = round(busy, 3)
+                        row["gpu_busy_fraction"] = round(busy / row["step_ms"], 4)
+                    except Exception as exc:  # noqa: BLE001
+                        notes.append(f"GPU-busy profile failed: {type(exc).__name__}")
+                    if skips_before is not None:
+                        row["cudagraph_skips"] = _cudagraph_skips() - skips_before
                 if row.get("fallback"):
                     notes.append(f"fell back to compile_mode={row['fallback']}")
                 if not row["settings"]["compile"]:  # launch proxy: a dispatch mode sees eager ops only

@@ -139,9 +139,11 @@ def main(argv=None):
         b = results[name]
         for s in (b or {}).get("summary") or []:
             mfu = "-" if s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"
+            ratio = "-" if s.get("speedup_vs_released") is None else f"{s['speedup_vs_released']:.2f}"
+            busy = "-" if s.get("gpu_busy_fraction") is None else f"{100 * s['gpu_busy_fraction']:.0f}%"
             lines.append(f"{name}: {s['method']:<7} {s['variant']:<16} {s['images_per_s'] or 0:9.1f} img/s  "
-                         f"×released {s['speedup_vs_released'] or 0:.2f}  ÷AT {s['time_vs_at'] or 0:.2f}  "
-                         f"probes {s['probes']}  MFU {mfu}")
+                         f"×released {ratio}  ÷AT {s['time_vs_at'] or 0:.2f}  "
+                         f"probes {s['probes']}  MFU {mfu}  GPU busy {busy}  skips {s.get('cudagraph_skips', '-')}")
     for r in results["micro"]:
         lines.append(f"micro: {r['op']:<15}{r['case']:<32}{r['impl']:<12}"
                      + (f"{r['us_p50']:9.1f} us {r['pct_of_copy'] or '-'}% of copy" if r["us_p50"] is not None

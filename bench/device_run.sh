@@ -11,6 +11,7 @@
 #   7 sanitizer    compute-sanitizer memcheck on one small call of each CUDA op ("not supported" is no FAIL).
 #                  Last: on gVisor machines it refuses the device (device notes, 2026-11-04), and the
 #                  static review found the CUDA code clean, so it must not take time from the figures.
+# Parts run in the order 1, 2, 6, 3, 4, 5, 7: the correctness parts before the figures.
 # Each part has its own time cap and is killed alone; every part also stops at the global deadline
 # (TOTAL_S, default 540 s). $OUT receives at most 8 files, each under 16 MiB:
 #   results.json  everything, ready to copy into bench/results/ (rewritten after every part)
@@ -21,7 +22,9 @@
 #
 #   OUT=/some/dir bash bench/device_run.sh            # on the GPU machine
 #   bash bench/device_run.sh --dry-run                # on CPU, tiny sizes, seconds (CI: tests/test_bench_e2e.py)
-# Knobs: PYTHON, TOTAL_S, RWP_FAST_CUDA_ARCHS (default 90 here), MAX_JOBS (default 16), DEVICE=cpu (= --dry-run).
+# Knobs: PARTS (space-separated part names to run, e.g. "install verify tracking headline" for a rerun of
+# the failing parts; all when unset), HEADLINE_VARIANTS, EXTRA_VARIANTS, PYTHON, TOTAL_S,
+# RWP_FAST_CUDA_ARCHS (default 90 here), MAX_JOBS (default 16), DEVICE=cpu (= --dry-run).
 set -u
 
 DRY=0
@@ -64,6 +67,11 @@ part() {
     local name=$1 cap=$2
     shift 2
     local left limit t rc took status
+    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
+        printf '%s\tskipped: not in PARTS=%s\t0\t%s\n' "$name" "$PARTS" "$cap" >> "$STATUS"
+        echo "== $name: skipped (PARTS=$PARTS)"
+        return 0
+    fi
     left=$(( DEADLINE - $(date +%s) - 5 ))
     limit=$(limit_for "$cap")
     if [ "$limit" -lt 15 ]; then
@@ -122,11 +130,16 @@ else
         --model preact_resnet18 --steps 2 --json "$OUT/verify.json"
 fi
 
+# ---------------------------------------------------------------------------------------------- 6 tracking
+# Only the gpu-marked tracking test; on CPU it is collected and skipped ("needs CUDA"), which checks the name.
+part tracking 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
+    -k "tracks_the_fp32_reference or graph_modes_equal_the_eager" tests/test_fast_step.py tests/test_cuda_graphs.py
+
 # ---------------------------------------------------------------------------------------------- 3, 4 bench
 # The headline pair first; the launch-overhead variants of issue 17 next, whichever the engine has (the
 # list is data: add a name here and it runs when bench_e2e.VARIANTS knows it).
-HEADLINE_VARIANTS="released,fast"
-EXTRA_VARIANTS="reduce-overhead,cuda-graphs"
+HEADLINE_VARIANTS="${HEADLINE_VARIANTS:-released,fast}"
+EXTRA_VARIANTS="${EXTRA_VARIANTS:-reduce-overhead,cuda-graphs}"
 if [ "$DRY" = 1 ]; then
     BENCH_SIZE=(--device cpu --smoke --steps 1 --repeats 1 --warmup 0)
 else
@@ -160,11 +173,6 @@ micro() {
 }
 export -f micro
 part micro 130 bash -c micro
-
-# ---------------------------------------------------------------------------------------------- 6 tracking
-# Only the gpu-marked tracking test; on CPU it is collected and skipped ("needs CUDA"), which checks the name.
-part tracking 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
-    -k "tracks_the_fp32_reference or graph_modes_equal_the_eager" tests/test_fast_step.py tests/test_cuda_graphs.py
 
 # ---------------------------------------------------------------------------------------------- 7 sanitizer
 sanitizer() {

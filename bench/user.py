@@ -91,6 +91,7 @@ def summarise(rows, methods):
                         time_vs_at=1.0 if r["method_key"] == "at" and r.get("images_per_s") else
                         ratio.get((r["variant"], r["method_key"])),
                         probes=r.get("probes"), expected_probes=r.get("expected_probes"), mfu=r.get("mfu"),
+                        gpu_busy_fraction=r.get("gpu_busy_fraction"), cudagraph_skips=r.get("cudagraph_skips"),
                         note=r.get("note", "")))
     order = {m: i for i, m in enumerate(methods)}
     out.sort(key=lambda s: (order.get(s["method"], 99)))
