@@ -630,8 +630,8 @@ class Suite:
                 if device.type == "cuda":
                     gen = torch.Generator(device=device).manual_seed(1)
                     try:
-                        busy = profile_gpu_busy_ms(functools.partial(step, model, optimizer, *batches[0], cfg, True, gen),
-                                                   device)
+                        one_step = functools.partial(step, model, optimizer, *batches[0], cfg, True, gen)
+                        busy = profile_gpu_busy_ms(one_step, device)
                         row["gpu_busy_ms_per_step"] = round(busy, 3)
                         row["gpu_busy_fraction"] = round(busy / row["step_ms"], 4)
                     except Exception as exc:  # noqa: BLE001
