@@ -140,7 +140,7 @@ def test_graph_modes_run_eagerly_equal_the_reference(case, mode, monkeypatch):
     cfg = make_cfg("torch", **CASES[case], compile_mode=mode)
     capture = GRAPH_MODES[mode]
     monkeypatch.setattr(FastTrainStep, "__init__", _with_capture(FastTrainStep.__init__, capture))
-    records = run_pair(cfg, resync=CASES[case]["method"] == "trades")
+    records = run_pair(cfg)  # float64: the free-running trajectories agree (tests/test_fast_step.py)
     for _, f, _, _ in records:
         assert isinstance(f.search.steps_taken, torch.Tensor) or CASES[case]["perturb"] == "none"
     partial = assert_equivalent(records)
@@ -291,6 +291,20 @@ def test_aten_op_count_of_a_fast_step_is_stable_and_counts_every_probe():
 
 
 # -------------------------------------------------------------------------------------------- on a GPU
+def gpu_graph_mode_configs(mode, comp):
+    """{compile_mode: RunConfig} of the GPU comparison below: the eager default step and `mode`. Built here
+    so that the CPU test after it catches an argument error that only the GPU test would otherwise hit."""
+    return {m: make_cfg("auto", **CASES["at-rwp-accumulate-layer"], device="cuda", compile_mode=m, compile=comp)
+            for m in ("default", mode)}
+
+
+@pytest.mark.parametrize("mode,comp", [("cuda-graphs", False), ("cuda-graphs", True), ("reduce-overhead", True)])
+def test_gpu_graph_mode_configs_build_on_cpu(mode, comp):
+    cfgs = gpu_graph_mode_configs(mode, comp)
+    assert list(cfgs) == ["default", mode]
+    assert all(c.device == "cuda" and c.backend == "auto" and c.compile == comp for c in cfgs.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,comp", [("cuda-graphs", False), ("cuda-graphs", True), ("reduce-overhead", True)])
 def test_graph_modes_equal_the_eager_fast_step_on_gpu(mode, comp):
@@ -298,10 +312,8 @@ def test_graph_modes_equal_the_eager_fast_step_on_gpu(mode, comp):
     same compile flag, 4 steps, AT-RWP with a partial mask. cuda-graphs with compile=True is what the
     benchmark times (a compiled forward inside the capture), so it is tested too."""
     device = torch.device("cuda")
-    kw = dict(CASES["at-rwp-accumulate-layer"], device="cuda", backend="auto")
     results = []
-    for m in ("default", mode):
-        cfg = make_cfg("auto", **kw, compile_mode=m, compile=comp).replace(device="cuda")
+    for m, cfg in gpu_graph_mode_configs(mode, comp).items():
         torch.manual_seed(0)
         model = build_model("small_cnn", 10, 1, (0.3,), (0.37,)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)

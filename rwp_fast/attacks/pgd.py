@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..ops import pgd_random_init, pgd_step_
 from ..reference.attacks import TRADES_INIT_STD, margin_loss, trades_kl_sum
 from ..reference.pgd_step import draw, draw_random_init_noise
+from ..reference.precision import upcast
 
 
 @contextlib.contextmanager
@@ -39,7 +40,7 @@ def frozen(params):
 
 def _objective(logits, y, loss):
     if loss == "ce":
-        return F.cross_entropy(logits.float(), y, reduction="sum")
+        return F.cross_entropy(upcast(logits), y, reduction="sum")
     if loss == "cw":
         return margin_loss(logits, y).sum()
     raise ValueError(f"loss: expected 'ce' or 'cw', got {loss!r}")
@@ -72,7 +73,7 @@ def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, pa
                   autocast=contextlib.nullcontext, input_only=True, backend=None):
     """TRADES KL attack from x + 0.001·N(0, 1), as ``trades_attack_ref``; returns a detached x_adv."""
     with torch.no_grad(), autocast():
-        p_nat = F.softmax(forward(x).float(), dim=1)
+        p_nat = F.softmax(upcast(forward(x)), dim=1)
     noise = draw(torch.randn, x.shape, generator, x.device)
     x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
     with frozen(params) if input_only else contextlib.nullcontext():

@@ -51,6 +51,7 @@ import torch
 from ..attacks.pgd import frozen
 from ..ops import accumulate_sq_norm_, perturb_axpy_, perturb_scale, segment_sq_norm
 from ..reference.perturbation_search import UPDATE_RULES
+from ..reference.precision import accumulate_dtype
 from ..reference.weight_perturb import NORM_SCOPES
 
 BREAK_SCHEDULES = ("sync", "stall-free")
@@ -107,9 +108,12 @@ class WeightPerturbation:
         self.comm = comm if comm is not None and comm.enabled else None
         device, num_segments = flat.w.device, flat.table.num_segments
         self.a = torch.zeros_like(flat.w)
-        self.scale = torch.zeros(num_segments, dtype=torch.float32, device=device)
-        self.w_sq = torch.zeros(num_segments, dtype=torch.float32, device=device)
-        self.a_sq = torch.zeros(num_segments, dtype=torch.float32, device=device)
+        # max(fp32, the weights' dtype): fp32 for fp32/bf16/fp16 weights, fp64 for an fp64 model, whose
+        # equivalence with the reference is then limited by fp64 rounding (~1e-12), not by these scalars
+        acc = accumulate_dtype(flat.w.dtype)
+        self.scale = torch.zeros(num_segments, dtype=acc, device=device)
+        self.w_sq = torch.zeros(num_segments, dtype=acc, device=device)
+        self.a_sq = torch.zeros(num_segments, dtype=acc, device=device)
         self.alive = torch.ones((), dtype=torch.bool, device=device)   # no empty probe yet (stall-free)
         self.steps = torch.zeros((), dtype=torch.int64, device=device)  # live probes (stall-free)
         self.count = torch.zeros((), dtype=torch.int64, device=device)  # mask count of the last probe

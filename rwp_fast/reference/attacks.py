@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .pgd_step import draw, draw_random_init_noise, pgd_random_init_ref, pgd_step_ref
+from .precision import upcast
 
 # The TRADES attack starts from x + 0.001·N(0, 1) (TRADES code; SPEC.md §3), not from a uniform draw.
 TRADES_INIT_STD = 0.001
@@ -21,7 +22,7 @@ TRADES_INIT_STD = 0.001
 
 def margin_loss(logits, target):
     """C&W margin max_{j≠y} z_j − z_y per example, fp32, shape (B,)."""
-    z = logits.float()
+    z = upcast(logits)
     z_y = z.gather(1, target[:, None]).squeeze(1)
     others = z.scatter(1, target[:, None], float("-inf"))
     return others.amax(dim=1) - z_y
@@ -47,7 +48,7 @@ def pgd_attack_ref(model, x, y, eps, alpha, steps, norm="linf", random_start=Tru
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
         if loss == "ce":
-            objective = F.cross_entropy(logits.float(), y, reduction="sum")
+            objective = F.cross_entropy(upcast(logits), y, reduction="sum")
         elif loss == "cw":
             objective = margin_loss(logits, y).sum()
         else:
@@ -60,7 +61,7 @@ def pgd_attack_ref(model, x, y, eps, alpha, steps, norm="linf", random_start=Tru
 def fgsm_ref(model, x, y, eps):
     """FGSM: x + ε·sign(∇ₓ CE), no random start, box-clamped (SPEC.md §1)."""
     x_req = x.detach().clone().requires_grad_(True)
-    grad = _input_grad(F.cross_entropy(model(x_req).float(), y, reduction="sum"), x_req)
+    grad = _input_grad(F.cross_entropy(upcast(model(x_req)), y, reduction="sum"), x_req)
     # One L∞ step of size ε from x itself is exactly FGSM: the ε-clamp cannot bind.
     return pgd_step_ref(x, grad, x, eps, eps, "linf").detach()
 
@@ -68,20 +69,20 @@ def fgsm_ref(model, x, y, eps):
 def fgm_ref(model, x, y, eps):
     """FGM, the one-step L2 attack: x + ε·∇ₓCE/‖∇ₓCE‖₂ per example, no random start, box-clamped."""
     x_req = x.detach().clone().requires_grad_(True)
-    grad = _input_grad(F.cross_entropy(model(x_req).float(), y, reduction="sum"), x_req)
+    grad = _input_grad(F.cross_entropy(upcast(model(x_req)), y, reduction="sum"), x_req)
     # One L2 step of length ε from x itself: the projection onto the ε-ball cannot bind.
     return pgd_step_ref(x, grad, x, eps, eps, "l2").detach()
 
 
 def trades_kl_sum(logits_adv, p_nat):
     """Σ_i Σ_c p_nat (log p_nat − log p_adv): the TRADES KL, summed over the batch."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")
+    return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), p_nat, reduction="sum")
 
 
 def trades_attack_ref(model, x, eps, alpha, steps, norm="linf", generator=None):
     """TRADES inner maximisation of KL(f(x) ‖ f(x_adv)) from x + 0.001·N(0, 1). Returns detached x_adv."""
     with torch.no_grad():
-        p_nat = F.softmax(model(x).float(), dim=1)
+        p_nat = F.softmax(upcast(model(x)), dim=1)
     noise = draw(torch.randn, x.shape, generator, x.device)
     x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
     for _ in range(steps):

@@ -21,6 +21,8 @@ import math
 
 import torch.nn.functional as F
 
+from .precision import upcast
+
 
 def lsc_mask_ref(per_example_loss, p=0.0, q=math.inf):
     """Bool mask (B,) of p ≤ ℓᵢ < q."""
@@ -43,13 +45,13 @@ def lsc_loss_ref(logits, target, p=0.0, q=math.inf):
     Returns (masked_mean: () fp32 with grad, loss: (B,) fp32 detached, mask: (B,) bool,
     count: () int64 = Σ mask).
     """
-    per_example = F.cross_entropy(logits.float(), target, reduction="none")
+    per_example = F.cross_entropy(upcast(logits), target, reduction="none")
     return _masked_mean(per_example, p, q)
 
 
 def trades_per_example_ref(logits_nat, logits_adv, target, beta):
     """ℓᵢ = CE(z_natᵢ, yᵢ) + β·Σ_c p_nat,c (log p_nat,c − log p_adv,c), fp32, shape (B,)."""
-    z_nat, z_adv = logits_nat.float(), logits_adv.float()
+    z_nat, z_adv = upcast(logits_nat), upcast(logits_adv)
     ce = F.cross_entropy(z_nat, target, reduction="none")
     log_p_nat = F.log_softmax(z_nat, dim=1)
     log_p_adv = F.log_softmax(z_adv, dim=1)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .lsc_loss import lsc_mask_ref
+from .precision import upcast
 from .weight_perturb import NORM_SCOPES, SCALE_EPS
 
 UPDATE_RULES = ("accumulate", "paper")
@@ -74,7 +75,7 @@ def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range
         raise ValueError(f"scope: expected one of {NORM_SCOPES}, got {scope!r}")
     params = [p for _, p in perturbed_parameters(model)]
     w_unperturbed = [p.detach().clone() for p in params]
-    w_norms = [p.detach().float().norm() for p in params]
+    w_norms = [upcast(p.detach()).norm() for p in params]
     v = [torch.zeros_like(p) for p in params]
     running_sum = [torch.zeros_like(p) for p in params]
     info = SearchInfo()
@@ -90,7 +91,7 @@ def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range
                 info.mask_fractions.append(mask.float().mean().item())
                 if not mask.any():
                     break  # exact: with no example in range, g = 0 and v cannot change any more
-                objective = (losses * mask.float()).sum() / losses.shape[0]
+                objective = (losses * mask.to(losses.dtype)).sum() / losses.shape[0]
                 grads = torch.autograd.grad(objective, params, allow_unused=True)
             finally:
                 _set_weights(params, w_unperturbed)
@@ -108,6 +109,6 @@ def weight_perturbation_search_ref(model, per_example_loss, gamma, k2, lsc_range
                 b.copy_(buffers[k])
         model.train(was_training)
     w_total = torch.sqrt(sum(wn ** 2 for wn in w_norms))
-    v_total = torch.sqrt(sum(vi.float().pow(2).sum() for vi in v))
+    v_total = torch.sqrt(sum(upcast(vi).pow(2).sum() for vi in v))
     info.v_norm_ratio = (v_total / w_total).item() if w_total > 0 else 0.0
     return [vi.detach() for vi in v], info

@@ -11,6 +11,8 @@ kernel that does the same operations in the same order matches it bit for bit.
 
 import torch
 
+from .precision import upcast
+
 NORMS = ("linf", "l2")
 # Added to the per-example gradient norm before dividing (SPEC.md §1, L2 step).
 L2_GRAD_EPS = 1e-10
@@ -37,7 +39,7 @@ def pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm="linf"):
     """
     _check_norm(norm)
     out_dtype = x_adv.dtype
-    x_adv, grad, x_nat = x_adv.float(), grad.float(), x_nat.float()
+    x_adv, grad, x_nat = upcast(x_adv), upcast(grad), upcast(x_nat)
     if norm == "linf":
         delta = torch.clamp(x_adv + alpha * torch.sign(grad) - x_nat, -eps, eps)
     else:
@@ -63,13 +65,13 @@ def pgd_random_init_ref(x_nat, noise, eps, norm="linf", radius=None):
     """
     _check_norm(norm)
     out_dtype = x_nat.dtype
-    x_nat, noise = x_nat.float(), noise.float()
+    x_nat, noise = upcast(x_nat), noise.to(upcast(x_nat).dtype)
     if norm == "linf":
         delta = eps * noise
     else:
         if radius is None:
             raise ValueError("radius: required for norm='l2', a (B,) tensor of U(0, 1) draws")
-        r = radius.float().view(-1, *([1] * (noise.dim() - 1)))
+        r = radius.to(x_nat.dtype).view(-1, *([1] * (noise.dim() - 1)))
         delta = noise / torch.clamp(_row_norm(noise), min=1e-30) * (r * eps)
     return torch.clamp(x_nat + delta, 0.0, 1.0).to(out_dtype)
 

@@ -18,6 +18,7 @@ from .attacks import pgd_attack_ref, trades_attack_ref
 from .lsc_loss import trades_per_example_ref
 from .perturbation_search import (SearchInfo, add_perturbation, perturbed_parameters,
                                   weight_perturbation_search_ref)
+from .precision import upcast
 
 
 @dataclass
@@ -32,7 +33,7 @@ class StepResult:
 def per_example_loss_fn(cfg, x, x_adv, y):
     """The per-example training loss ℓᵢ as a function of the model, for the search and the update."""
     if cfg.method == "at":
-        return lambda model: F.cross_entropy(model(x_adv).float(), y, reduction="none")
+        return lambda model: F.cross_entropy(upcast(model(x_adv)), y, reduction="none")
     beta = cfg.trades_beta
     return lambda model: trades_per_example_ref(model(x), model(x_adv), y, beta)
 
@@ -73,7 +74,7 @@ def train_step_ref(model, optimizer, x, y, cfg, perturb_active=True, generator=N
     optimizer.zero_grad(set_to_none=True)
     if cfg.method == "at":
         logits_adv = model(x_adv)
-        loss = F.cross_entropy(logits_adv.float(), y)
+        loss = F.cross_entropy(upcast(logits_adv), y)
     else:
         logits_nat, logits_adv = model(x), model(x_adv)
         loss = trades_per_example_ref(logits_nat, logits_adv, y, cfg.trades_beta).mean()

@@ -12,10 +12,13 @@ One RWP iteration of the fast path is, with direction buffer a and current scale
     s_new = γ‖w_l‖ / (‖a_l‖ + 1e-20)        perturb_scale(w_sq, a_sq, gamma, scope)
     w ← w + s_new·a                        perturb_axpy(w, a, s_new, sign=+1)
 
-Reductions are in fp32 whatever the buffer dtype; elementwise arithmetic is fp32, cast back on store.
+Reductions and elementwise arithmetic are in the accumulator dtype max(fp32, buffer dtype)
+(``rwp_fast.reference.precision``): fp32 for fp16/bf16/fp32 buffers, fp64 for fp64; cast back on store.
 """
 
 import torch
+
+from .precision import accumulate_dtype, upcast
 
 NORM_SCOPES = ("layer", "global")
 # Guards the division by ‖a‖ when the direction is exactly zero (SPEC.md §2).
@@ -32,30 +35,32 @@ def segment_bounds(offsets):
 # both the readable oracle and the honest "no fused ops" baseline (no N-sized index tensors).
 
 def segment_sq_norm_ref(x, offsets):
-    """Per-segment Σ x², shape (L,), fp32 (accumulated in fp64 here, the most accurate oracle)."""
+    """Per-segment Σ x², shape (L,), in max(fp32, x.dtype) (accumulated in fp64 here, the most accurate
+    oracle)."""
     norms = [torch.linalg.vector_norm(x[a:b], dtype=torch.float64) for a, b in segment_bounds(offsets)]
-    return torch.stack(norms).square().float()
+    return torch.stack(norms).square().to(accumulate_dtype(x.dtype))
 
 
 def accumulate_sq_norm_ref(a, g, offsets, beta=None):
     """a_new = β_l·a + g per segment (β = None means 1), and Σ a_new² per segment.
 
-    a, g: (N,) same dtype. beta: None or (L,) fp32. Returns (a_new (N,) in a's dtype, sq (L,) fp32);
+    a, g: (N,) same dtype. beta: None or (L,) in the accumulator dtype. Returns (a_new (N,) in a's dtype,
+    sq (L,) in max(fp32, a.dtype));
     the norm is of a_new as stored (after rounding to a's dtype).
     """
     if beta is None:
-        a_new = (a.float() + g.float()).to(a.dtype)
+        a_new = (upcast(a) + upcast(g)).to(a.dtype)
     else:
         a_new = torch.empty_like(a)
         for seg, (s, e) in enumerate(segment_bounds(offsets)):
-            a_new[s:e] = (beta[seg].float() * a[s:e].float() + g[s:e].float()).to(a.dtype)
+            a_new[s:e] = (upcast(beta[seg]) * upcast(a[s:e]) + upcast(g[s:e])).to(a.dtype)
     return a_new, segment_sq_norm_ref(a_new, offsets)
 
 
 def perturb_scale_ref(w_sq, a_sq, gamma, scope="layer"):
     """Scale s_l with ‖s_l·a_l‖ = γ‖w_l‖ (layer) or one s with ‖s·a‖ = γ‖w‖ over all segments (global).
 
-    w_sq, a_sq: (L,) fp32 squared norms. Returns (L,) fp32.
+    w_sq, a_sq: (L,) squared norms in the accumulator dtype. Returns (L,) in their dtype.
     """
     if scope not in NORM_SCOPES:
         raise ValueError(f"scope: expected one of {NORM_SCOPES}, got {scope!r}")
@@ -70,6 +75,7 @@ def perturb_axpy_ref(w, a, scale, offsets, sign=1):
         raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
     out = torch.empty_like(w)
     for seg, (s, e) in enumerate(segment_bounds(offsets)):
-        step = scale[seg].float() * a[s:e].float()
-        out[s:e] = (w[s:e].float() + step if sign == 1 else w[s:e].float() - step).to(w.dtype)
+        acc = accumulate_dtype(w.dtype)
+        step = scale[seg].to(acc) * a[s:e].to(acc)
+        out[s:e] = (w[s:e].to(acc) + step if sign == 1 else w[s:e].to(acc) - step).to(w.dtype)
     return out
