@@ -152,6 +152,7 @@ def cmd_eval(args):
     import torch
 
     from .data import load_dataset
+    from .data.subset import stratified_subset, subset_record
     from .eval import markdown_table, run_eval_suite, write_json
     from .eval.suite import default_attacks
     from .models import build_model
@@ -167,6 +168,8 @@ def cmd_eval(args):
     cfg = RunConfig.from_dict(state["config"])
     if args.data_dir:
         cfg = cfg.replace(data_dir=args.data_dir)
+    if args.subset_seed is not None:  # validated as the config field is
+        cfg = cfg.replace(subset_seed=args.subset_seed).validate()
     device = resolve_device(args.device or "auto")
     data = load_dataset(cfg)
     mismatch = weights_mismatch(weights, cfg.model, data.num_classes, data.in_channels, data.mean,
@@ -177,20 +180,26 @@ def cmd_eval(args):
     model.load_state_dict(weights)
     print(f"weights: {which}")
     model.to(device)
-    n = args.n_examples or len(data.test_x)
+    # a seeded class-stratified sample, the one the run's per-epoch evaluation used for the same N and
+    # seed (rwp_fast/data/subset.py); the whole test set by default
+    idx = stratified_subset(data.test_y, args.n_examples, cfg.subset_seed)
+    subset = subset_record(data.test_y, args.n_examples, cfg.subset_seed)
+    if subset["stratified"]:
+        print(f"test subset: {subset['n']} of {subset['of']} images, class-stratified, seed {cfg.subset_seed}")
     attacks = args.attacks
     if attacks is None:
         attacks, note = default_attacks(cfg.norm)
         if note:
             print(f"note: {note}")
     torch.manual_seed(args.seed)
-    results = run_eval_suite(model, data.test_x[:n], data.test_y[:n], cfg.eps, cfg.step_size, cfg.norm,
+    results = run_eval_suite(model, data.test_x[idx], data.test_y[idx], cfg.eps, cfg.step_size, cfg.norm,
                              attacks, args.batch_size, device, args.seed, log=print)
     title = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or "model"
     table = markdown_table(results, title=title)
     print(table)
     write_json(out, results, {"checkpoint": os.path.abspath(args.checkpoint), "epoch": state["epoch"],
-                              "weights": which, "config": cfg.to_dict(), "table": table})
+                              "weights": which, "config": cfg.to_dict(), "test_subset": subset,
+                              "table": table})
     print(f"wrote {out}")
 
 
@@ -268,7 +277,11 @@ def build_parser():
 
     e = sub.add_parser("eval", help="the paper's Table 2 evaluation suite on a checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--n-examples", type=int, default=0, help="evaluate the first N test examples (0 = all)")
+    e.add_argument("--n-examples", type=int, default=0,
+                   help="evaluate a seeded class-stratified sample of N test examples (0 = all, the default)")
+    e.add_argument("--subset-seed", type=int, default=None,
+                   help="seed of that sample (default: the run's subset_seed, so that N = the run's "
+                        "eval_examples gives the images its per-epoch evaluation used)")
     e.add_argument("--attacks", default=None,
                    help="comma-separated subset of natural,fgsm,fgm,pgd20,pgd100,cw,autoattack (default: "
                         "natural,fgsm,pgd20,pgd100,cw,autoattack for an L∞ checkpoint; for L2, fgm (one L2 "

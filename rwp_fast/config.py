@@ -90,7 +90,8 @@ class RunConfig:
     compile_mode: str = "default"      # one of COMPILE_MODES; cuda-graphs: attack + RWP probe captured
     channels_last: bool | None = None  # channels-last weights (convolutions then run NHWC)
     input_only_grads: bool = True      # freeze the weights during the attack (no weight-grad convs)
-    eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all)
+    eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all): a class-stratified sample
+    subset_seed: int = 0               # seed of the class-stratified eval subsets (not seed: every run sees the same images)
     train_examples: int = 0            # use only the first N training examples (0 = all)
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
     quiet: bool = False                # no progress bar
@@ -154,10 +155,12 @@ class RunConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
                 raise ConfigError(f"{name}: must be a finite number >= 1, got {value!r}")
         at_least_zero = ("attack_steps", "eval_attack_steps", "warmup_epochs", "eval_examples",
-                         "train_examples")
+                         "train_examples", "subset_seed")
         for name in at_least_zero:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.subset_seed < 2 ** 32:  # numpy RandomState's seed range (rwp_fast/data/subset.py)
+            raise ConfigError(f"subset_seed: must be an integer in [0, 2**32), got {self.subset_seed!r}")
         if not self.lsc_low <= self.c_min:
             raise ConfigError(f"lsc_low: the LSC range [lsc_low, c_min) needs lsc_low <= c_min, "
                               f"got lsc_low={self.lsc_low}, c_min={self.c_min}")

@@ -129,9 +129,8 @@ def epoch_metrics(trainer):
     if trainer.ema_model is None:
         trainer.ema_model = build_model(cfg.model, d.num_classes, d.in_channels, d.mean, d.std).to(trainer.device)
     trainer.ema_model.load_state_dict(trainer.ema.model_state(trainer.model))
-    n = cfg.eval_examples or len(d.test_x)
-    # the raw model's evaluation, seed included: the two columns differ only by the weights
-    test = evaluate_natural_and_pgd(trainer.ema_model, d.test_x[:n], d.test_y[:n], cfg, cfg.eval_attack_steps,
+    # the raw model's evaluation, images and seed included: the two columns differ only by the weights
+    test = evaluate_natural_and_pgd(trainer.ema_model, *trainer.eval_test, cfg, cfg.eval_attack_steps,
                                     max(cfg.batch_size, 128), trainer.device, seed=cfg.seed,
                                     dist=getattr(trainer, "dist", None))  # sharded in a multi-process run
     trainer.ema_improved = test["robust_acc"] > trainer.best_ema_metric

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..config import DEVICES, ConfigError, RunConfig
 from ..data import BatchIterator, load_dataset
+from ..data.subset import stratified_subset, subset_record
 from ..models import build_model
 from ..attacks import pgd_attack
 from ..reference import train_step_ref
@@ -129,6 +130,13 @@ def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device
             "robust_acc": totals["robust_correct"] / n, "robust_loss": totals["robust_loss"] / n}
 
 
+def _take(x, y, idx):
+    """(x[idx], y[idx]); the tensors themselves (no copy) when idx is the whole split."""
+    if len(idx) == len(y):
+        return x, y
+    return x[idx], y[idx]
+
+
 @dataclass
 class EpochStats:
     """Running sums over one epoch's training steps."""
@@ -218,6 +226,16 @@ class Trainer:
         self.data = load_dataset(cfg)
         if cfg.download and self.dist.enabled and self.dist.is_main:
             self.dist.any_(False)
+        # The per-epoch evaluation's images, fixed for the run: a seeded class-stratified sample of
+        # eval_examples test images (the first N of a class-sorted folder set are a few classes), and as
+        # many training images for the train accuracy. Also used by the EMA's evaluation (ema.py).
+        d = self.data
+        test_idx = stratified_subset(d.test_y, cfg.eval_examples, cfg.subset_seed)
+        train_idx = stratified_subset(d.train_y, len(test_idx), cfg.subset_seed)
+        self.eval_subsets = {"test": subset_record(d.test_y, cfg.eval_examples, cfg.subset_seed),
+                             "train_accuracy": subset_record(d.train_y, len(test_idx), cfg.subset_seed)}
+        self.eval_test = _take(d.test_x, d.test_y, test_idx)
+        self.eval_train = _take(d.train_x, d.train_y, train_idx)
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
                                  self.data.mean, self.data.std).to(self.device)
         if self.dist.enabled:
@@ -360,7 +378,7 @@ class Trainer:
     def _write_run_files(self):
         os.makedirs(self.out_dir, exist_ok=True)
         info = {"config": self.cfg.to_dict(), "git_commit": git_commit(), "torch": torch.__version__,
-                "device": str(self.device)}
+                "device": str(self.device), "eval_subsets": self.eval_subsets}
         tmp = os.path.join(self.out_dir, CONFIG_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(info, f, indent=2)
@@ -438,15 +456,16 @@ class Trainer:
             save_checkpoint(os.path.join(self.out_dir, "last.pt"), {**self.state_dict(), "epoch_stats": reduced})
 
     def evaluate(self):
-        cfg, d = self.cfg, self.data
-        n = cfg.eval_examples or len(d.test_x)
-        test = evaluate_natural_and_pgd(self.model, d.test_x[:n], d.test_y[:n], cfg, cfg.eval_attack_steps,
+        cfg = self.cfg
+        test = evaluate_natural_and_pgd(self.model, *self.eval_test, cfg, cfg.eval_attack_steps,
                                         max(cfg.batch_size, 128), self.device, seed=cfg.seed, dist=self.dist)
-        train = evaluate_natural_and_pgd(self.model, d.train_x[:n], d.train_y[:n], cfg, 0,
+        train = evaluate_natural_and_pgd(self.model, *self.eval_train, cfg, 0,
                                          max(cfg.batch_size, 128), self.device, dist=self.dist)
         return {"test_natural_acc": test["natural_acc"], "test_natural_loss": test["natural_loss"],
                 "test_robust_acc": test["robust_acc"], "test_robust_loss": test["robust_loss"],
-                "train_natural_acc": train["natural_acc"], "train_natural_loss": train["natural_loss"]}
+                "test_examples": len(self.eval_test[1]),
+                "train_natural_acc": train["natural_acc"], "train_natural_loss": train["natural_loss"],
+                "train_acc_examples": len(self.eval_train[1])}
 
     def fit(self):
         """Train until cfg.epochs; returns the list of per-epoch metric dicts written this call.
