@@ -60,9 +60,10 @@ def engine_args(args, device):
     """The engine's argument namespace for this run (bench_e2e.parse_args, so defaults stay in one place)."""
     cpu = device == "cpu"
     model = args.model or ("small_cnn" if cpu or args.smoke else "preact_resnet18")
-    batch = args.batch_size or (8 if args.smoke else 32 if cpu else 128)
+    # `is None`, not `or`: --batch-size 0 is a bad value to refuse, not a request for the default
+    batch = args.batch_size if args.batch_size is not None else (8 if args.smoke else 32 if cpu else 128)
     if batch < 1:
-        raise ValueError(f"--batch-size: expected a positive integer, got {batch}")
+        raise ValueError(f"batch_size: must be an integer >= 1, got {batch}")
     bad = [v for v in args.variants if v not in _engine().VARIANTS]
     if bad or not args.variants:
         raise ValueError(f"--variants: expected a comma-separated subset of {','.join(_engine().VARIANTS)}; "

@@ -76,6 +76,7 @@ def _run_commit(checkpoint):
 
 def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
     """Write DIR/model.pt and DIR/model_card.json; returns the card (a dict)."""
+    from .cli import check_writable_dir
     from .models import build_model
     from .train import load_checkpoint
     from .train.trainer import git_commit
@@ -83,6 +84,7 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     state = load_checkpoint(checkpoint)
+    check_writable_dir(out_dir, "out")  # a parent that is a file, no permission: one line, before any work
     cfg = RunConfig.from_dict(state["config"])
     weights = state["model"]
     mean = weights["normalize.mean"].flatten().tolist()
@@ -128,7 +130,6 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
         card["missing"] = (f"not measured: {', '.join(missing)} (no {os.path.basename(eval_path)} with them next "
                            f"to the checkpoint); run: rwp-fast eval {checkpoint} --attacks "
                            f"natural,pgd20,autoattack, then export again")
-    os.makedirs(out_dir, exist_ok=True)
     for name, write in ((WEIGHTS_FILE, lambda p: torch.save(sd, p)),
                         (CARD_FILE, lambda p: open(p, "w").write(json.dumps(card, indent=2) + "\n"))):
         path = os.path.join(out_dir, name)

@@ -14,6 +14,8 @@ torn one. A corrupt or mismatched file raises CheckpointError and changes nothin
 
 import os
 import random
+import re
+import zipfile
 
 import numpy as np
 import torch
@@ -41,8 +43,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, pickled objects, ...
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}); "
-                              "the file is corrupt or not an rwp-fast checkpoint") from None
+        raise CheckpointError(f"checkpoint {path}: not an rwp-fast checkpoint: cannot be read, "
+                              f"{_why_unreadable(path, exc)}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"checkpoint {path}: not an rwp-fast checkpoint (missing {missing})")
@@ -50,6 +52,23 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path}: format_version {state['format_version']}, "
                               f"this rwp-fast reads {FORMAT_VERSION}")
     return state
+
+
+def _why_unreadable(path, exc):
+    """One line on why torch.load refused `path`; torch's own text is 4+ lines about weights_only and a
+    documentation link, which says nothing about a file that is simply not a checkpoint."""
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        with open(path, "rb") as f:
+            head = f.read(8)
+        return (f"it is not the zip archive torch.save writes (first bytes: {head.hex(' ') or 'none, empty file'})"
+                "; rwp-fast checkpoints are RUN_DIR/best.pt and RUN_DIR/last.pt")
+    text = str(exc)
+    # weights_only refusals name the cause on a line "WeightsUnpickler error: <cause>" (torch 2.4-2.14)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        return f"it holds objects that a weights-only load refuses ({m.group(1).strip().split('. ')[0]})"
+    first = text.strip().splitlines()[0] if text.strip() else "no message"
+    return f"a zip archive, but not a readable torch.save file ({type(exc).__name__}: {first[:200]})"
 
 
 def rng_state():
