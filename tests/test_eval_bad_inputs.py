@@ -5,24 +5,12 @@ import os
 import pytest
 
 from rwp_fast.cli import main
+from test_cli import one_line_error, tiny_run  # noqa: F401  (tiny_run: a fixture, a 1-epoch digits run)
 
 
-def one_line_error(capsys, argv, *needles):
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bad_inputs") / "run"
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--attack-steps", "1", "--eval-attack-steps",
-                 "1", "--train-examples", "32", "--eval-examples", "8", "--batch-size", "32", "--quiet",
-                 "--device", "cpu", "--out-dir", str(out)]) == 0
-    return out / "last.pt"
+@pytest.fixture
+def checkpoint(tiny_run):
+    return tiny_run / "last.pt"
 
 
 @pytest.fixture
