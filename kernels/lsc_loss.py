@@ -217,16 +217,60 @@ def _masked_sum(loss, mask):
     return count, masked_mean
 
 
-def lsc_loss_fwd(logits, target, p, q):
+def _check_fwd(logits, target, p, q):
+    _check_logits("logits", logits)
+    _check_target(target, logits)
+    return _check_range(p, q)
+
+
+def _check_bwd(grad_out, logits, target, lse, mask):
+    _check_logits("logits", logits)
+    _check_target(target, logits)
+    _check_grad_out(grad_out, logits.device)
+    _check_row_stats(logits, lse=lse, mask=mask)
+
+
+def _check_trades_logits(logits_nat, logits_adv, target):
+    _check_logits("logits_nat", logits_nat)
+    check_tensor("logits_adv", logits_adv, dtypes=FLOAT_DTYPES, device=logits_nat.device,
+                 shape=logits_nat.shape)
+    check_same_dtype("logits_adv", logits_adv, "logits_nat", logits_nat)
+    _check_target(target, logits_nat)
+
+
+def _check_trades_fwd(logits_nat, logits_adv, target, beta, p, q):
+    _check_trades_logits(logits_nat, logits_adv, target)
+    return _check_range(p, q)
+
+
+def _check_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl, mask, beta):
+    _check_trades_logits(logits_nat, logits_adv, target)
+    _check_grad_out(grad_out, logits_nat.device)
+    _check_row_stats(logits_nat, lse_nat=lse_nat, lse_adv=lse_adv, kl=kl, mask=mask)
+
+
+def _fwd_outputs_fake(logits, row_stats):
+    """(loss, mask, count, masked_mean) and `row_stats` fp32 (B,) vectors, as the forwards return."""
+    b = logits.shape[0]
+    return (logits.new_empty((b,), dtype=torch.float32), logits.new_empty((b,), dtype=torch.bool),
+            logits.new_empty((1,), dtype=torch.int64), logits.new_empty((1,), dtype=torch.float32),
+            *(logits.new_empty((b,), dtype=torch.float32) for _ in range(row_stats)))
+
+
+Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Tensors7 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+# The library ops (``torch.ops.rwp_triton.*``) with the CUDA extension's schemas; see kernels/pgd_step.py.
+@torch.library.custom_op("rwp_triton::lsc_loss_fwd", mutates_args=())
+def lsc_loss_fwd(logits: torch.Tensor, target: torch.Tensor, p: float, q: float) -> Tensors5:
     """Per-example CE with the LSC mask.
 
     logits: (B, C) contiguous fp32/fp16/bf16; target: (B,) int64 in [0, C); p, q: floats, p <= q.
     Returns (loss (B,) fp32, mask (B,) bool = p ≤ loss < q, count (1,) int64 = Σ mask,
     masked_mean (1,) fp32 = Σ mask·loss / B, lse (B,) fp32 log-sum-exp of each row, for the backward).
     """
-    _check_logits("logits", logits)
-    _check_target(target, logits)
-    p, q = _check_range(p, q)
+    p, q = _check_fwd(logits, target, p, q)
     batch, n_cols = logits.shape
     loss, mask = _new_row_outputs(batch, logits.device)
     lse = new_output((batch,), torch.float32, logits.device)
@@ -238,16 +282,15 @@ def lsc_loss_fwd(logits, target, p, q):
     return loss, mask, count, masked_mean, lse
 
 
-def lsc_loss_bwd(grad_out, logits, target, lse, mask):
+@torch.library.custom_op("rwp_triton::lsc_loss_bwd", mutates_args=())
+def lsc_loss_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
     """dlogits (B, C) in logits.dtype = grad_out·maskᵢ/B·(softmax(logits) − onehot(target)).
 
     grad_out: () or (1,) fp32 gradient of the masked mean; lse: (B,) fp32 and mask: (B,) bool from
     lsc_loss_fwd.
     """
-    _check_logits("logits", logits)
-    _check_target(target, logits)
-    _check_grad_out(grad_out, logits.device)
-    _check_row_stats(logits, lse=lse, mask=mask)
+    _check_bwd(grad_out, logits, target, lse, mask)
     batch, n_cols = logits.shape
     dlogits = new_output((batch, n_cols), logits.dtype, logits.device)
     block, num_warps = _launch_params(n_cols)
@@ -257,19 +300,16 @@ def lsc_loss_bwd(grad_out, logits, target, lse, mask):
     return dlogits
 
 
-def lsc_loss_trades_fwd(logits_nat, logits_adv, target, beta, p, q):
+@torch.library.custom_op("rwp_triton::lsc_loss_trades_fwd", mutates_args=())
+def lsc_loss_trades_fwd(logits_nat: torch.Tensor, logits_adv: torch.Tensor, target: torch.Tensor, beta: float,
+                        p: float, q: float) -> Tensors7:
     """TRADES per-example loss ℓᵢ = CE(z_natᵢ, yᵢ) + β·KLᵢ with the LSC mask.
 
     logits_nat, logits_adv: (B, C) contiguous, same dtype (fp32/fp16/bf16) and device; target: (B,)
     int64. Returns (loss, mask, count, masked_mean, lse_nat, lse_adv, kl) with the conventions of
     lsc_loss_fwd and kl (B,) fp32 = Σ_c p_nat,c (log p_nat,c − log p_adv,c).
     """
-    _check_logits("logits_nat", logits_nat)
-    check_tensor("logits_adv", logits_adv, dtypes=FLOAT_DTYPES, device=logits_nat.device,
-                 shape=logits_nat.shape)
-    check_same_dtype("logits_adv", logits_adv, "logits_nat", logits_nat)
-    _check_target(target, logits_nat)
-    p, q = _check_range(p, q)
+    p, q = _check_trades_fwd(logits_nat, logits_adv, target, beta, p, q)
     batch, n_cols = logits_nat.shape
     device = logits_nat.device
     loss, mask = _new_row_outputs(batch, device)
@@ -282,17 +322,14 @@ def lsc_loss_trades_fwd(logits_nat, logits_adv, target, beta, p, q):
     return loss, mask, count, masked_mean, lse_nat, lse_adv, kl
 
 
-def lsc_loss_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl, mask, beta):
+@torch.library.custom_op("rwp_triton::lsc_loss_trades_bwd", mutates_args=())
+def lsc_loss_trades_bwd(grad_out: torch.Tensor, logits_nat: torch.Tensor, logits_adv: torch.Tensor,
+                        target: torch.Tensor, lse_nat: torch.Tensor, lse_adv: torch.Tensor, kl: torch.Tensor,
+                        mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_nat, d_adv), each (B, C) in the logits' dtype, with cᵢ = grad_out·maskᵢ/B:
     d_nat = cᵢ·[(p_nat − onehot) + β·p_nat⊙(log p_nat − log p_adv − klᵢ)], d_adv = cᵢ·β·(p_adv − p_nat).
     """
-    _check_logits("logits_nat", logits_nat)
-    check_tensor("logits_adv", logits_adv, dtypes=FLOAT_DTYPES, device=logits_nat.device,
-                 shape=logits_nat.shape)
-    check_same_dtype("logits_adv", logits_adv, "logits_nat", logits_nat)
-    _check_target(target, logits_nat)
-    _check_grad_out(grad_out, logits_nat.device)
-    _check_row_stats(logits_nat, lse_nat=lse_nat, lse_adv=lse_adv, kl=kl, mask=mask)
+    _check_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl, mask, beta)
     batch, n_cols = logits_nat.shape
     d_nat = new_output((batch, n_cols), logits_nat.dtype, logits_nat.device)
     d_adv = new_output((batch, n_cols), logits_nat.dtype, logits_nat.device)
@@ -302,3 +339,27 @@ def lsc_loss_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_a
                                               mask, d_nat, d_adv, n_cols, float(batch), float(beta),
                                               BLOCK=block, num_warps=num_warps)
     return d_nat, d_adv
+
+
+@lsc_loss_fwd.register_fake
+def _lsc_loss_fwd_fake(logits, target, p, q):
+    _check_fwd(logits, target, p, q)
+    return _fwd_outputs_fake(logits, 1)
+
+
+@lsc_loss_bwd.register_fake
+def _lsc_loss_bwd_fake(grad_out, logits, target, lse, mask):
+    _check_bwd(grad_out, logits, target, lse, mask)
+    return torch.empty_like(logits)
+
+
+@lsc_loss_trades_fwd.register_fake
+def _lsc_loss_trades_fwd_fake(logits_nat, logits_adv, target, beta, p, q):
+    _check_trades_fwd(logits_nat, logits_adv, target, beta, p, q)
+    return _fwd_outputs_fake(logits_nat, 3)
+
+
+@lsc_loss_trades_bwd.register_fake
+def _lsc_loss_trades_bwd_fake(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl, mask, beta):
+    _check_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl, mask, beta)
+    return torch.empty_like(logits_nat), torch.empty_like(logits_nat)

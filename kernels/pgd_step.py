@@ -185,6 +185,86 @@ def _l2_launch_params(row_numel):
     return L2_STREAM_BLOCK, False, 4
 
 
+def _check_step(x_adv, grad, x_nat, alpha, eps, norm, out=None):
+    _check_norm(norm)
+    _check_images("x_adv", x_adv, grad=grad, x_nat=x_nat, **({} if out is None else {"out": out}))
+
+
+def _check_random_init(x_nat, noise, eps, norm, radius, out):
+    _check_norm(norm)
+    _check_images("x_nat", x_nat, out=out)
+    check_tensor("noise", noise, dtypes=(torch.float32,), device=x_nat.device, shape=x_nat.shape)
+    if norm == "l2":
+        if radius is None:
+            raise ValueError("radius: required for norm='l2', a (B,) fp32 tensor of U(0, 1) draws")
+        check_tensor("radius", radius, dtypes=(torch.float32,), device=x_nat.device,
+                     shape=(x_nat.shape[0],))
+
+
+def _launch_step(x_adv, grad, x_nat, alpha, eps, norm, out):
+    """Validate, then launch the step kernel of `norm` writing into `out` (which may be x_adv)."""
+    _check_step(x_adv, grad, x_nat, alpha, eps, norm, out)
+    if x_adv.numel() == 0:
+        return
+    if norm == "linf":
+        n = x_adv.numel()
+        grid = (triton.cdiv(n, LINF_BLOCK),)
+        with _common.on_device(x_adv):
+            _pgd_step_linf_kernel[grid](x_adv, grad, x_nat, out, n, alpha, eps, BLOCK=LINF_BLOCK, num_warps=4,
+                                        **NO_FMA)
+        return
+    batch = x_adv.shape[0]
+    row_numel = x_adv.numel() // batch
+    block, one_pass, num_warps = _l2_launch_params(row_numel)
+    with _common.on_device(x_adv):
+        _pgd_step_l2_kernel[(batch,)](x_adv, grad, x_nat, out, row_numel, alpha, eps, L2_GRAD_EPS,
+                                      BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+
+
+# The library ops (``torch.ops.rwp_triton.*``): the CUDA extension's schemas (csrc/bindings.cpp), opaque
+# to torch.compile through their fake impls, so a compiled region holds them without a graph break. The
+# fakes run the same argument checks: a meta (or fake) operand dispatches to the fake, not to the body.
+# (``torch.library.triton_op`` would let Inductor see inside, but it traces the launch itself under fake
+# tensors, which the Triton interpreter that CI runs on cannot do.)
+@torch.library.custom_op("rwp_triton::pgd_step", mutates_args={"out"})
+def _pgd_step_op(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha: float, eps: float,
+                 norm: str, out: torch.Tensor) -> None:
+    _launch_step(x_adv, grad, x_nat, alpha, eps, norm, out)
+
+
+@torch.library.custom_op("rwp_triton::pgd_step_", mutates_args={"x_adv"})
+def _pgd_step_inplace_op(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha: float, eps: float,
+                         norm: str) -> None:
+    # Each element is read before it is written by the same program, so out = x_adv is race-free.
+    _launch_step(x_adv, grad, x_nat, alpha, eps, norm, x_adv)
+
+
+@torch.library.custom_op("rwp_triton::pgd_random_init", mutates_args={"out"})
+def _pgd_random_init_op(x_nat: torch.Tensor, noise: torch.Tensor, eps: float, norm: str,
+                        radius: torch.Tensor | None, out: torch.Tensor) -> None:
+    _check_random_init(x_nat, noise, eps, norm, radius, out)
+    if x_nat.numel() == 0:
+        return
+    if norm == "linf":
+        n = x_nat.numel()
+        grid = (triton.cdiv(n, LINF_BLOCK),)
+        with _common.on_device(x_nat):
+            _pgd_random_init_linf_kernel[grid](x_nat, noise, out, n, eps, BLOCK=LINF_BLOCK, num_warps=4,
+                                               **NO_FMA)
+        return
+    batch = x_nat.shape[0]
+    row_numel = x_nat.numel() // batch
+    block, one_pass, num_warps = _l2_launch_params(row_numel)
+    with _common.on_device(x_nat):
+        _pgd_random_init_l2_kernel[(batch,)](x_nat, noise, radius, out, row_numel, eps,
+                                             BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+
+
+_pgd_step_op.register_fake(_check_step)
+_pgd_step_inplace_op.register_fake(_check_step)
+_pgd_random_init_op.register_fake(_check_random_init)
+
+
 def pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out):
     """Write the next PGD iterate into `out` and return it.
 
@@ -192,31 +272,16 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out):
     device. `out` may be `x_adv` itself (in-place step). alpha, eps: Python floats, pixel units.
     norm: 'linf' (bit-exact vs pgd_step_ref in fp32) or 'l2'.
     """
-    _check_norm(norm)
-    _check_images("x_adv", x_adv, grad=grad, x_nat=x_nat, out=out)
-    if x_adv.numel() == 0:
-        return out
-    alpha, eps = float(alpha), float(eps)
-    if norm == "linf":
-        n = x_adv.numel()
-        grid = (triton.cdiv(n, LINF_BLOCK),)
-        with _common.on_device(x_adv):
-            _pgd_step_linf_kernel[grid](x_adv, grad, x_nat, out, n, alpha, eps, BLOCK=LINF_BLOCK, num_warps=4,
-                                        **NO_FMA)
-        return out
-    batch = x_adv.shape[0]
-    row_numel = x_adv.numel() // batch
-    block, one_pass, num_warps = _l2_launch_params(row_numel)
-    with _common.on_device(x_adv):
-        _pgd_step_l2_kernel[(batch,)](x_adv, grad, x_nat, out, row_numel, alpha, eps, L2_GRAD_EPS,
-                                      BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+    if out is x_adv:  # the out-of-place op's schema does not mark x_adv as written
+        return pgd_step_(x_adv, grad, x_nat, alpha, eps, norm)
+    torch.ops.rwp_triton.pgd_step(x_adv, grad, x_nat, float(alpha), float(eps), norm, out)
     return out
 
 
 def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm):
-    """In-place PGD step: x_adv is overwritten with the next iterate and returned (see pgd_step).
-    Each element is read before it is written by the same program, so out = x_adv is race-free."""
-    return pgd_step(x_adv, grad, x_nat, alpha, eps, norm, x_adv)
+    """In-place PGD step: x_adv is overwritten with the next iterate and returned (see pgd_step)."""
+    torch.ops.rwp_triton.pgd_step_(x_adv, grad, x_nat, float(alpha), float(eps), norm)
+    return x_adv
 
 
 def pgd_random_init(x_nat, noise, eps, norm, radius, out):
@@ -226,28 +291,5 @@ def pgd_random_init(x_nat, noise, eps, norm, radius, out):
     fp32 (U(−1, 1) draws for 'linf', N(0, 1) for 'l2'); radius: (B,) fp32 U(0, 1) fractions of ε,
     required for 'l2', ignored for 'linf'. eps: Python float.
     """
-    _check_norm(norm)
-    _check_images("x_nat", x_nat, out=out)
-    check_tensor("noise", noise, dtypes=(torch.float32,), device=x_nat.device, shape=x_nat.shape)
-    eps = float(eps)
-    if norm == "l2":
-        if radius is None:
-            raise ValueError("radius: required for norm='l2', a (B,) fp32 tensor of U(0, 1) draws")
-        check_tensor("radius", radius, dtypes=(torch.float32,), device=x_nat.device,
-                     shape=(x_nat.shape[0],))
-    if x_nat.numel() == 0:
-        return out
-    if norm == "linf":
-        n = x_nat.numel()
-        grid = (triton.cdiv(n, LINF_BLOCK),)
-        with _common.on_device(x_nat):
-            _pgd_random_init_linf_kernel[grid](x_nat, noise, out, n, eps, BLOCK=LINF_BLOCK, num_warps=4,
-                                               **NO_FMA)
-        return out
-    batch = x_nat.shape[0]
-    row_numel = x_nat.numel() // batch
-    block, one_pass, num_warps = _l2_launch_params(row_numel)
-    with _common.on_device(x_nat):
-        _pgd_random_init_l2_kernel[(batch,)](x_nat, noise, radius, out, row_numel, eps,
-                                             BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps)
+    torch.ops.rwp_triton.pgd_random_init(x_nat, noise, float(eps), norm, radius, out)
     return out

@@ -13,7 +13,6 @@ Triton runs CUDA tensors, and CPU tensors only under ``TRITON_INTERPRET=1`` (tha
 kernels). The CUDA extension ``rwp_fast._C`` runs CUDA tensors only.
 """
 
-import functools
 import importlib
 import logging
 import os
@@ -60,14 +59,24 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Plain dicts, not functools.cache: torch.compile traces a dict lookup (a constant under a guard) but
+# not a cached function, so a compiled region that calls an op after its first eager call does not break.
+_MODULES = {}
+_AUTO = {}
+
+
 def _load(backend, op):
     """Import the module that implements `op` for `backend`; raises the original ImportError."""
-    if backend == "triton":
-        return importlib.import_module(f"rwp_fast.kernels.{op}")
-    if backend == "cuda":
-        return importlib.import_module("rwp_fast.ops.cuda_ops")
-    raise AssertionError(backend)
+    module = _MODULES.get((backend, op))
+    if module is None:
+        if backend == "triton":
+            module = importlib.import_module(f"rwp_fast.kernels.{op}")
+        elif backend == "cuda":
+            module = importlib.import_module("rwp_fast.ops.cuda_ops")
+        else:
+            raise AssertionError(backend)
+        _MODULES[(backend, op)] = module
+    return module
 
 
 def backend_module(backend, op):
@@ -89,14 +98,17 @@ def _can_run(backend, op, device_type):
     return True
 
 
-@functools.cache
 def _auto_choice(op, device_type):
-    order = AUTO_ORDER[op][0] if device_type == "cuda" else ("torch",)
-    for backend in order:
-        if _can_run(backend, op, device_type):
-            log.info("rwp_fast.ops: %s on %s uses the %s backend", op, device_type, backend)
-            return backend
-    return "torch"
+    choice = _AUTO.get((op, device_type))
+    if choice is None:
+        choice = "torch"
+        for backend in AUTO_ORDER[op][0] if device_type == "cuda" else ("torch",):
+            if _can_run(backend, op, device_type):
+                log.info("rwp_fast.ops: %s on %s uses the %s backend", op, device_type, backend)
+                choice = backend
+                break
+        _AUTO[(op, device_type)] = choice
+    return choice
 
 
 def choose_backend(op, device, backend=None):
