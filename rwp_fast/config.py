@@ -95,6 +95,7 @@ class RunConfig:
     train_examples: int = 0            # use only the first N training examples (0 = all)
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
     quiet: bool = False                # no progress bar
+    deterministic: bool = False        # GPU: deterministic cuDNN and torch algorithms (README, "Resume and determinism")
     tensorboard: bool = False          # also write the metrics to OUT_DIR/tb/ (needs the tensorboard extra)
     # --- many processes (torchrun; README "Many GPUs")
     sync_bn: bool = False              # SyncBatchNorm across processes (CUDA); default: per-process batch statistics

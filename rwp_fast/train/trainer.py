@@ -8,7 +8,10 @@ the fast path (``FastTrainStep``) with the fused ops on that backend.
 
 Reproducibility: every random draw of a step (augmentation, attack start) comes from generators seeded
 by (seed, epoch, step), never from global RNG state, so a run resumed from the checkpoint written at
-the end of epoch e replays epoch e + 1 exactly as the uninterrupted run did. last.pt written inside an
+the end of epoch e replays epoch e + 1 with the same draws as the uninterrupted run. On a CPU it is then
+bit for bit the same run; on a GPU only with ``deterministic`` (README, "Resume and determinism"):
+cuDNN's default backward algorithms are nondeterministic, and the LSC mask and the early break are hard
+thresholds, so a last-bit difference can become another probe count. last.pt written inside an
 epoch (SIGTERM / SIGUSR1, or ``checkpoint_every_steps``) also holds the position in the epoch and the
 epoch's running metric sums, and a resume continues from that step.
 
@@ -51,6 +54,24 @@ def resolve_device(name):
         raise ConfigError("device: 'cuda' was requested but torch sees no CUDA device; "
                           "use one of auto, cpu (auto picks CUDA when there is one)")
     return torch.device(name)
+
+
+# cuBLAS's deterministic workspace setting (docs: "Reproducibility"); ':16:8' is the smaller alternative.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def apply_determinism(enabled):
+    """``--deterministic``: deterministic cuDNN (benchmark off, deterministic algorithms),
+    ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic implementation then raises,
+    naming itself, instead of running nondeterministically) and CUBLAS_WORKSPACE_CONFIG, which cuBLAS needs
+    for repeatable matmuls (a value the user set is kept). Process-wide; nothing is done when off, so the
+    defaults (cuDNN autotuning) stay. On a CPU every op is already deterministic: this changes nothing."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
 
 
 def step_seed(seed, epoch, step, stream=0):
@@ -220,6 +241,7 @@ class Trainer:
             # its loss scaling guards a range problem CPUs do not have. Refused rather than run slowly.
             raise ConfigError("precision: 'fp16' needs a CUDA device (fp16 autocast on CPU is not a speed "
                               "path); on CPU use one of auto, fp32, bf16")
+        apply_determinism(cfg.deterministic)  # before any CUDA work: cuBLAS reads its setting at its first call
         torch.manual_seed(cfg.seed)
         if cfg.download and self.dist.enabled and not self.dist.is_main:
             self.dist.any_(False)  # wait for rank 0's download: N processes extracting into one folder race
