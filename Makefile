@@ -1,6 +1,6 @@
 # The two set-up commands of the README, each self-contained on a fresh machine with Python and pip:
 #   make demo   the main job: AT, AT-AWP and AT-RWP on the built-in digits data (CPU or GPU)
-#   make test   the test suite (what CI runs, through .ci/run)
+#   make test   the test suite, then its portability leg (what CI runs, through .ci/run)
 # Both create .venv on first use: torch first (the extension build imports it), then the package
 # in editable mode with the dev extra. The CUDA extension is compiled whenever nvcc is found
 # (setup.py looks at CUDA_HOME, /usr/local/cuda and PATH); see setup.py for the knobs.
@@ -27,8 +27,22 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(BIN)/rwp-fast demo
 
+# The portability leg (issue 20): the equivalence and op tests once more under each setting below, each of
+# which changes how fp32 rounds on CPU (the ISA ATen and oneDNN dispatch to, MKL's kernels, the thread count
+# and so the summation order). The fp64 equivalence tests and the per-op error models must pass under all
+# of them, on an AVX2 machine and on an AVX-512 one alike. Cost: README, Tests.
+PORTABLE_TESTS := tests/test_fast_step.py tests/test_cuda_graphs.py tests/test_lsc_loss.py tests/test_pgd_step.py \
+	tests/test_weight_perturb.py tests/test_zero_direction.py tests/test_reference.py \
+	tests/test_bench_e2e.py::test_released_step_matches_reference_step tests/test_verify.py::test_whole_step_check
+PORTABILITY_ENVS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
+	OMP_NUM_THREADS=1 OMP_NUM_THREADS=3
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests bench
+	@for setting in $(PORTABILITY_ENVS); do \
+		echo "portability leg: $$setting"; \
+		env $$setting $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABLE_TESTS) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info rwp_fast/_C*.so
