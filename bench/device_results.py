@@ -143,7 +143,8 @@ def main(argv=None):
             busy = "-" if s.get("gpu_busy_fraction") is None else f"{100 * s['gpu_busy_fraction']:.0f}%"
             lines.append(f"{name}: {s['method']:<7} {s['variant']:<16} {s['images_per_s'] or 0:9.1f} img/s  "
                          f"×released {ratio}  ÷AT {s['time_vs_at'] or 0:.2f}  "
-                         f"probes {s['probes']}  MFU {mfu}  GPU busy {busy}  skips {s.get('cudagraph_skips', '-')}")
+                         f"probes {s['probes']}  MFU {mfu}  GPU busy {busy}  "
+                         f"skips {'-' if s.get('cudagraph_skips') is None else s['cudagraph_skips']}")
     for r in results["micro"]:
         lines.append(f"micro: {r['op']:<15}{r['case']:<32}{r['impl']:<12}"
                      + (f"{r['us_p50']:9.1f} us {r['pct_of_copy'] or '-'}% of copy" if r["us_p50"] is not None
