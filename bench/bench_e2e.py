@@ -155,6 +155,7 @@ ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10
 DEVICE_PLAN = (
     ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
     ("preact_resnet18", 128, "compiled"), ("preact_resnet18", 128, "reduce-overhead"),
+    ("preact_resnet18", 128, "cuda-graphs"),
     ("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast"),
     ("preact_resnet18", 512, "released"), ("preact_resnet18", 512, "fast"),
     ("preact_resnet18", 128, "reference"), ("wrn-34-10", 128, "reference"),
