@@ -11,16 +11,22 @@ Writes
     clean / PGD-20 / AutoAttack accuracy with the number of test examples (from the checkpoint's
     ``*_eval.json`` if there is one; a ``missing`` list says what is not measured and how to measure it),
     extra data, training method and hyperparameters, and the rwp-fast commits (training and export).
+  * ``DIR/model_info/<dataset>/<threat>/<Name>.json``: RobustBench's own model-info file (link, name,
+    authors, additional_data, number_forward_passes, dataset, venue, architecture, eps, clean_acc,
+    reported, autoattack_acc, unreliable), filled from the checkpoint and its eval JSON. What only the
+    user knows comes from --link, --paper-name, --authors, --venue (and --model-name for <Name>); each one
+    not given is an explicit "TODO: ..." placeholder, and the command lists them.
 
 ``load_exported(DIR)`` rebuilds the model (Normalize + network) from the two files.
 """
 
 import json
 import os
+import re
 
 import torch
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 FORMATS = ("robustbench",)
 WEIGHTS_FILE = "model.pt"
@@ -57,12 +63,59 @@ def _ours(state, arch):
     return out
 
 
-def _eval_results(checkpoint, eval_json):
+def _eval_report(checkpoint, eval_json):
+    """(the eval JSON's contents or None, its path)."""
     path = eval_json or os.path.splitext(checkpoint)[0] + "_eval.json"
     if not os.path.isfile(path):
         return None, path
     with open(path) as f:
-        return json.load(f).get("results", {}), path
+        return json.load(f), path
+
+
+# RobustBench's model_info/<dataset>/<threat>/<Name>.json (e.g. cifar10/Linf/Wu2020Adversarial.json):
+# accuracies are strings in percent with 2 decimals, eps a string "8/255".
+MODEL_INFO_DIR = "model_info"
+ARCHITECTURE_NAMES = {"preact_resnet18": "PreActResNet-18", "wrn-34-10": "WideResNet-34-10",
+                      "wrn-28-10": "WideResNet-28-10"}
+# What only the user knows: field → the flag that fills it; without the flag an explicit placeholder.
+USER_FIELDS = {"link": "--link", "name": "--paper-name", "authors": "--authors", "venue": "--venue"}
+
+
+def placeholder(flag):
+    return f"TODO: fill in (rwp-fast export {flag} ...)"
+
+
+def model_info(cfg, results, subset, user=None, reported=None):
+    """RobustBench's model-info dict and the fields left as placeholders, as [(field, flag)].
+
+    results: the eval JSON's 'results' (or None); subset: its 'test_subset' (or None); user: {field: text}
+    for the USER_FIELDS; reported: the robust accuracy the paper reports, in % (default: the measured
+    AutoAttack accuracy, which is what a run of rwp-fast has to report).
+    """
+    user = user or {}
+    todo = [(k, flag) for k, flag in USER_FIELDS.items() if not user.get(k)]
+    pct = lambda name: f"{100 * results[name]:.2f}" if results and name in results else None
+    measured = {"clean_acc": pct("natural"), "autoattack_acc": pct("autoattack")}
+    for field, value in measured.items():
+        if value is None:
+            todo.append((field, f"rwp-fast eval CHECKPOINT --attacks natural,autoattack (no {field} measured)"))
+    info = {k: user.get(k) or placeholder(flag) for k, flag in USER_FIELDS.items() if k in ("link", "name", "authors")}
+    info.update({
+        "additional_data": bool(cfg.extra_file) or cfg.method == "rst",
+        "number_forward_passes": 1,
+        "dataset": cfg.dataset,
+        "venue": user.get("venue") or placeholder(USER_FIELDS["venue"]),
+        "architecture": ARCHITECTURE_NAMES.get(cfg.model, cfg.model),
+        "eps": f"{cfg.epsilon:g}/255",
+        "clean_acc": measured["clean_acc"] or "TODO: not measured",
+        "reported": f"{reported:.2f}" if reported is not None else (measured["autoattack_acc"] or "TODO: not measured"),
+        "autoattack_acc": measured["autoattack_acc"] or "TODO: not measured",
+        "unreliable": False,
+    })
+    if subset and subset.get("stratified"):
+        todo.append(("clean_acc/autoattack_acc", f"measured on {subset['n']} of {subset['of']} test images; "
+                     "RobustBench reports the whole test set: rwp-fast eval without --n-examples"))
+    return info, todo
 
 
 def _run_commit(checkpoint):
@@ -74,8 +127,9 @@ def _run_commit(checkpoint):
         return "unknown (no config.json next to the checkpoint)"
 
 
-def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
-    """Write DIR/model.pt and DIR/model_card.json; returns the card (a dict)."""
+def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=None, user=None, reported=None):
+    """Write DIR/model.pt, DIR/model_card.json and RobustBench's DIR/model_info/<dataset>/<threat>/<Name>.json;
+    returns the card (a dict), with 'model_info' (its path) and 'placeholders' ([(field, flag)])."""
     from .cli import check_writable_dir
     from .models import build_model
     from .train import load_checkpoint
@@ -83,6 +137,9 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
 
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if model_name is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", model_name):
+        raise ConfigError(f"model_name: {model_name!r} is not a RobustBench name; allowed: letters, digits, "
+                          "- and _, e.g. Yu2022Robust")
     state = load_checkpoint(checkpoint)
     check_writable_dir(out_dir, "out")  # a parent that is a file, no permission: one line, before any work
     cfg = RunConfig.from_dict(state["config"])
@@ -95,7 +152,8 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
     model.load_state_dict(weights)
     sd = standard_state_dict(model, cfg.model)
 
-    results, eval_path = _eval_results(checkpoint, eval_json)
+    report, eval_path = _eval_report(checkpoint, eval_json)
+    results = None if report is None else report.get("results", {})
     accuracy, missing = {}, []
     for key, name in (("clean", "natural"), ("pgd20", "pgd20"), ("autoattack", "autoattack")):
         if results is not None and name in results:
@@ -130,12 +188,26 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None):
         card["missing"] = (f"not measured: {', '.join(missing)} (no {os.path.basename(eval_path)} with them next "
                            f"to the checkpoint); run: rwp-fast eval {checkpoint} --attacks "
                            f"natural,pgd20,autoattack, then export again")
-    for name, write in ((WEIGHTS_FILE, lambda p: torch.save(sd, p)),
-                        (CARD_FILE, lambda p: open(p, "w").write(json.dumps(card, indent=2) + "\n"))):
-        path = os.path.join(out_dir, name)
+    info, todo = model_info(cfg, results, (report or {}).get("test_subset"), user, reported)
+    name = model_name or default_model_name(checkpoint)
+    info_path = os.path.join(MODEL_INFO_DIR, cfg.dataset, card["threat_model"], f"{name}.json")
+    os.makedirs(os.path.join(out_dir, os.path.dirname(info_path)), exist_ok=True)
+    for rel, write in ((WEIGHTS_FILE, lambda p: torch.save(sd, p)),
+                       (CARD_FILE, lambda p: open(p, "w").write(json.dumps(card, indent=2) + "\n")),
+                       (info_path, lambda p: open(p, "w").write(json.dumps(info, indent=2) + "\n"))):
+        path = os.path.join(out_dir, rel)
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
-    return card
+    if not model_name:
+        todo.insert(0, ("<Name>", f"--model-name (RobustBench's Surname2022Word; used: {name})"))
+    return {**card, "model_info": os.path.join(out_dir, info_path), "placeholders": todo}
+
+
+def default_model_name(checkpoint):
+    """RWPFast_<run directory>_<checkpoint>, e.g. RWPFast_at-rwp_best: a valid file name until --model-name."""
+    run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) or "run"
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    return "RWPFast_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{run}_{stem}")
 
 
 def load_exported(out_dir):
@@ -152,17 +224,33 @@ def load_exported(out_dir):
 
 
 def cmd_export(args):
-    card = export(args.checkpoint, args.out, args.format, args.eval_json)
-    print(f"wrote {os.path.join(args.out, WEIGHTS_FILE)} and {os.path.join(args.out, CARD_FILE)}")
+    user = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in USER_FIELDS.items()}
+    card = export(args.checkpoint, args.out, args.format, args.eval_json, args.model_name, user, args.reported)
+    print(f"wrote {os.path.join(args.out, WEIGHTS_FILE)}, {os.path.join(args.out, CARD_FILE)} and "
+          f"{card['model_info']}")
     if "missing" in card:
         print(f"note: {card['missing']}")
+    for field, how in card["placeholders"]:
+        print(f"placeholder: {field}: {how}")
 
 
 def add_export_parser(sub):
-    x = sub.add_parser("export", help="export a checkpoint for RobustBench: plain state_dict + model card")
+    x = sub.add_parser("export", help="export a checkpoint for RobustBench: plain state_dict, model card and "
+                                      "RobustBench's model-info JSON")
     x.add_argument("checkpoint", help="e.g. RUN_DIR/best.pt")
     x.add_argument("--format", default="robustbench", choices=FORMATS)
-    x.add_argument("--out", required=True, help="output directory (model.pt, model_card.json)")
+    x.add_argument("--out", required=True,
+                   help="output directory (model.pt, model_card.json, model_info/<dataset>/<threat>/<Name>.json)")
     x.add_argument("--eval-json", default=None, help="eval results (default: CHECKPOINT_eval.json)")
+    x.add_argument("--model-name", default=None,
+                   help="RobustBench's <Name> of model_info/<dataset>/<threat>/<Name>.json, e.g. Yu2022Robust "
+                        "(letters, digits, - and _; default RWPFast_<run dir>_<checkpoint>)")
+    x.add_argument("--paper-name", default=None, help="model info 'name': the paper's title")
+    x.add_argument("--link", default=None, help="model info 'link': the paper's URL")
+    x.add_argument("--authors", default=None, help="model info 'authors', e.g. 'Chaojian Yu, Bo Han, ...'")
+    x.add_argument("--venue", default=None, help="model info 'venue', e.g. 'IJCAI 2022'")
+    x.add_argument("--reported", type=float, default=None,
+                   help="model info 'reported': the robust accuracy (%%) the paper reports (default: the "
+                        "measured AutoAttack accuracy)")
     x.set_defaults(func=cmd_export)
     return x
