@@ -6,7 +6,7 @@
 #   3 headline     rwp-fast bench: released vs fast, PreAct ResNet-18 b128, AT and AT-RWP, RWP/AT time
 #   4 extras       fast again beside the launch-overhead variants (reduce-overhead, cuda-graphs) that exist
 #   5 micro        the op microbenchmarks with the fraction of copy bandwidth
-#   6 tracking     the 50-step bf16 tracking test and the graph modes against the uncaptured step (gpu-marked
+#   6 tracking     the bf16 tracking test, the graph modes against the uncaptured step, two --deterministic runs (gpu-marked
 #                  pytests; never the interpreter suite)
 #   7 sanitizer    compute-sanitizer memcheck on one small call of each CUDA op ("not supported" is no FAIL).
 #                  Last: on gVisor machines it refuses the device (device notes, 2026-11-04), and the
@@ -132,8 +132,10 @@ fi
 
 # ---------------------------------------------------------------------------------------------- 6 tracking
 # Only the gpu-marked tracking test; on CPU it is collected and skipped ("needs CUDA"), which checks the name.
-part tracking 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
-    -k "tracks_the_fp32_reference or graph_modes_equal_the_eager" tests/test_fast_step.py tests/test_cuda_graphs.py
+# -v: one line per test as it ends, so a part cut at its limit still says which passed.
+part tracking 170 "$PYTHON" -m pytest -v -p no:cacheprovider -m gpu \
+    -k "tracks_the_fp32_reference or graph_modes_equal_the_eager or deterministic_gpu_runs" \
+    tests/test_fast_step.py tests/test_cuda_graphs.py tests/test_determinism.py
 
 # ---------------------------------------------------------------------------------------------- 3, 4 bench
 # The headline pair first; the launch-overhead variants of issue 17 next, whichever the engine has (the

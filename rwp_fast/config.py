@@ -92,12 +92,12 @@ class RunConfig:
     compile_mode: str = "auto"         # one of COMPILE_MODES; cuda-graphs: attack + RWP probe captured
     channels_last: bool | None = None  # channels-last weights (convolutions then run NHWC)
     input_only_grads: bool = True      # freeze the weights during the attack (no weight-grad convs)
-    eval_examples: int = 1000          # test examples in the per-epoch PGD-20 evaluation (0 = all): a class-stratified sample
-    subset_seed: int = 0               # seed of the class-stratified eval subsets (not seed: every run sees the same images)
+    eval_examples: int = 1000          # per-epoch PGD-20 test examples (0 = all): a class-stratified sample
+    subset_seed: int = 0               # seed of the stratified eval subsets (not seed: every run sees these images)
     train_examples: int = 0            # use only the first N training examples (0 = all)
     out_dir: str = "runs/default"      # run directory: config, metrics, checkpoints, plots
     quiet: bool = False                # no progress bar
-    deterministic: bool = False        # GPU: deterministic cuDNN and torch algorithms (README, "Resume and determinism")
+    deterministic: bool = False        # GPU: deterministic cuDNN and torch algorithms (README, "Resume and ...")
     tensorboard: bool = False          # also write the metrics to OUT_DIR/tb/ (needs the tensorboard extra)
     # --- many processes (torchrun; README "Many GPUs")
     sync_bn: bool = False              # SyncBatchNorm across processes (CUDA); default: per-process batch statistics
