@@ -7,6 +7,7 @@ from rwp_fast.attacks import pgd_attack, trades_attack
 from rwp_fast.models import build_model
 from rwp_fast.ops import dispatch
 from rwp_fast.reference import pgd_attack_ref, trades_attack_ref
+from rwp_fast.verify import tolerances
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -26,8 +27,13 @@ def test_pgd_attack_matches_reference(backend, norm, loss):
     ref = pgd_attack_ref(model, x, y, eps, alpha, 5, norm, True, loss, torch.Generator().manual_seed(3))
     if norm == "linf":
         assert torch.equal(fast, ref)
-    else:  # L2: the kernel's row norms sum in another order; 1e-6 is ~10 ulp of a pixel
-        assert torch.allclose(fast, ref, atol=1e-6, rtol=0)
+    else:
+        # L2: each step of the kernel is within PGD_L2_ATOL of pgd_step_ref's on the same inputs (its row
+        # norms sum in another order; tolerances.py). Projection onto ball ∩ box is non-expansive, so
+        # earlier differences do not grow through it, and the input gradient moves by a second-order
+        # amount for a 1e-6 move of x_adv: the 5 steps stay within 5·PGD_L2_ATOL. A wrong step is off
+        # by ~α/√64 ≈ 1e-2 per pixel.
+        assert torch.allclose(fast, ref, atol=5 * tolerances.PGD_L2_ATOL, rtol=0)
     assert not torch.equal(fast, x)  # the attack moved
     assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
     assert all(p.grad is None for p in model.parameters())  # input gradients only

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -117,24 +116,33 @@ def _train_cmd(out_dir, epochs):
             "--device", "cpu", "--quiet", "--out-dir", str(out_dir)]
 
 
+# The CLI in a child that SIGKILLs itself right after global step argv[1]: the kill lands at a chosen step
+# whatever the machine's speed (a wall-clock sleep after epoch 1's checkpoint landed past epoch 2 on a fast
+# idle machine, and could land before epoch 2's first step on a loaded one).
+KILLED_AT_STEP = """
+import os, signal, sys
+from rwp_fast import cli
+from rwp_fast.train import Trainer
+kill_at, real_init = int(sys.argv[1]), Trainer.__init__
+def init(self, *a, **kw):
+    real_init(self, *a, **kw)
+    self.after_step = lambda t: t.step == kill_at and os.kill(os.getpid(), signal.SIGKILL)
+Trainer.__init__ = init
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_train_cmd(straight, 3), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(killed, 3), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # 640 examples / batch 32 = 20 steps per epoch: step 25 is inside epoch 2, after epoch 1's checkpoint
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, "25", *_train_cmd(killed, 3)[3:]], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 and (killed / "last.pt").exists():
-            break
-        time.sleep(0.01)
-    # Inside epoch 2: a third of epoch 1's training time after its checkpoint landed. A fixed sleep was
-    # either too short or, on an idle machine where an epoch takes under 0.5 s, past the whole epoch.
-    time.sleep(0.3 * json.loads(metrics.read_text().splitlines()[0])["seconds"])
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert load_checkpoint(killed / "last.pt")["step"] == 20   # epoch 1's checkpoint, not a later one
     done = len(metrics.read_text().splitlines())
     assert done == 1, f"killed after {done} epochs; expected mid-epoch 2"
 
