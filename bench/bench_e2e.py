@@ -86,10 +86,10 @@ versions, date, git commit, command and full config. ``--smoke`` never writes to
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
-import functools
 import statistics
 import sys
 import time

@@ -67,7 +67,9 @@ part() {
     local name=$1 cap=$2
     shift 2
     local left limit t rc took status
-    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
+    local wanted=" ${PARTS:-} "
+    [[ "$wanted" == *" install "* ]] && wanted+="install_without_cuda_ext "  # the fallback comes with it
+    if [ -n "${PARTS:-}" ] && [[ "$wanted" != *" $name "* ]]; then
         printf '%s\tskipped: not in PARTS=%s\t0\t%s\n' "$name" "$PARTS" "$cap" >> "$STATUS"
         echo "== $name: skipped (PARTS=$PARTS)"
         return 0
@@ -141,7 +143,7 @@ part tracking 170 "$PYTHON" -m pytest -v -p no:cacheprovider -m gpu \
 # The headline pair first; the launch-overhead variants of issue 17 next, whichever the engine has (the
 # list is data: add a name here and it runs when bench_e2e.VARIANTS knows it).
 HEADLINE_VARIANTS="${HEADLINE_VARIANTS:-released,fast}"
-EXTRA_VARIANTS="${EXTRA_VARIANTS:-reduce-overhead,cuda-graphs}"
+EXTRA_VARIANTS="${EXTRA_VARIANTS:-no-compile,reduce-overhead}"
 if [ "$DRY" = 1 ]; then
     BENCH_SIZE=(--device cpu --smoke --steps 1 --repeats 1 --warmup 0)
 else
@@ -154,9 +156,9 @@ part headline 200 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods a
 EXTRAS="$("$PYTHON" -c "import sys; from rwp_fast.bench.bench_e2e import VARIANTS, NOT_IMPLEMENTED
 print(','.join(v for v in sys.argv[1].split(',') if v in VARIANTS and v not in NOT_IMPLEMENTED))" "$EXTRA_VARIANTS" 2>/dev/null)"
 if [ -n "$EXTRAS" ]; then
-    # beside fast, not released: a graph mode becomes the CUDA default only if it beats fast in the same run
+    # beside compiled (fast is captured on CUDA: cuda-graphs), per mode: eager, compiled, captured, graph trees
     part extras 120 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
-        --variants "fast,$EXTRAS" --no-progress --time-budget $(( $(limit_for 120) - 20 )) --json "$OUT/extras.json"
+        --variants "compiled,$EXTRAS" --no-progress --time-budget $(( $(limit_for 120) - 20 )) --json "$OUT/extras.json"
 else
     printf 'extras\tskipped: none of %s is implemented in bench_e2e.VARIANTS\t0\t0\n' "$EXTRA_VARIANTS" >> "$STATUS"
     echo "extras: none of $EXTRA_VARIANTS implemented"

@@ -272,6 +272,7 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out):
     device. `out` may be `x_adv` itself (in-place step). alpha, eps: Python floats, pixel units.
     norm: 'linf' (bit-exact vs pgd_step_ref in fp32) or 'l2'.
     """
+    _check_norm(norm)  # here too: the op's schema would refuse a non-str first, without naming the choices
     if out is x_adv:  # the out-of-place op's schema does not mark x_adv as written
         return pgd_step_(x_adv, grad, x_nat, alpha, eps, norm)
     torch.ops.rwp_triton.pgd_step(x_adv, grad, x_nat, float(alpha), float(eps), norm, out)
@@ -280,6 +281,7 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out):
 
 def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm):
     """In-place PGD step: x_adv is overwritten with the next iterate and returned (see pgd_step)."""
+    _check_norm(norm)
     torch.ops.rwp_triton.pgd_step_(x_adv, grad, x_nat, float(alpha), float(eps), norm)
     return x_adv
 
@@ -291,5 +293,10 @@ def pgd_random_init(x_nat, noise, eps, norm, radius, out):
     fp32 (U(−1, 1) draws for 'linf', N(0, 1) for 'l2'); radius: (B,) fp32 U(0, 1) fractions of ε,
     required for 'l2', ignored for 'linf'. eps: Python float.
     """
+    _check_norm(norm)
+    if norm == "linf":
+        radius = None  # ignored for L∞, whatever was passed
+    elif radius is not None:
+        check_tensor("radius", radius, dtypes=(torch.float32,), device=x_nat.device, shape=(x_nat.shape[0],))
     torch.ops.rwp_triton.pgd_random_init(x_nat, noise, float(eps), norm, radius, out)
     return out

@@ -109,22 +109,17 @@ def _num_warps(chunk):
 class _Table:
     """The SegmentTable fields the kernels read, rebuilt from an op's tensor and int arguments."""
 
-    def __init__(self, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align):
+    def __init__(self, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel):
         self.offsets, self.chunk_seg, self.chunk_start = offsets, chunk_seg, chunk_start
-        self.seg_chunk_start, self.chunk, self.align = seg_chunk_start, chunk, align
+        self.seg_chunk_start, self.chunk, self.align, self.numel = seg_chunk_start, chunk, align, numel
         self.num_segments, self.num_chunks = offsets.shape[0] - 1, chunk_seg.shape[0]
 
 
 def _table_args(table):
-    """The op arguments of a SegmentTable: its four tensors, chunk and align. table.numel is a host
-    number that the device tensors cannot give without a sync, so the public functions check it."""
+    """The op arguments of a SegmentTable: its four tensors, chunk, align and numel (a host number the
+    device tensors cannot give without a sync; the kernels trust it, so every op checks it)."""
     return (table.offsets, table.chunk_seg, table.chunk_start, table.seg_chunk_start, int(table.chunk),
-            int(table.align))
-
-
-def _check_numel(name, x, table):
-    if x.numel() != table.numel:
-        raise ValueError(f"{name}: expected {table.numel} elements (table.numel), got {x.numel()}")
+            int(table.align), int(table.numel))
 
 
 def _check_table(table, device):
@@ -135,12 +130,12 @@ def _check_table(table, device):
                              f"call table.to({str(device)!r}) once")
 
 
-def _check_flat(name, x, ref_name=None, ref=None):
+def _check_flat(name, x, table, ref_name=None, ref=None):
     check_tensor(name, x, dtypes=FLOAT_DTYPES, device=None if ref is None else ref.device, ndim=1)
+    if x.numel() != table.numel:
+        raise ValueError(f"{name}: expected {table.numel} elements (table.numel), got {x.numel()}")
     if ref is not None:
         check_same_dtype(name, x, ref_name, ref)
-        if x.numel() != ref.numel():
-            raise ValueError(f"{name}: expected {ref.numel()} elements (as {ref_name}), got {x.numel()}")
 
 
 def _check_per_segment(name, t, table, device):
@@ -148,13 +143,13 @@ def _check_per_segment(name, t, table, device):
 
 
 def _check_sq_norm(x, table):
-    _check_flat("x", x)
+    _check_flat("x", x, table)
     _check_table(table, x.device)
 
 
 def _check_accumulate(a, g, beta, table):
-    _check_flat("a", a)
-    _check_flat("g", g, "a", a)
+    _check_flat("a", a, table)
+    _check_flat("g", g, table, "a", a)
     _check_table(table, a.device)
     if beta is not None:
         _check_per_segment("beta", beta, table, a.device)
@@ -163,8 +158,8 @@ def _check_accumulate(a, g, beta, table):
 def _check_axpy(w, a, scale, table, sign):
     if sign not in (1, -1):
         raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
-    _check_flat("w", w)
-    _check_flat("a", a, "w", w)
+    _check_flat("w", w, table)
+    _check_flat("a", a, table, "w", w)
     _check_table(table, w.device)
     _check_per_segment("scale", scale, table, w.device)
 
@@ -178,12 +173,13 @@ def _segment_sum(partial, table, device):
 
 
 # The library ops (``torch.ops.rwp_triton.*``): the CUDA extension's schemas plus ``align`` (the largest
-# power of two ≤ 16 dividing every offset, a host fact the kernels' vector hints need); see
-# kernels/pgd_step.py. The fakes run the same checks.
+# power of two ≤ 16 dividing every offset, a host fact the kernels' vector hints need) and ``numel`` (the
+# kernels index by the table, so a short buffer would be read out of bounds); see kernels/pgd_step.py.
+# The fakes run the same checks.
 @torch.library.custom_op("rwp_triton::segment_sq_norm", mutates_args=())
 def _segment_sq_norm_op(x: torch.Tensor, offsets: torch.Tensor, chunk_seg: torch.Tensor, chunk_start: torch.Tensor,
-                        seg_chunk_start: torch.Tensor, chunk: int, align: int) -> torch.Tensor:
-    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align)
+                        seg_chunk_start: torch.Tensor, chunk: int, align: int, numel: int) -> torch.Tensor:
+    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel)
     _check_sq_norm(x, table)
     partial = new_output((table.num_chunks,), torch.float32, x.device)
     with _common.on_device(x):
@@ -196,8 +192,8 @@ def _segment_sq_norm_op(x: torch.Tensor, offsets: torch.Tensor, chunk_seg: torch
 @torch.library.custom_op("rwp_triton::accumulate_sq_norm_", mutates_args={"a"})
 def _accumulate_sq_norm_op(a: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None, offsets: torch.Tensor,
                            chunk_seg: torch.Tensor, chunk_start: torch.Tensor, seg_chunk_start: torch.Tensor,
-                           chunk: int, align: int) -> torch.Tensor:
-    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align)
+                           chunk: int, align: int, numel: int) -> torch.Tensor:
+    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel)
     _check_accumulate(a, g, beta, table)
     partial = new_output((table.num_chunks,), torch.float32, a.device)
     with _common.on_device(a):
@@ -211,8 +207,8 @@ def _accumulate_sq_norm_op(a: torch.Tensor, g: torch.Tensor, beta: torch.Tensor 
 @torch.library.custom_op("rwp_triton::perturb_axpy_", mutates_args={"w"})
 def _perturb_axpy_op(w: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor,
                      chunk_seg: torch.Tensor, chunk_start: torch.Tensor, seg_chunk_start: torch.Tensor, chunk: int,
-                     align: int, sign: int) -> None:
-    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align)
+                     align: int, numel: int, sign: int) -> None:
+    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel)
     _check_axpy(w, a, scale, table, sign)
     with _common.on_device(w):
         _perturb_axpy_kernel[(table.num_chunks,)](
@@ -221,27 +217,26 @@ def _perturb_axpy_op(w: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, offs
 
 
 @_segment_sq_norm_op.register_fake
-def _segment_sq_norm_fake(x, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align):
-    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align)
+def _segment_sq_norm_fake(x, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel):
+    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel)
     _check_sq_norm(x, table)
     return x.new_empty((table.num_segments,), dtype=torch.float32)
 
 
 @_accumulate_sq_norm_op.register_fake
-def _accumulate_sq_norm_fake(a, g, beta, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align):
-    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align)
+def _accumulate_sq_norm_fake(a, g, beta, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel):
+    table = _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel)
     _check_accumulate(a, g, beta, table)
     return a.new_empty((table.num_segments,), dtype=torch.float32)
 
 
 @_perturb_axpy_op.register_fake
-def _perturb_axpy_fake(w, a, scale, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, sign):
-    _check_axpy(w, a, scale, _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align), sign)
+def _perturb_axpy_fake(w, a, scale, offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel, sign):
+    _check_axpy(w, a, scale, _Table(offsets, chunk_seg, chunk_start, seg_chunk_start, chunk, align, numel), sign)
 
 
 def segment_sq_norm(x, table):
     """Per-segment Σ x², (L,) fp32. x: (N,) contiguous fp32/fp16/bf16 with N = table.numel."""
-    _check_numel("x", x, table)
     return torch.ops.rwp_triton.segment_sq_norm(x, *_table_args(table))
 
 
@@ -249,8 +244,8 @@ def accumulate_sq_norm_(a, g, table, beta):
     """In place a ← β_l·a + g per segment (β None means 1); returns per-segment Σ a² of the new a as
     stored, (L,) fp32. a, g: (N,) contiguous, same dtype (fp32/fp16/bf16); beta: None or (L,) fp32.
     """
-    _check_numel("a", a, table)
-    _check_numel("g", g, table)
+    if beta is not None:
+        _check_per_segment("beta", beta, table, a.device)  # before the schema's own, unnamed type check
     return torch.ops.rwp_triton.accumulate_sq_norm_(a, g, beta, *_table_args(table))
 
 
@@ -261,7 +256,5 @@ def perturb_axpy_(w, a, scale, table, sign):
     """
     if sign not in (1, -1):
         raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
-    _check_numel("w", w, table)
-    _check_numel("a", a, table)
     torch.ops.rwp_triton.perturb_axpy_(w, a, scale, *_table_args(table), int(sign))
     return w

@@ -282,8 +282,9 @@ def test_flat_weights_keep_grads_as_views_and_channels_last_strides():
 
 
 @pytest.mark.gpu
-def test_bf16_compiled_fast_path_tracks_the_fp32_reference_on_gpu(capsys):
-    """50 steps of PreAct ResNet-18, AT-RWP, synthetic CIFAR-shaped data: bf16 + compile vs fp32 reference,
+@pytest.mark.parametrize("mode", ["cuda-graphs", "default"])  # 'auto' (the CUDA default) is cuda-graphs
+def test_bf16_compiled_fast_path_tracks_the_fp32_reference_on_gpu(capsys, mode):
+    """30 steps of PreAct ResNet-18, AT-RWP, synthetic CIFAR-shaped data: bf16 + compile vs fp32 reference,
     each step from the reference's state (resync), so each step's bf16 error is compared, not a trajectory.
     How far the free-running bf16 trajectory drifts is a measured figure (``verify --steps``), not a gate.
 
@@ -296,20 +297,23 @@ def test_bf16_compiled_fast_path_tracks_the_fp32_reference_on_gpu(capsys):
     counts to agree in at least 80% of the steps.
     """
     device = torch.device("cuda")
+    steps = 30  # per mode: both modes fit the device run's tracking part
     from rwp_fast.data import make_synthetic
-    (train_x, train_y), _, _ = make_synthetic(n_train=50 * 128, n_test=8)
+    (train_x, train_y), _, _ = make_synthetic(n_train=steps * 128, n_test=8)
     kw = dict(dataset="synthetic", model="preact_resnet18", attack_steps=10, perturb="rwp", gamma=0.01,
               c_min=2.2, k2=10, lr=0.02, momentum=0.9, weight_decay=5e-4, device="cuda")
     cfg_ref = RunConfig(**kw, backend="reference").validate()
-    cfg_fast = RunConfig(**kw, backend="auto", precision="bf16", compile=True, channels_last=True).validate()
+    cfg_fast = RunConfig(**kw, backend="auto", precision="bf16", compile=True, channels_last=True,
+                         compile_mode=mode).validate()
     torch.manual_seed(0)
     ref = build_model("preact_resnet18", 10, 3, (0.5,) * 3, (0.25,) * 3).to(device)
     fast = copy.deepcopy(ref)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
     opt_fast = torch.optim.SGD(fast.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
     step = FastTrainStep(fast, opt_fast, cfg_fast, device)
+    assert step.mode == mode  # no quiet fallback: the mode named is the mode measured
     gaps, weight_gaps, agree = [], [], 0
-    for i in range(50):
+    for i in range(steps):
         x = (train_x[i * 128:(i + 1) * 128].to(device).float() / 255)
         y = train_y[i * 128:(i + 1) * 128].to(device)
         r = train_step_ref(ref, opt_ref, x, y, cfg_ref, generator=torch.Generator(device).manual_seed(i))
@@ -324,9 +328,9 @@ def test_bf16_compiled_fast_path_tracks_the_fp32_reference_on_gpu(capsys):
         fast.load_state_dict(ref.state_dict())
         opt_fast.load_state_dict(copy.deepcopy(opt_ref.state_dict()))
     with capsys.disabled():  # the measured figures, in the device run's log
-        print(f"\nbf16 per step: loss gap mean {sum(gaps) / len(gaps):.3f} max {max(gaps):.3f} nats; weights "
-              f"max {max(weight_gaps):.1e} relative; probe counts agree {agree}/50")
-    assert agree >= 40, f"early-break probe counts agree in only {agree}/50 steps"
+        print(f"\nbf16 {mode} per step: loss gap mean {sum(gaps) / len(gaps):.3f} max {max(gaps):.3f} nats; "
+              f"weights max {max(weight_gaps):.1e} relative; probe counts agree {agree}/{steps}")
+    assert agree >= 0.8 * steps, f"early-break probe counts agree in only {agree}/{steps} steps"
 
 
 def test_fp16_search_stops_at_an_overflowed_probe_gradient_and_keeps_weights_finite():

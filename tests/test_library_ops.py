@@ -29,7 +29,8 @@ def _table(numels=(7, 4101, 1)):
 
 
 def _table_args(table):
-    return (table.offsets, table.chunk_seg, table.chunk_start, table.seg_chunk_start, table.chunk, table.align)
+    return (table.offsets, table.chunk_seg, table.chunk_start, table.seg_chunk_start, table.chunk, table.align,
+            table.numel)
 
 
 def _op_cases():

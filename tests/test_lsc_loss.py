@@ -268,4 +268,11 @@ def test_masked_mean_and_count_are_fixed_order(backend, device):
     second = ops.lsc_loss(logits, target, 0.0, 2.0, backend=backend)
     assert first[3].dtype == torch.int64 and first[3].shape == ()
     assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])
+    # and the sum is right over B = 1000 > 256 rows (the CUDA kernel's per-thread stride loop)
+    ref_mean, _, ref_mask, ref_count = lsc_loss_ref(logits, target, 0.0, 2.0)
+    check_mask(first[1], first[2], lsc_loss_ref(logits, target)[1], ref_mask, 0.0, 2.0)
+    assert abs(int(first[3]) - int(ref_count)) <= int((~(first[2] == ref_mask)).sum())
     assert 0 < int(first[3]) < 1000  # a partial mask, so the sum has both kinds of rows
+    # 1000 positive terms: the kernels' trees (≤ 4 sequential adds + 8–10 levels) and torch's sum are each
+    # within ~12·2⁻²⁴ ≈ 7e-7 relative of the exact mean, inside LOSS_TOL's 1e-5
+    torch.testing.assert_close(first[0], ref_mean, **LOSS_TOL)

@@ -155,3 +155,12 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path, capsys):
         sweep.run_status(cfg)
     assert cli.main(["sweep", "--perturb", "rwp", "--grid", "k2=1", "--out-dir", str(tmp_path / "s")]) == 2
     assert "holds a run of another configuration" in capsys.readouterr().err
+
+
+def test_a_run_saved_with_another_compile_mode_is_the_same_run(tmp_path):
+    """compile_mode is a speed setting (its default became 'auto'): a run saved with 'default' is not refused."""
+    cfg = RunConfig(**{"perturb": "rwp", "out_dir": str(tmp_path / "s" / "k2=1")})
+    os.makedirs(cfg.out_dir)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({"config": cfg.replace(compile_mode="default").to_dict()}, f)
+    sweep.run_status(cfg)  # no ConfigError

@@ -28,8 +28,8 @@ OPS = ("pgd_step", "lsc_loss", "weight_perturb")
 # On CPU, ``auto`` always uses ``torch``: the Triton interpreter is a correctness tool, not a fast path.
 AUTO_ORDER = {
     # op:             (order on CUDA,              evidence)
-    # bench/results/2026-12-04-h200/micro.json (H200, eager, p50). The CUDA ops are also torch.library ops
-    # that compiled graphs hold without a break; the Triton launches are not (yet).
+    # bench/results/2026-12-04-h200/micro.json (H200, eager, p50; the Triton ops were plain launches then,
+    # before they became torch.library ops with ~9 µs more host time a call on CPU).
     "pgd_step":       (("cuda", "triton", "torch"), "L∞ b128: cuda 7.4 µs vs triton 8.6; L2 b128: 9.8 vs 8.2"),
     "lsc_loss":       (("cuda", "triton", "torch"), "CE 512×10 fwd+bwd: cuda 414 µs vs triton 954 (host-bound)"),
     "weight_perturb": (("cuda", "triton", "torch"), "PreAct-18: cuda 124 µs (78% of copy) vs triton 176 (55%); "
