@@ -107,7 +107,7 @@ from rwp_fast.data import make_synthetic
 from rwp_fast.models import build_model, dataset_stats
 from rwp_fast.ops import dispatch
 from rwp_fast.reference import train_step_ref
-from rwp_fast.train.fast_step import FastTrainStep, resolve_compile_mode, resolve_fast_settings
+from rwp_fast.train.fast_step import FastTrainStep, resolve_fast_settings
 from rwp_fast.train.graphs import count_aten_ops
 
 RESULTS = os.path.join(common.REPO, "bench", "results", "e2e.jsonl")
@@ -120,7 +120,6 @@ VARIANT_SETTINGS = {
     "released": dict(EAGER_FP32, backend="reference", input_only_grads=False),
     "reference": dict(EAGER_FP32, backend="reference", input_only_grads=True),
     "fast": FAST,
-    "compiled": dict(FAST, compile_mode="default"),  # the model compiled, nothing captured
     "no-amp": dict(FAST, precision="fp32"),
     "no-channels-last": dict(FAST, channels_last=False),
     "no-compile": dict(FAST, compile=False),
@@ -138,8 +137,8 @@ CUDA_ONLY = {
     "cuda-graphs": "skipped: torch.cuda.CUDAGraph capture needs a CUDA device",
 }
 VARIANTS = tuple(VARIANT_SETTINGS) + tuple(NOT_IMPLEMENTED)
-FAST_FAMILY = ("fast", "compiled", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only",
-               "reduce-overhead", "cuda-graphs")
+FAST_FAMILY = ("fast", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only", "reduce-overhead",
+               "cuda-graphs")
 
 # method key → (method label, regime label, config fields). Order = measurement priority in a unit.
 METHODS = {
@@ -154,8 +153,7 @@ ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10
 # The one-shot GPU script's subset, most important first: a time budget cuts from the end.
 DEVICE_PLAN = (
     ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
-    ("preact_resnet18", 128, "compiled"), ("preact_resnet18", 128, "reduce-overhead"),
-    ("preact_resnet18", 128, "cuda-graphs"),
+    ("preact_resnet18", 128, "reduce-overhead"), ("preact_resnet18", 128, "cuda-graphs"),
     ("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast"),
     ("preact_resnet18", 512, "released"), ("preact_resnet18", 512, "fast"),
     ("preact_resnet18", 128, "reference"), ("wrn-34-10", 128, "reference"),
@@ -232,7 +230,7 @@ def resolved_settings(variant, cfg, device):
     # make_step sets the process-wide backend to cfg.backend, as the Trainer does
     backends = {op: dispatch.choose_backend(op, device, cfg.backend) for op in dispatch.OPS}
     return dict(precision=precision, compile=compile_model, channels_last=channels_last,
-                input_only=cfg.input_only_grads, backends=backends, compile_mode=resolve_compile_mode(cfg, device))
+                input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode)
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -606,7 +604,7 @@ class Suite:
                 row["warmup_s"] = round(timing["warmup_s"], 3)
                 row["recompiles"] = timing["recompiles"]
                 row["host_ms_per_step"], row["gpu_ms_per_step"] = timing["host_ms"], timing["gpu_ms"]
-                if getattr(step, "mode", None) not in (None, resolve_compile_mode(cfg, device)):  # fell back
+                if getattr(step, "mode", cfg.compile_mode) != cfg.compile_mode:  # a graph mode fell back
                     row["fallback"] = step.mode
                 row["steps"], row["repeats"], row["warmup"] = args.steps, args.repeats, warmup
                 row["probes"] = _probes(timing["result"])

@@ -23,9 +23,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 # Training modes of the fast trainer: torch.compile modes, plus 'cuda-graphs' (explicit torch.cuda.CUDAGraph
 # capture). reduce-overhead and cuda-graphs fall back to 'default' with a warning where they cannot run.
-# 'auto' is cuda-graphs on CUDA (H200, PreAct-18 b128 AT-RWP: 2005 img/s against default's 484,
-# bench/results/2026-12-04-h200) and default elsewhere, falling back without a warning.
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graphs")
+# cuda-graphs ran 4.1x faster than default on an H200 (PreAct-18 b128 AT-RWP 2005 vs 484 img/s,
+# bench/results/2026-12-04-h200) but has not yet passed its equality tests on a GPU, so it is not the default.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graphs")
 
 
 # num_workers: accepted and used nowhere (every dataset is a tensor moved to the device once, and
@@ -89,7 +89,7 @@ class RunConfig:
     # --- fast trainer only (None / 'auto': on for CUDA, off for CPU)
     precision: str = "auto"            # one of PRECISIONS; auto is bf16 autocast on CUDA, fp32 on CPU
     compile: bool | None = None        # torch.compile the model (--no-compile to switch off)
-    compile_mode: str = "auto"         # one of COMPILE_MODES; cuda-graphs: attack + RWP probe captured
+    compile_mode: str = "default"      # one of COMPILE_MODES; cuda-graphs: attack + RWP probe captured
     channels_last: bool | None = None  # channels-last weights (convolutions then run NHWC)
     input_only_grads: bool = True      # freeze the weights during the attack (no weight-grad convs)
     eval_examples: int = 1000          # per-epoch PGD-20 test examples (0 = all): a class-stratified sample

@@ -47,7 +47,7 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_PNG = "summary.png"
 LSC_KEY = "lsc_range"                 # the pseudo-field of --lsc-ranges: (lsc_low, c_min)
 # Not part of a run's identity: a finished run with other values here is still the same run. compile_mode
-# is a speed setting whose modes the tests hold equal to the reference (and its default changed to 'auto').
+# is a speed setting whose modes the tests hold equal to the reference.
 NOT_IDENTITY = ("out_dir", "quiet", "device", "compile_mode")
 # The LSC-range analysis of `rwp-fast demo --lsc-analysis`: the paper's ranges (SPEC.md, Fig. 1), in nats.
 DEMO_LSC_RANGES = "0:0.5,0.5:1,1:1.5,1.5:2,2:inf"

@@ -337,19 +337,3 @@ def test_graph_modes_equal_the_eager_fast_step_on_gpu(mode, comp):
         if a.is_floating_point():
             assert (a - b).norm() <= 1e-4 * a.norm() + 1e-6
 
-
-def test_auto_mode_is_cuda_graphs_on_cuda_and_default_quietly_elsewhere(recwarn):
-    """compile_mode='auto' (the default) resolves by device, and its CPU fallback warns nothing, while an
-    explicit graph mode that cannot run says so."""
-    from rwp_fast.train.fast_step import resolve_compile_mode
-    cfg = make_cfg("torch", **CASES["at-rwp-paper-layer"])
-    assert cfg.compile_mode == "auto"
-    assert resolve_compile_mode(cfg, torch.device("cuda")) == "cuda-graphs"
-    assert resolve_compile_mode(cfg, torch.device("cpu")) == "default"
-    assert resolve_compile_mode(cfg.replace(compile_mode="reduce-overhead"), "cuda") == "reduce-overhead"
-    model = build_model("small_cnn", 10, 3, (0.5,) * 3, (0.25,) * 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert FastTrainStep(model, opt, cfg, "cpu").mode == "default"
-    assert not [w for w in recwarn if "compile_mode" in str(w.message)]
-    with pytest.warns(RuntimeWarning, match="compile_mode='cuda-graphs'"):
-        FastTrainStep(model, opt, cfg.replace(compile_mode="cuda-graphs"), "cpu")

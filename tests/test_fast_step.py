@@ -282,7 +282,7 @@ def test_flat_weights_keep_grads_as_views_and_channels_last_strides():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["cuda-graphs", "default"])  # 'auto' (the CUDA default) is cuda-graphs
+@pytest.mark.parametrize("mode", ["default", "cuda-graphs"])  # the default, and the captured mode
 def test_bf16_compiled_fast_path_tracks_the_fp32_reference_on_gpu(capsys, mode):
     """30 steps of PreAct ResNet-18, AT-RWP, synthetic CIFAR-shaped data: bf16 + compile vs fp32 reference,
     each step from the reference's state (resync), so each step's bf16 error is compared, not a trajectory.

@@ -158,9 +158,9 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path, capsys):
 
 
 def test_a_run_saved_with_another_compile_mode_is_the_same_run(tmp_path):
-    """compile_mode is a speed setting (its default became 'auto'): a run saved with 'default' is not refused."""
+    """compile_mode is a speed setting: a run saved with cuda-graphs is the same run under default."""
     cfg = RunConfig(**{"perturb": "rwp", "out_dir": str(tmp_path / "s" / "k2=1")})
     os.makedirs(cfg.out_dir)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump({"config": cfg.replace(compile_mode="default").to_dict()}, f)
+        json.dump({"config": cfg.replace(compile_mode="cuda-graphs").to_dict()}, f)
     sweep.run_status(cfg)  # no ConfigError

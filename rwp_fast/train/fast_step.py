@@ -14,8 +14,7 @@ step by step — with:
 
 The attacks and losses dispatch through ``rwp_fast.ops`` (backend from ``cfg.backend``).
 
-Training modes (``cfg.compile_mode``; the compile switch itself is ``cfg.compile``; ``auto`` is
-``cuda-graphs`` on CUDA and ``default`` elsewhere, see ``resolve_compile_mode``):
+Training modes (``cfg.compile_mode``; the compile switch itself is ``cfg.compile``):
 
 * ``default``, ``max-autotune``, ``max-autotune-no-cudagraphs``: ``torch.compile`` modes of the model,
   RWP early break with one host sync per probe (``WeightPerturbation`` 'sync' schedule);
@@ -63,13 +62,6 @@ def resolve_fast_settings(cfg, device):
     return precision, compile_model, channels_last
 
 
-def resolve_compile_mode(cfg, device):
-    """cfg.compile_mode with 'auto' resolved: cuda-graphs on CUDA, default elsewhere (rwp_fast.config)."""
-    if cfg.compile_mode != "auto":
-        return cfg.compile_mode
-    return "cuda-graphs" if torch.device(device).type == "cuda" else "default"
-
-
 def _no_mark():
     pass
 
@@ -109,9 +101,9 @@ class FastTrainStep:
         self.capture = capture
         self.static = None  # cuda-graphs: StaticStep, built at the first step (it needs the batch shape)
         self.trials_left = TRIAL_STEPS
-        self.mode = resolve_compile_mode(cfg, self.device)
+        self.mode = cfg.compile_mode
         reason = self._unsupported_reason()
-        if reason and cfg.compile_mode != "auto":  # auto falls back quietly, as the backend's auto does
+        if reason:
             self._warn_fallback(reason)
         self._set_mode(self.mode if not reason else "default")
 
