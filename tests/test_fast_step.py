@@ -91,13 +91,14 @@ def record_probe_losses(step, records):
     step.losses = recording
 
 
-def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_cfg=None):
+def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_cfg=None, before_fast=None):
     """Run `steps` reference and fast steps on the same batches; return their Records.
 
     resync: after each comparison, copy the reference's weights, buffers and momentum into the fast
     model (not the fast step's own state, so leaks between steps are still caught): each step is then
     compared from identical states (the fp32 check; in fp64 the free-running trajectories agree).
     ref_cfg: run a FastTrainStep with this config as the reference side instead of train_step_ref.
+    before_fast(optimizer): called before every fast step, as a user's callback would be.
     """
     ref, fast = twin_models(in_ch, dtype)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -119,6 +120,8 @@ def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_
         x = torch.rand(24, in_ch, 8, 8, generator=data).to(dtype)
         y = torch.randint(0, 10, (24,), generator=data)
         r = ref_step(ref, opt_ref, x, y, ref_cfg, generator=torch.Generator().manual_seed(100 + i))
+        if before_fast:
+            before_fast(opt_fast)
         f = step(fast, opt_fast, x, y, cfg, generator=torch.Generator().manual_seed(100 + i))
         records.append((r, f, {k: t.clone() for k, t in ref.state_dict().items()},
                         {k: t.clone() for k, t in fast.state_dict().items()}))
@@ -265,6 +268,16 @@ def test_equivalence_check_catches_a_broken_fast_path(mutation):
     cfg = make_cfg("torch", **CASES["at-rwp-accumulate-layer"])
     with pytest.raises(AssertionError):
         assert_equivalent(run_pair(cfg, steps=2, mutate=mutation))
+
+
+@pytest.mark.parametrize("case", ["at-rwp-accumulate-layer", "at-awp"])
+def test_grads_set_to_none_between_steps_still_give_the_references_v(case):
+    """optimizer.zero_grad() (set_to_none=True, torch's default) between steps: the backward then makes new
+    .grad tensors outside the flat gradient, which the search would never see (v = 0: RWP becomes AT)."""
+    cfg = make_cfg("torch", **CASES[case])
+    records = run_pair(cfg, steps=3, before_fast=lambda opt: opt.zero_grad(set_to_none=True))
+    assert_equivalent(records)
+    assert all(float(f.search.v_norm_ratio) > 0 for _, f, _, _ in records)
 
 
 def test_flat_weights_keep_grads_as_views_and_channels_last_strides():

@@ -200,6 +200,9 @@ class FastTrainStep:
         if model is not self.model or cfg != self.cfg or optimizer is not self.optimizer:
             raise ValueError("model, optimizer, cfg: a FastTrainStep is bound to the model, optimizer and config "
                              "it was built with")
+        # The search reads the probe gradients from flat.g: a .grad set to None (zero_grad's default) or
+        # replaced since the last step would leave v = 0, RWP silently becoming AT.
+        self.flat.attach_grads()
         if self.mode not in GRAPH_MODES or self.trials_left <= 0:
             return self._step(x, y, perturb_active, generator, x_adv)
         saved = _TrainingState(self, generator)
