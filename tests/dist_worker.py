@@ -4,8 +4,12 @@
     ... tests/dist_worker.py preempt STEP -- <rwp-fast train arguments>
 
 trace: every scenario of ``scenarios()`` for a few steps; writes OUT_DIR/rank{R}.pt with the weights after
-every step (and the empty-mask search results). preempt: ``rwp-fast train`` whose rank 1 sends itself
-SIGTERM after global step STEP.
+every step, the per-example losses every LSC probe saw (and the empty-mask search results). The runs that
+tests/test_distributed.py compares with one process are float64 end to end (``Trainer(dtype=...)``): 2
+processes vs 1 differ in the order of sums only, which fp32 rounds per machine (ISA, thread count) and training
+amplifies; fp64 leaves ~1e-15, far inside any tolerance. The BatchNorm scenario, compared across ranks bit
+for bit only, stays fp32, so the fp32 collectives are exercised too.
+preempt: ``rwp-fast train`` whose rank 1 sends itself SIGTERM after global step STEP.
 """
 
 import math
@@ -19,6 +23,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rwp_fast.config import RunConfig  # noqa: E402
+from test_fast_step import Records, record_probe_losses  # noqa: E402 (tests/ is on sys.path)
 
 
 def base_cfg(**kw):
@@ -42,30 +47,36 @@ def scenarios():
     }
 
 
-def trace(cfg, schedule):
-    """Weights after every step of one epoch, and the epoch's (reduced) training metrics."""
+FP32_SCENARIOS = ("bn-at-rwp",)  # compared across ranks only (bit for bit): fp32, the dtype training uses
+
+
+def trace(cfg, schedule, dtype=torch.float64):
+    """Weights after every step of one epoch, the epoch's (reduced) training metrics and evaluation, and
+    the (B,) losses of every LSC probe (this process's rows)."""
     from rwp_fast.train import Trainer
-    trainer = Trainer(cfg, log=lambda *a: None)
+    trainer = Trainer(cfg, log=lambda *a: None, dtype=dtype)
     if schedule is not None:
         trainer.step_fn.break_schedule = schedule
+    probes = Records(cfg.lsc_range)
+    record_probe_losses(trainer.step_fn, probes)
     weights = []
     trainer.after_step = lambda t: weights.append(
         torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]).clone())
     metrics = trainer.train_epoch()
     evaluation = trainer.evaluate()
-    return {"weights": weights, "metrics": metrics, "eval": evaluation}
+    return {"weights": weights, "metrics": metrics, "eval": evaluation, "probe_losses": probes.probe_losses}
 
 
-def empty_mask_batch(seed=0):
+def empty_mask_batch(seed=0, dtype=torch.float64):
     """A small_cnn_gn whose logits are spread wide, a global batch of 16 and labels such that rows 0–7
     (rank 0) have loss < ln 10 and rows 8–15 (rank 1) loss > ln 10 by a wide margin: with c_min = ln 10
     the LSC mask is empty on rank 1 only."""
     from rwp_fast.models import build_model
     torch.manual_seed(seed)
-    model = build_model("small_cnn_gn", 10, 1, [0.5], [0.25])
+    model = build_model("small_cnn_gn", 10, 1, [0.5], [0.25]).to(dtype)
     with torch.no_grad():
         model.net.linear.weight.mul_(50)
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(dtype)
     with torch.no_grad():
         logits = model(x)
     y = torch.cat([logits[:8].argmax(1), logits[8:].argmin(1)])
@@ -73,7 +84,8 @@ def empty_mask_batch(seed=0):
 
 
 def empty_mask_search(schedule, rows):
-    """One AT-RWP step (attack skipped: x_adv = x) on `rows` of the empty-mask batch; v and the weights."""
+    """One AT-RWP step (attack skipped: x_adv = x) on `rows` of the empty-mask batch, in float64; v, the
+    weights and every probe's losses."""
     from rwp_fast.train import distributed
     from rwp_fast.train.fast_step import FastTrainStep
     cfg = base_cfg(perturb="rwp", c_min=math.log(10), k2=3)
@@ -83,12 +95,15 @@ def empty_mask_search(schedule, rows):
     step = FastTrainStep(model, opt, cfg, torch.device("cpu"), dist=dist)
     step.break_schedule = schedule
     step.keep_v = True
+    probes = Records(cfg.lsc_range)
+    record_probe_losses(step, probes)
     x, y = x[rows], y[rows]
     losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
     result = step(model, opt, x, y, cfg, x_adv=x)
     return {"v": result.v, "steps": int(result.search.steps_taken),
             "mask": [float(f) for f in result.search.mask_fractions], "local_count": int((losses < cfg.c_min).sum()),
-            "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+            "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "probe_losses": probes.probe_losses, "lsc_range": cfg.lsc_range}
 
 
 def main():
@@ -96,7 +111,8 @@ def main():
     if mode == "trace":
         out = sys.argv[2]
         rank = int(os.environ["RANK"])
-        results = {name: trace(cfg, schedule) for name, (cfg, schedule) in scenarios().items()}
+        results = {name: trace(cfg, schedule, torch.float32 if name in FP32_SCENARIOS else torch.float64)
+                   for name, (cfg, schedule) in scenarios().items()}
         lo, hi = 8 * rank, 8 * (rank + 1)
         results["empty-mask"] = {s: empty_mask_search(s, slice(lo, hi)) for s in ("sync", "stall-free")}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))

@@ -2,11 +2,10 @@
 
 * equivalence: a 2-process run with global batch 32 equals the 1-process run with batch 32 after every step,
   for AT, AT-AWP, AT-RWP (accumulate, paper, and the stall-free early break), on small_cnn_gn (GroupNorm:
-  per-example statistics). Tolerance: rtol 1e-5, atol 1e-6 — the two differ only in the order of sums
-  (mean of two 16-row means vs one 32-row mean, convolutions over 16 vs 32 rows); measured ≤ 6e-8 relative
-  to the largest weight after 4 steps. The training metrics and the sharded evaluation agree likewise;
+  per-example statistics), in float64 (error model at RTOL). The training metrics and the sharded
+  evaluation agree likewise; the LSC masks, the probe counts and the accuracies exactly;
 * BatchNorm (small_cnn): weights bit-identical on both processes after every step;
-* the LSC mask empty on one process only: no deadlock, the same v on both, equal to the 1-process v;
+* the LSC mask empty on one process only: no deadlock, the same v on both, equal to the 1-process v (fp64);
 * SIGTERM to one process mid-epoch, then --resume: last.pt equals the uninterrupted 2-process run's;
 * bad launches: one-line errors, before any process group exists.
 
@@ -29,6 +28,18 @@ from rwp_fast.config import ConfigError
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dist_worker  # noqa: E402
+from test_fast_step import Records, assert_clear_of_thresholds  # noqa: E402
+
+# Error model, float64 (u = 2^-53 ≈ 1.1e-16). 2 processes and 1 run the same fp64 operations on the same
+# values except the order of sums: the batch mean (the average of two 16-row means vs one 32-row mean), the
+# convolutions and gradient reductions over 16 vs 32 rows, the gradient all-reduce of two halves, and the
+# thread count (the 1-process run here uses pytest's, the workers 1). Each sum is within n·u of the exact
+# one, n ≤ 56,554 (the global weight norm): ≤ 6e-12 relative, which 4 SGD steps carry on without growth (in
+# fp32, u = 6e-8, the difference stayed ≤ 6e-8 relative to the largest weight). Measured in fp64: ≤ 1.1e-16
+# relative to the largest weight after 4 steps, v of the empty-mask search bit-equal. 1e-9 leaves a margin of
+# 150× over the worst-case bound on any machine, and still catches a hidden fp32 cast of the gradient
+# all-reduce (6e-8 relative per gradient: every case fails by step 4, the empty-mask v at once).
+RTOL = 1e-9
 
 TIMEOUT_S = 240
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -62,18 +73,27 @@ def traces(tmp_path_factory):
 @pytest.mark.parametrize("name", ["at", "at-awp", "at-rwp-accumulate", "at-rwp-paper", "at-rwp-stall-free"])
 def test_two_processes_equal_one_process_step_by_step(traces, name):
     cfg, schedule = dist_worker.scenarios()[name]
-    one = dist_worker.trace(cfg, schedule)   # this process: WORLD_SIZE unset, a plain run of batch 32
+    one = dist_worker.trace(cfg, schedule)   # this process: WORLD_SIZE unset, a plain run of batch 32, fp64
     two = traces[0][name]
+    # The masks and the early break compare losses with c_min: exact below only if no loss of either run
+    # lies within rounding of it. 1e-6 is 10^10 fp64 ulps; checked on every probe of both runs.
+    for run in (one, two, traces[1][name]):
+        probes = Records(cfg.lsc_range)
+        probes.probe_losses = run["probe_losses"]
+        assert_clear_of_thresholds(probes)
+    assert (len(one["probe_losses"]) > 0) == (cfg.perturb == "rwp")
     assert len(two["weights"]) == len(one["weights"]) == 4
+    assert all(w.dtype == torch.float64 for w in one["weights"] + two["weights"])
     for step, (a, b, c) in enumerate(zip(two["weights"], traces[1][name]["weights"], one["weights"])):
         assert torch.equal(a, b), f"step {step}: the two processes' weights differ"
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        torch.testing.assert_close(a, c, rtol=RTOL, atol=RTOL * float(c.abs().max()), msg=f"step {step}")
     assert two["metrics"]["lsc_mask_fraction"] == one["metrics"]["lsc_mask_fraction"]
     assert two["metrics"]["rwp_steps_mean"] == one["metrics"]["rwp_steps_mean"]
+    # an argmax could flip only at a top-2 logit gap within ~1e-15 of 0: none in a fixed fp64 case
     assert two["metrics"]["train_robust_acc"] == one["metrics"]["train_robust_acc"]
-    assert math.isclose(two["metrics"]["train_robust_loss"], one["metrics"]["train_robust_loss"], rel_tol=1e-5)
-    for k, v in one["eval"].items():
-        assert math.isclose(two["eval"][k], v, rel_tol=1e-5), k
+    assert math.isclose(two["metrics"]["train_robust_loss"], one["metrics"]["train_robust_loss"], rel_tol=RTOL)
+    for k, v in one["eval"].items():  # accuracies exact, as above; the losses' sums: the same error model
+        assert math.isclose(two["eval"][k], v, rel_tol=RTOL), k
 
 
 def test_batchnorm_weights_bit_identical_on_every_process(traces):
@@ -91,10 +111,15 @@ def test_mask_empty_on_one_process_only_breaks_nowhere_alone(traces, schedule):
     # rank 1 did not break at probe 1: it took the step with the global mask (8 of 16)
     assert r0["steps"] == r1["steps"] >= 1 and r0["mask"] == r1["mask"] and r0["mask"][0] == 0.5
     one = dist_worker.empty_mask_search(schedule, slice(0, 16))
+    for run in (one, r0, r1):  # ln 10 by a wide margin, by construction; checked on every probe
+        probes = Records(run["lsc_range"])
+        probes.probe_losses = run["probe_losses"]
+        assert_clear_of_thresholds(probes)
     assert r0["mask"] == one["mask"] and r0["steps"] == one["steps"]
     for a, b, c in zip(r0["v"], r1["v"], one["v"]):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+        assert torch.equal(a, b) and c.dtype == torch.float64
+        # fp64, the error model at RTOL (one step: the sums of 8 + 8 rows vs 16, the all-reduce)
+        torch.testing.assert_close(a, c, rtol=RTOL, atol=RTOL * float(c.abs().max()))
     assert any(bool(v.abs().sum() > 0) for v in r0["v"])
     assert torch.equal(r0["weights"], r1["weights"])
 

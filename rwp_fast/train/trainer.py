@@ -36,6 +36,7 @@ from ..models import build_model
 from ..attacks import pgd_attack
 from ..reference import train_step_ref
 from ..reference.pgd_step import BatchSlice
+from ..reference.precision import accumulate_dtype, upcast
 from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          weights_mismatch)
@@ -103,7 +104,7 @@ def lr_factor(cfg, iteration, iters_per_epoch):
 
 @torch.no_grad()
 def _accuracy_and_loss(model, x, y):
-    logits = model(x).float()
+    logits = upcast(model(x))  # fp32, or fp64 for an fp64 model (reference.precision)
     return (logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item()
 
 
@@ -111,8 +112,8 @@ def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device
     """Natural and PGD-`steps` accuracy/loss of `model` in eval mode on uint8 images (N, C, H, W).
 
     The attack start is drawn from a generator seeded with `seed`, so the evaluation is repeatable. It
-    runs the fast attack (fused ``pgd_step``, weights frozen) in fp32 on the eager model; with the torch
-    backend that is exactly ``pgd_attack_ref``.
+    runs the fast attack (fused ``pgd_step``, weights frozen) in fp32 (fp64 for an fp64 model) on the eager
+    model; with the torch backend that is exactly ``pgd_attack_ref``.
 
     dist: a DistContext of several processes: each evaluates its share of every batch, with its rows of
     the random start one process would draw (``BatchSlice``), and the sums are all-reduced once.
@@ -121,9 +122,10 @@ def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device
     model.eval()
     totals = dict(natural_correct=0, natural_loss=0.0, robust_correct=0, robust_loss=0.0)
     gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = accumulate_dtype(next(model.parameters()).dtype)
     sharded = dist is not None and dist.enabled
     for i in range(0, len(x_all), batch_size):
-        x = x_all[i:i + batch_size].to(device).float() / 255
+        x = x_all[i:i + batch_size].to(device).to(dtype) / 255
         y = y_all[i:i + batch_size].to(device)
         draws = gen
         if sharded:
@@ -231,8 +233,12 @@ class EpochStats:
 class Trainer:
     """Builds data, model, optimizer and schedule from a RunConfig and runs (or resumes) training."""
 
-    def __init__(self, cfg: RunConfig, step_fn=None, log=print):
+    def __init__(self, cfg: RunConfig, step_fn=None, log=print, dtype=torch.float32):
+        """dtype: the weights' and the batches' dtype. float64 is for the equivalence tests
+        (tests/dist_worker.py): the run is then fp64 end to end. The command line always builds fp32 weights
+        (cfg.precision chooses the autocast dtype)."""
         self.cfg = cfg.validate()
+        self.dtype = dtype
         self.log = log
         self.device = resolve_device(cfg.device)
         self.dist, self.device = distributed.setup(cfg, self.device)  # plain run unless torchrun set WORLD_SIZE
@@ -259,7 +265,7 @@ class Trainer:
         self.eval_test = _take(d.test_x, d.test_y, test_idx)
         self.eval_train = _take(d.train_x, d.train_y, train_idx)
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_channels,
-                                 self.data.mean, self.data.std).to(self.device)
+                                 self.data.mean, self.data.std).to(self.device, dtype)
         if self.dist.enabled:
             if cfg.sync_bn:  # CUDA only (distributed.setup refuses it on CPU)
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -433,8 +439,8 @@ class Trainer:
             gen = self.step_generator.manual_seed(step_seed(cfg.seed, epoch, i))  # same draws as a new one
             if dist.enabled:  # the draws of the global batch, this process's rows of them
                 gen = BatchSlice(gen, self.batches.rank_rows(i), cfg.batch_size)
-            result = self.step_fn(self.model, self.optimizer, x, y, cfg, perturb_active=perturb_active,
-                                  generator=gen)
+            result = self.step_fn(self.model, self.optimizer, x.to(self.dtype), y, cfg,
+                                  perturb_active=perturb_active, generator=gen)
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
