@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.pgd_step import L2_GRAD_EPS, NORMS
+from ..core import L2_GRAD_EPS, NORMS
 from . import _common
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
 

@@ -9,13 +9,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .core import NORM_SCOPES, NORMS, UPDATE_RULES  # noqa: F401  defined once, for the oracle and kernels too
+
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "synthetic", "folder", "npz")
 MODELS = ("small_cnn", "preact_resnet18", "wrn-34-10", "wrn-28-10", "small_cnn_gn")
 METHODS = ("at", "trades", "rst")
 PERTURBS = ("none", "awp", "rwp")
-NORMS = ("linf", "l2")
-RWP_UPDATES = ("accumulate", "paper")
-NORM_SCOPES = ("layer", "global")
 LR_SCHEDULES = ("piecewise", "cosine")
 # 'reference' runs the plain oracle trainer; the others run the fast trainer with that ops backend.
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
@@ -67,7 +66,7 @@ class RunConfig:
     c_min: float = 1.7                 # RWP: LSC upper bound q, in nats of per-example loss
     lsc_low: float = 0.0               # LSC lower bound p, nats; the mask is p ≤ ℓ < q
     k2: int = 10                       # RWP probe steps (AWP always uses 1)
-    rwp_update: str = "accumulate"     # one of RWP_UPDATES: released code or Algorithm 1 as printed
+    rwp_update: str = "accumulate"     # one of UPDATE_RULES: released code or Algorithm 1 as printed
     norm_scope: str = "layer"          # one of NORM_SCOPES: per-tensor or one global norm
     warmup_epochs: int = 0             # epochs of plain training before the perturbation starts
     # --- optimisation
@@ -135,7 +134,7 @@ class RunConfig:
     def validate(self):
         """Raise ConfigError naming the first invalid field and its allowed values; return self."""
         choices = dict(dataset=DATASETS, model=MODELS, method=METHODS, perturb=PERTURBS, norm=NORMS,
-                       rwp_update=RWP_UPDATES, norm_scope=NORM_SCOPES, lr_schedule=LR_SCHEDULES,
+                       rwp_update=UPDATE_RULES, norm_scope=NORM_SCOPES, lr_schedule=LR_SCHEDULES,
                        backend=BACKENDS, device=DEVICES, precision=PRECISIONS,
                        compile_mode=COMPILE_MODES)
         for name, allowed in choices.items():

@@ -23,7 +23,7 @@ from rwp_fast.models import build_model
 from rwp_fast.perturb import FlatWeights, WeightPerturbation
 from rwp_fast.reference import weight_perturbation_search_ref
 from rwp_fast.reference.lsc_loss import lsc_mask_ref
-from rwp_fast.reference.precision import upcast
+from rwp_fast.core import upcast
 from rwp_fast.train.fast_step import FastTrainStep
 from rwp_fast.train.graphs import count_aten_ops
 

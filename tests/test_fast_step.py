@@ -4,7 +4,7 @@ Algorithmic equivalence is checked in fp64, where it does not depend on the mach
 round differently per ISA, oneDNN kernel and thread count, and training amplifies that (a BatchNorm bias
 is small, so its relative error is large), so an fp32 trajectory tolerance holds only on the CPU it was
 tuned on. Every accumulator of the fast path is max(fp32, the weights' dtype)
-(``rwp_fast.reference.precision``), so an fp64 model is fp64 end to end on both paths.
+(``rwp_fast.core.accumulate_dtype``), so an fp64 model is fp64 end to end on both paths.
 
 The Triton kernels are fp32/fp16/bf16 only; their numerics are held per op to an error model
 (tests/test_lsc_loss.py, test_pgd_step.py, test_weight_perturb.py), and their wiring into the step by a

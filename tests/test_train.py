@@ -46,7 +46,7 @@ def test_checkpoint_write_is_atomic_and_old_file_survives_a_failed_write(tmp_pat
 def test_corrupt_and_foreign_checkpoints_give_clear_errors_and_stay_on_disk(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a zip file")
-    with pytest.raises(CheckpointError, match="bad.pt: cannot be read"):
+    with pytest.raises(CheckpointError, match="bad.pt: not an rwp-fast checkpoint: cannot be read"):
         load_checkpoint(bad)
     assert bad.read_bytes() == b"this is not a zip file"
     foreign = tmp_path / "foreign.pt"
@@ -82,6 +82,8 @@ def test_fit_writes_metrics_checkpoints_and_lsc_diagnostics(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     files = sorted(os.listdir(cfg.out_dir))
     assert {"best.pt", "last.pt", "metrics.jsonl", "config.json"} <= set(files)
+    # the mode the steps ran in, beside the one asked for
+    assert json.load(open(os.path.join(cfg.out_dir, "config.json")))["step_mode"] == "default"
     lines = [json.loads(x) for x in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     assert len(lines) == 2
     for key in ("train_robust_loss", "train_robust_acc", "train_natural_loss", "train_natural_acc",

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import pgd_random_init, pgd_step_
 from ..reference.attacks import TRADES_INIT_STD, margin_loss, trades_kl_sum
-from ..reference.pgd_step import draw, draw_random_init_noise
-from ..reference.precision import upcast
+from ..core import draw, draw_random_init_noise, upcast
 
 
 @contextlib.contextmanager

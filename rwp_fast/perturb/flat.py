@@ -22,7 +22,7 @@ building FlatWeights.
 import torch
 
 from ..ops.weight_perturb import SegmentTable
-from ..reference.perturbation_search import perturbed_parameters
+from ..core import perturbed_parameters
 
 
 def _check_dense(name, p):

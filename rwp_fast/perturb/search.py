@@ -50,9 +50,7 @@ import torch
 
 from ..attacks.pgd import frozen
 from ..ops import accumulate_sq_norm_, perturb_axpy_, perturb_scale, segment_sq_norm
-from ..reference.perturbation_search import UPDATE_RULES
-from ..reference.precision import accumulate_dtype
-from ..reference.weight_perturb import NORM_SCOPES
+from ..core import NORM_SCOPES, UPDATE_RULES, accumulate_dtype
 
 BREAK_SCHEDULES = ("sync", "stall-free")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .pgd_step import draw, draw_random_init_noise, pgd_random_init_ref, pgd_step_ref
-from .precision import upcast
+from ..core import upcast
 
 # The TRADES attack starts from x + 0.001·N(0, 1) (TRADES code; SPEC.md §3), not from a uniform draw.
 TRADES_INIT_STD = 0.001

@@ -21,7 +21,7 @@ import math
 
 import torch.nn.functional as F
 
-from .precision import upcast
+from ..core import upcast
 
 
 def lsc_mask_ref(per_example_loss, p=0.0, q=math.inf):

@@ -12,28 +12,11 @@ snapshotted before the search and copied back after it.
 """
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
+from ..core import NORM_SCOPES, SCALE_EPS, UPDATE_RULES, SearchInfo, perturbed_parameters, upcast
 from .lsc_loss import lsc_mask_ref
-from .precision import upcast
-from .weight_perturb import NORM_SCOPES, SCALE_EPS
-
-UPDATE_RULES = ("accumulate", "paper")
-
-
-def perturbed_parameters(model):
-    """[(name, parameter)] of every ``*weight`` with dim > 1, in ``named_parameters`` order."""
-    return [(n, p) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
-
-
-@dataclass
-class SearchInfo:
-    """What the search did, for the LSC diagnostics of SPEC.md §2 / issue 3."""
-    steps_taken: int = 0                               # probes whose mask was non-empty (gradient steps)
-    mask_fractions: list = field(default_factory=list)  # fraction of examples with V_i = 1, per probe
-    v_norm_ratio: float = 0.0                           # ‖v‖ / ‖w‖ over all perturbed tensors
 
 
 def _rescale(direction, w_norms, gamma, scope):

@@ -11,11 +11,7 @@ kernel that does the same operations in the same order matches it bit for bit.
 
 import torch
 
-from .precision import upcast
-
-NORMS = ("linf", "l2")
-# Added to the per-example gradient norm before dividing (SPEC.md §1, L2 step).
-L2_GRAD_EPS = 1e-10
+from ..core import L2_GRAD_EPS, NORMS, BatchSlice, draw, draw_random_init_noise, upcast  # noqa: F401 (re-exports)
 
 
 def _check_norm(norm):
@@ -74,33 +70,3 @@ def pgd_random_init_ref(x_nat, noise, eps, norm="linf", radius=None):
         r = radius.to(x_nat.dtype).view(-1, *([1] * (noise.dim() - 1)))
         delta = noise / torch.clamp(_row_norm(noise), min=1e-30) * (r * eps)
     return torch.clamp(x_nat + delta, 0.0, 1.0).to(out_dtype)
-
-
-class BatchSlice:
-    """A generator for a batch that is a share of a larger one: the rows ``rows`` (a slice or an index
-    tensor) of a batch of ``total`` rows. Draws through it are made for all ``total`` rows and sliced, so
-    each process of a multi-process run draws exactly its rows of what one process would draw for the
-    whole batch (rwp_fast.train.distributed)."""
-
-    def __init__(self, generator, rows, total):
-        self.generator, self.rows, self.total = generator, rows, total
-
-
-def draw(sampler, shape, generator, device):
-    """``sampler(shape, generator=, device=)`` (torch.rand / torch.randn), through a BatchSlice if given."""
-    if isinstance(generator, BatchSlice):
-        full = sampler((generator.total, *shape[1:]), generator=generator.generator, device=device)
-        rows = generator.rows
-        return full[rows] if isinstance(rows, slice) else full.index_select(0, rows.to(device))
-    return sampler(shape, generator=generator, device=device)
-
-
-def draw_random_init_noise(x_nat, norm, generator=None):
-    """The random draws that ``pgd_random_init_ref`` maps to a start: (noise, radius or None)."""
-    _check_norm(norm)
-    if norm == "linf":
-        noise = draw(torch.rand, x_nat.shape, generator, x_nat.device) * 2 - 1
-        return noise, None
-    noise = draw(torch.randn, x_nat.shape, generator, x_nat.device)
-    radius = draw(torch.rand, x_nat.shape[:1], generator, x_nat.device)
-    return noise, radius

@@ -9,25 +9,14 @@ updates the BatchNorm running statistics, as in the released code. RST is the TR
 batch whose second half is pseudo-labeled extra data; the data pipeline does the mixing.
 """
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..core import SearchInfo, StepResult, perturbed_parameters, upcast
 from .attacks import pgd_attack_ref, trades_attack_ref
 from .lsc_loss import trades_per_example_ref
-from .perturbation_search import (SearchInfo, add_perturbation, perturbed_parameters,
-                                  weight_perturbation_search_ref)
-from .precision import upcast
-
-
-@dataclass
-class StepResult:
-    loss: float            # training loss at w + v (batch mean)
-    logits_adv: torch.Tensor  # (B, C) logits on x_adv from that forward, detached
-    x_adv: torch.Tensor    # (B, ...) the adversarial batch, detached
-    v: list                # the perturbation, one tensor per perturbed weight (zeros if none)
-    search: SearchInfo     # LSC diagnostics of the search
+from .perturbation_search import add_perturbation, weight_perturbation_search_ref
 
 
 def per_example_loss_fn(cfg, x, x_adv, y):

@@ -13,16 +13,12 @@ One RWP iteration of the fast path is, with direction buffer a and current scale
     w ← w + s_new·a                        perturb_axpy(w, a, s_new, sign=+1)
 
 Reductions and elementwise arithmetic are in the accumulator dtype max(fp32, buffer dtype)
-(``rwp_fast.reference.precision``): fp32 for fp16/bf16/fp32 buffers, fp64 for fp64; cast back on store.
+(``rwp_fast.core.accumulate_dtype``): fp32 for fp16/bf16/fp32 buffers, fp64 for fp64; cast back on store.
 """
 
 import torch
 
-from .precision import accumulate_dtype, upcast
-
-NORM_SCOPES = ("layer", "global")
-# Guards the division by ‖a‖ when the direction is exactly zero (SPEC.md §2).
-SCALE_EPS = 1e-20
+from ..core import NORM_SCOPES, SCALE_EPS, accumulate_dtype, upcast  # noqa: F401 (NORM_SCOPES: re-export)
 
 
 def segment_bounds(offsets):

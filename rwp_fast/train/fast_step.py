@@ -40,7 +40,7 @@ from ..config import FULL_RANGE
 from ..ops import lsc_loss, lsc_loss_trades
 from ..perturb.flat import FlatWeights
 from ..perturb.search import FastSearchInfo, WeightPerturbation
-from ..reference.train_step import StepResult
+from ..core import StepResult
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_MODES = ("reduce-overhead", "cuda-graphs")

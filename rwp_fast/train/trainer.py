@@ -35,8 +35,7 @@ from ..data.subset import stratified_subset, subset_record
 from ..models import build_model
 from ..attacks import pgd_attack
 from ..reference import train_step_ref
-from ..reference.pgd_step import BatchSlice
-from ..reference.precision import accumulate_dtype, upcast
+from ..core import BatchSlice, accumulate_dtype, upcast
 from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          weights_mismatch)
@@ -104,7 +103,7 @@ def lr_factor(cfg, iteration, iters_per_epoch):
 
 @torch.no_grad()
 def _accuracy_and_loss(model, x, y):
-    logits = upcast(model(x))  # fp32, or fp64 for an fp64 model (reference.precision)
+    logits = upcast(model(x))  # fp32, or fp64 for an fp64 model (core.accumulate_dtype)
     return (logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item()
 
 
@@ -406,7 +405,9 @@ class Trainer:
     def _write_run_files(self):
         os.makedirs(self.out_dir, exist_ok=True)
         info = {"config": self.cfg.to_dict(), "git_commit": git_commit(), "torch": torch.__version__,
-                "device": str(self.device), "eval_subsets": self.eval_subsets}
+                "device": str(self.device), "eval_subsets": self.eval_subsets,
+                # the mode the fast step starts in, after any fallback at construction (no GPU graphs on a CPU)
+                "step_mode": getattr(self.step_fn, "mode", "reference")}
         tmp = os.path.join(self.out_dir, CONFIG_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(info, f, indent=2)

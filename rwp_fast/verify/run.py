@@ -170,7 +170,7 @@ def _worse(a, b):
 
 def model_numels(name):
     from ..models import build_model
-    from ..reference.perturbation_search import perturbed_parameters
+    from ..core import perturbed_parameters
     # on the CPU, not "meta": Normalize checks its std with a host read (WRN-34-10: 185 MB, about a second)
     model = build_model(name, 10, 3, (0.5,) * 3, (0.25,) * 3)
     return [p.numel() for _, p in perturbed_parameters(model)]
