@@ -1,6 +1,7 @@
-"""The throughput suites: ``python -m bench`` in a checkout, ``rwp-fast bench`` once installed.
+"""The throughput suites: ``rwp-fast bench`` once installed, ``python -m bench`` in a checkout.
 
 This folder ships as the package ``rwp_fast.bench`` (setup.py's ``package_dir``, as ``kernels/`` ships as
-``rwp_fast.kernels``), so the installed command and the checkout run one copy of the code; modules here
-import each other relatively for that reason.
+``rwp_fast.kernels``), and that is the one name its modules go by: every import, here and in tests/, is
+``rwp_fast.bench.<module>``, so a process holds one copy of each module. ``python -m bench`` (``__main__.py``)
+and ``python -m bench.bench_<op>`` only run a file; what it imports comes from ``rwp_fast.bench``.
 """

@@ -5,7 +5,7 @@ that the first one measures it:
 
     python -m bench --nproc 8 --models preact_resnet18,wrn-34-10 --batch-sizes 128 --json out/dist.json
 
-What it times: ``FastTrainStep`` with the trainer's settings (the ``fast`` variant of bench_e2e), the global
+What it times: ``FastTrainStep`` with the trainer's settings (the ``fast`` variant of e2e_configs), the global
 batch B split over N processes exactly as ``rwp-fast train`` splits it, all-reduces included (one flat
 gradient per step + one per RWP probe + the 8-byte mask counts), for AT and AT-RWP with all K2 probes.
 Synthetic CIFAR-shaped data on the device. Each configuration runs once with 1 process and once with N,
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from .bench_e2e import METHODS, SMOKE_BATCH, SMOKE_MODEL, make_batches, make_cfg
-from .common import REPO
+from rwp_fast.bench.common import REPO
+from rwp_fast.bench.e2e_configs import METHODS, SMOKE_BATCH, SMOKE_MODEL, make_batches, make_cfg
 
 DIST_METHODS = ("at", "at-rwp-all")
 
@@ -95,7 +95,7 @@ def _worker(argv):
 
 def _launch(nproc, args, out):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", f"{__package__}.bench_dist", "--worker", "--out", out, "--device", args.device,
+           "-m", "rwp_fast.bench.bench_dist", "--worker", "--out", out, "--device", args.device,
            "--models", ",".join(args.models), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
            "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.smoke:

@@ -4,77 +4,10 @@
     python -m bench --device cuda --plan device --time-budget 300  # prioritised subset (device_run.sh)
     python -m bench --smoke --json /tmp/e2e_smoke.json            # CPU, seconds; claims no figure
 
-What one timed step is: ``step(model, optimizer, x, y, cfg)`` with ``train_step_ref``'s signature, on
-synthetic CIFAR-shaped batches (3×32×32 uint8 → [0, 1], 10 classes, two batches cycled, already on the
-device: the data pipeline is not timed). L∞ PGD-10 (ε 8/255, α 2/255), K2 = 10, γ = 0.01, SGD lr 0.1
-momentum 0.9 wd 5e-4. Methods and probe regimes (rows ``method``/``regime``):
-  * ``at``: plain PGD-10 AT;
-  * ``at-awp``: one ascent probe on the full loss, per-layer norm (the released AWP code);
-  * ``at-rwp`` ``all``: c_min = inf (RunConfig accepts it), so the LSC mask [0, inf) holds every example
-    and all K2 probes run: the worst case, where SPEC.md §6's cost model applies in full;
-  * ``at-rwp`` ``break``: c_min = 0, the mask [0, 0) is empty at the first probe and the search breaks
-    after one forward (the released code has no break and runs all K2 probes anyway).
-  RWP rows use the global norm of the released RWP code (``norm_scope='global'``) for every variant.
-
-Variants, timed in the same process on the same device:
-  * ``released``: ``bench/released_baseline.py``, the released code's structure (fp32, proxy copies
-    refreshed by ``load_state_dict`` every iteration, per-layer Python loops, weight gradients in the
-    attack: SPEC.md §6);
-  * ``reference``: ``rwp_fast.reference.train_step_ref``, the oracle trainer (fp32, eager);
-  * ``fast``: ``FastTrainStep`` with every switch on (on CUDA: bf16 autocast, torch.compile, channels-last,
-    fused ops via backend auto, input-only attack gradients; on CPU the same class with its CPU defaults:
-    fp32, eager, contiguous, torch ops — inductor on CPU needs minutes of C++ compilation for nothing);
-  * ablations, ``fast`` with one switch off: ``no-amp`` (fp32), ``no-channels-last``, ``no-compile``,
-    ``no-fused`` (backend torch), ``no-input-only`` (weights not frozen in the attack);
-  * launch overhead (issue 17): ``reduce-overhead`` (``torch.compile`` CUDA-graph trees for every forward
-    and backward) and ``cuda-graphs`` (the attack and one RWP probe captured as ``torch.cuda.CUDAGraph``s),
-    both with the stall-free RWP early break; on CPU each is a row "skipped: …" with the reason. A mode
-    that fell back to ``default`` says so in the note.
-
-Launch proxy and host-boundness: ``ops/step`` is the number of aten ops one step dispatches, counted with
-a ``TorchDispatchMode`` (``rwp_fast.train.graphs.count_aten_ops``) for every eager row (a CUDA build
-launches roughly one kernel per aten op in eager mode; a dispatch mode does not see inside compiled code).
-On CUDA each row also has ``host_ms_per_step`` (wall clock until the block's last launch returned) and
-``gpu_ms_per_step`` (CUDA events around the block): host ≈ GPU time means the GPU waited for the host.
-Neither says how long the GPU worked, so one more step runs under ``torch.profiler``: ``gpu_busy_ms_per_step``
-is the sum of its kernels' and copies' device time, and ``gpu_busy_fraction`` = busy / wall step time (1.0:
-GPU-bound; 0.1: the GPU idles 90% of the step). ``cudagraph_skips`` counts Inductor's skipped cudagraph
-trees during the row (``reduce-overhead`` only logs a skip, so a row labelled captured may not be).
-
-Timing: ``warmup`` untimed steps first (the first compiled step compiles), then ``repeats`` blocks of
-``steps`` steps, each block between two ``torch.cuda.synchronize()``; images/s is the median over the
-blocks. Rows record whether dynamo compiled new graphs during the timed blocks (``recompiles``).
-
-FLOPs and the hardware limit. ``torch.utils.flop_counter.FlopCounterMode`` counts the conv and matmul
-FLOPs of ONE step of each configuration, eager and fp32 (counting needs eager: a dispatch mode does not
-see inside inductor's kernels). Conv and matmul FLOPs are exactly linear in the batch, so the count runs
-at batch 16 and is scaled to B. Two numbers per row:
-  * ``flops_own``: the work that variant does. ``released`` does more than the others: weight gradients
-    in every attack step (≈ K1·3 instead of K1·2 forward units), the extra restart-selection forward,
-    and all K2 probes in the ``break`` regime. ``no-input-only`` counts fast + K1 × the attack's
-    weight-gradient FLOPs, because its compiled backward computes them (see the check below), while an
-    eager count would not show them;
-  * ``flops_useful``: the fast path's count for the same method and regime, used for every variant's
-    TFLOP/s and MFU, so that the MFU of all variants compares like with like (a variant cannot raise its
-    MFU by doing useless work).
-The ceiling is measured in the same run: a bf16 8192×8192 matmul (``triton.testing.do_bench`` through
-``bench.common.time_us``); MFU = useful TFLOP/s ÷ that ceiling. On CPU no ceiling and no MFU
-are given (an fp32 512² matmul gave "MFU" above 100%).
-
-The input-only-gradient claim (row ``check``, "attack weight-grad work: eager skips? compiled skips?";
-measured after the timings, which come first under a time budget):
-  * eager: FlopCounterMode over one attack step (forward + ``autograd.grad`` w.r.t. the input) with the
-    weights frozen, not frozen, and the released ``loss.backward()``. Eager ``autograd.grad`` already prunes
-    the weight-gradient convolutions (frozen = unfrozen), ``backward()`` does not (≈ 3/2 of it);
-  * compiled: FlopCounterMode cannot see into inductor's kernels, so the compiled backward graph itself is
-    inspected (``aot_autograd`` with a capturing backward compiler): the ``output_mask`` of every
-    ``convolution_backward`` says whether it computes the weight gradient. On CUDA the real inductor
-    attack of ``fast`` and ``no-input-only`` is also profiled (``torch.profiler``; kernels whose name
-    contains "wgrad", the cuDNN naming) and timed.
-
-Targets (TARGET_SPEEDUP, TARGET_RATIO; reported "met"/"missed", never asserted): fast ≥ 8× released on
-PreAct ResNet-18, batch 128, AT-RWP all probes; fast-path AT-RWP ÷ AT step time ≤ 2.3 (the all-probes regime,
-the worst case; the break regime is listed too).
+The parts, one module each: ``e2e_configs`` (variants, methods, plans, one row's config and step),
+``e2e_timing`` (timed blocks, profiles, the matmul ceiling), ``e2e_flops`` (FLOP counts, the attack's
+weight-gradient check), ``e2e_report`` (×released, ratios, targets, the table); this module runs a plan
+(``Suite``) and holds the CLI. ``bench_dist.py`` is ``--nproc N``.
 
 CPU smoke runs use one intra-op thread (robust on a shared machine) and claim nothing.
 
@@ -85,403 +18,34 @@ versions, date, git commit, command and full config. ``--smoke`` never writes to
 """
 
 import argparse
-import contextlib
 import functools
 import json
-import math
 import os
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-# Relative: this package is `bench` in a checkout (python -m bench) and `rwp_fast.bench` when installed.
-from . import common
-from .released_baseline import ReleasedTrainStep
-
-from rwp_fast.attacks.pgd import frozen
-from rwp_fast.config import RunConfig
-from rwp_fast.data import make_synthetic
-from rwp_fast.models import build_model, dataset_stats
+from rwp_fast.bench import common
+from rwp_fast.bench.e2e_configs import (CUDA_ONLY, FAST_FAMILY, METHODS, NOT_IMPLEMENTED, SMOKE_BATCH,
+                                        SMOKE_MODEL, VARIANTS, build, build_plan, expected_probes,
+                                        make_batches, make_cfg, make_step, resolved_settings)
+from rwp_fast.bench.e2e_flops import COUNT_BATCH, attack_check, compiled_check, count_step_flops
+from rwp_fast.bench.e2e_report import jsonable, print_table, summary_rows
+from rwp_fast.bench.e2e_timing import (cudagraph_skips, dynamo_reset, matmul_ceiling, profile_attack,
+                                       profile_gpu_busy_ms, time_steps)
 from rwp_fast.ops import dispatch
-from rwp_fast.reference import train_step_ref
-from rwp_fast.train.fast_step import FastTrainStep, resolve_fast_settings
 from rwp_fast.train.graphs import count_aten_ops
 
 RESULTS = os.path.join(common.REPO, "bench", "results", "e2e.jsonl")
 SMOKE_LABEL = "smoke, not a measurement"
-
-# ------------------------------------------------------------------------------------------- the matrix
-FAST = dict(backend="auto", precision="auto", compile=None, channels_last=None, input_only_grads=True)
-EAGER_FP32 = dict(precision="fp32", compile=False, channels_last=False)
-VARIANT_SETTINGS = {
-    "released": dict(EAGER_FP32, backend="reference", input_only_grads=False),
-    "reference": dict(EAGER_FP32, backend="reference", input_only_grads=True),
-    "fast": FAST,
-    "no-amp": dict(FAST, precision="fp32"),
-    "no-channels-last": dict(FAST, channels_last=False),
-    "no-compile": dict(FAST, compile=False),
-    "no-fused": dict(FAST, backend="torch"),
-    "no-input-only": dict(FAST, input_only_grads=False),
-    # launch overhead (issue 17): Inductor's CUDA-graph trees, and explicit capture of attack + one probe
-    "reduce-overhead": dict(FAST, compile_mode="reduce-overhead"),
-    "cuda-graphs": dict(FAST, compile_mode="cuda-graphs"),
-}
-NOT_IMPLEMENTED = {}
-# Variants with nothing to measure off CUDA (on CPU they would silently fall back to 'fast'): a row with
-# the reason instead.
-CUDA_ONLY = {
-    "reduce-overhead": "skipped: CUDA-graph trees need a CUDA device",
-    "cuda-graphs": "skipped: torch.cuda.CUDAGraph capture needs a CUDA device",
-}
-VARIANTS = tuple(VARIANT_SETTINGS) + tuple(NOT_IMPLEMENTED)
-FAST_FAMILY = ("fast", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only", "reduce-overhead",
-               "cuda-graphs")
-
-# method key → (method label, regime label, config fields). Order = measurement priority in a unit.
-METHODS = {
-    "at-rwp-all": ("at-rwp", "all", dict(perturb="rwp", c_min=math.inf, norm_scope="global")),
-    "at": ("at", "-", dict(perturb="none")),
-    "at-rwp-break": ("at-rwp", "break", dict(perturb="rwp", c_min=0.0, norm_scope="global")),
-    "at-awp": ("at-awp", "-", dict(perturb="awp", norm_scope="layer")),
-}
-REGIME_HELP = {"all": "c_min=inf: all K2 probes run", "break": "c_min=0: break at the first probe"}
-
-ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10", 128))
-# The one-shot GPU script's subset, most important first: a time budget cuts from the end.
-DEVICE_PLAN = (
-    ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
-    ("preact_resnet18", 128, "reduce-overhead"), ("preact_resnet18", 128, "cuda-graphs"),
-    ("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast"),
-    ("preact_resnet18", 512, "released"), ("preact_resnet18", 512, "fast"),
-    ("preact_resnet18", 128, "reference"), ("wrn-34-10", 128, "reference"),
-    ("preact_resnet18", 128, "no-input-only"), ("preact_resnet18", 128, "no-compile"),
-    ("preact_resnet18", 128, "no-amp"), ("preact_resnet18", 128, "no-channels-last"),
-    ("preact_resnet18", 128, "no-fused"),
-)
-SMOKE_MODEL, SMOKE_BATCH = "small_cnn", 8
-
-TARGET_SPEEDUP = 8.0   # fast ÷ released, PreAct ResNet-18 b128 AT-RWP all probes (issue 24's target)
-TARGET_RATIO = 2.3     # fast path AT-RWP ÷ AT step time (issue 24's target)
-COUNT_BATCH = 16       # FLOPs are counted at this batch and scaled linearly to B
-
-
-def make_cfg(model, batch, method_key, variant, device, smoke=False):
-    """The RunConfig of one row. smoke: K1 = 2, K2 = 3 (seconds on a CPU)."""
-    kw = dict(dataset="synthetic", model=model, norm="linf", epsilon=8.0, alpha=2.0, method="at",
-              attack_steps=2 if smoke else 10, k2=3 if smoke else 10, gamma=0.01, batch_size=batch, lr=0.1,
-              momentum=0.9, weight_decay=5e-4, device=torch.device(device).type)
-    kw.update(METHODS[method_key][2])
-    kw.update(VARIANT_SETTINGS.get(variant, FAST))
-    return RunConfig(**kw).validate()
-
-
-def expected_probes(cfg, variant):
-    """Probe forwards per step: 0 (AT), 1 (AWP, or RWP breaking at once), K2 (RWP all / released)."""
-    if cfg.perturb == "none":
-        return 0
-    if cfg.perturb == "awp":
-        return 1
-    if variant == "released" or cfg.c_min > 0:
-        return cfg.k2
-    return 1
-
-
-def build(model_name, device, seed=0):
-    torch.manual_seed(seed)
-    mean, std = dataset_stats("synthetic", 3)
-    return build_model(model_name, 10, 3, mean, std).to(device)
-
-
-def make_batches(batch, device, n_batches=2, seed=0):
-    """n_batches synthetic CIFAR-shaped (x (B, 3, 32, 32) fp32 in [0, 1], y (B,) int64) on `device`."""
-    (x, y), _, _ = make_synthetic(n_train=batch * n_batches, n_test=1, seed=seed)
-    x = x.to(device).float().div_(255)
-    y = y.to(device)
-    return [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(n_batches)]
-
-
-def make_step(variant, model, cfg, device):
-    """(step function, optimizer) for a variant; the optimizer is the trainer's SGD.
-
-    Fast variants: ``set_backend(cfg.backend)`` for the whole process, as ``Trainer`` does. FastTrainStep
-    passes cfg.backend to lsc_loss and weight_perturb, but the attack (``rwp_fast.attacks.pgd``) calls
-    ``pgd_step_`` without it, so without this 'no-fused' would still run the fused PGD step.
-    """
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    if variant == "released":
-        return ReleasedTrainStep(model, cfg), optimizer
-    if variant == "reference":
-        return train_step_ref, optimizer
-    dispatch.set_backend(cfg.backend)
-    return FastTrainStep(model, optimizer, cfg, device), optimizer
-
-
-def resolved_settings(variant, cfg, device):
-    """What actually runs: precision, compile, channels-last, input-only, backend per fused op."""
-    if variant in ("released", "reference"):
-        return dict(precision="fp32", compile=False, channels_last=False,
-                    input_only=variant == "reference", backends="none (plain torch)")
-    device = torch.device(device)
-    precision, compile_model, channels_last = resolve_fast_settings(cfg, device)
-    # make_step sets the process-wide backend to cfg.backend, as the Trainer does
-    backends = {op: dispatch.choose_backend(op, device, cfg.backend) for op in dispatch.OPS}
-    return dict(precision=precision, compile=compile_model, channels_last=channels_last,
-                input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode)
-
-
-# ------------------------------------------------------------------------------------------- FLOPs
-class _NoModuleTracker:
-    """Stands in for FlopCounterMode's ModuleTracker: its backward hooks raise on ``autograd.grad`` with
-    respect to a leaf input ("A leaf node was passed to _will_engine_execute_node", torch 2.14), which is
-    exactly the attack's call. Only the global count is used here, so the per-module split is dropped."""
-    parents = {"Global"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    if hasattr(counter, "mod_tracker"):
-        counter.mod_tracker = _NoModuleTracker()
-    return counter
-
-
-def _op_counts(counter):
-    return {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
-
-
-def count_step_flops(family, model_name, method_key, device, smoke=False):
-    """Conv + matmul FLOPs of one training step per image, eager fp32, counted at batch 16.
-
-    family: 'released', 'reference' or 'fast' (the fast path with fp32, eager, torch ops: the same
-    math as every fast variant; input-only gradients on).
-    """
-    batch = COUNT_BATCH
-    variant = "no-compile" if family == "fast" else family
-    cfg = make_cfg(model_name, batch, method_key, variant, device, smoke)
-    if family == "fast":
-        cfg = cfg.replace(precision="fp32", channels_last=False, backend="torch").validate()
-    model = build(model_name, device)
-    step, optimizer = make_step(variant, model, cfg, device)
-    (x, y), = make_batches(batch, device, n_batches=1, seed=1)
-    generator = torch.Generator(device=device).manual_seed(0)
-    try:
-        with flop_counter() as counter:
-            step(model, optimizer, x, y, cfg, True, generator)
-    finally:
-        dispatch.set_backend(None)
-    return counter.get_total_flops() / batch
-
-
-def attack_step_flops(model, x, y):
-    """FLOPs of one attack step (forward + gradient w.r.t. the input), eager, three ways:
-    'frozen' (autograd.grad, weights requires_grad=False: the fast path), 'unfrozen' (autograd.grad with
-    trainable weights) and 'backward' (loss.backward(), the released code). Returns {mode: (total, per-op)}.
-    """
-    params = list(model.parameters())
-    out = {}
-    for mode in ("frozen", "unfrozen", "backward"):
-        x_adv = x.detach().clone().requires_grad_(True)
-        with frozen(params) if mode == "frozen" else contextlib.nullcontext(), flop_counter() as counter:
-            loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-            if mode == "backward":
-                loss.backward()
-            else:
-                torch.autograd.grad(loss, x_adv)
-        model.zero_grad(set_to_none=True)
-        out[mode] = (counter.get_total_flops(), _op_counts(counter))
-    return out
-
-
-def compiled_conv_weight_grads(model, x, y, freeze):
-    """(convolution_backward nodes, how many compute a weight gradient) in the backward graph that
-    torch.compile builds for one attack step: AOTAutograd's joint graph, captured by a backward compiler
-    that only records it (the same partition inductor receives; no C++ compiler needed)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def keep(gm, _inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=lambda gm, _inputs: make_boxed_func(gm.forward), bw_compiler=keep)
-    _dynamo_reset()
-    try:
-        compiled = torch.compile(model, backend=backend)
-        with frozen(list(model.parameters())) if freeze else contextlib.nullcontext():
-            x_adv = x.detach().clone().requires_grad_(True)
-            loss = F.cross_entropy(compiled(x_adv).float(), y, reduction="sum")
-            torch.autograd.grad(loss, x_adv)
-    finally:
-        _dynamo_reset()
-    masks = []
-    for gm in graphs:
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and "convolution_backward" in str(node.target):
-                masks.append(node.kwargs.get("output_mask", node.args[10] if len(node.args) > 10 else None))
-    return len(masks), sum(1 for m in masks if m is not None and m[1])
-
-
-def attack_check(model_name, device, inspect_compiled=True):
-    """The 'attack weight-grad work' evidence for one model, at batch 16. Returns a dict."""
-    model = build(model_name, device).train()
-    (x, y), = make_batches(COUNT_BATCH, device, n_batches=1, seed=2)
-    flops = attack_step_flops(model, x, y)
-    res = {"model": model_name, "count_batch": COUNT_BATCH,
-           "eager_flops": {m: t for m, (t, _) in flops.items()},
-           "eager_flops_by_op": {m: ops for m, (_, ops) in flops.items()}}
-    # weight-gradient FLOPs of one attack step, per image: what a backward without input-only skipping adds
-    res["wgrad_flops_per_image"] = (flops["backward"][0] - flops["frozen"][0]) / COUNT_BATCH
-    if inspect_compiled:
-        res.update(compiled_check(model, x, y))
-    return res
-
-
-def compiled_check(model, x, y):
-    """{'compiled_frozen': (n, with weight grad), 'compiled_unfrozen': (...)} or {'compiled_error': ...}."""
-    try:
-        return {"compiled_frozen": compiled_conv_weight_grads(model, x, y, True),
-                "compiled_unfrozen": compiled_conv_weight_grads(model, x, y, False)}
-    except Exception as exc:  # noqa: BLE001  the eager half of the check still stands
-        return {"compiled_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-
-
-def profile_attack(step, x, y, generator, device):
-    """CUDA only: time one compiled attack and count its kernels, and those named like cuDNN wgrad."""
-    from torch.profiler import ProfilerActivity, profile
-    step.adversarial_examples(x, y, generator)
-    common.sync(device)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        step.adversarial_examples(x, y, generator)
-    common.sync(device)
-    attack_ms = 1e3 * (time.perf_counter() - t0) / 3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step.adversarial_examples(x, y, generator)
-        common.sync(device)
-    kernels = [e for e in prof.key_averages()
-               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    return {"attack_ms": round(attack_ms, 3), "attack_kernels": sum(e.count for e in kernels),
-            "attack_wgrad_kernels": sum(e.count for e in kernels if "wgrad" in e.key.lower()),
-            "attack_dgrad_kernels": sum(e.count for e in kernels if "dgrad" in e.key.lower())}
-
-
-def profile_gpu_busy_ms(run_step, device):
-    """CUDA only: the device time (ms) of one step's kernels and memory copies, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run_step()
-        common.sync(device)
-    cuda = torch.autograd.DeviceType.CUDA
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if getattr(e, "device_type", None) == cuda) / 1e3
-
-
-def _cudagraph_skips():
-    try:
-        from torch._dynamo.utils import counters
-        return sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",))
-    except Exception:  # noqa: BLE001  only a diagnostic
-        return None
-
-
-def matmul_ceiling(device):
-    """(TFLOP/s, description): bf16 8192² matmul on CUDA; (None, why) on CPU: no MFU is given there.
-
-    A CPU "ceiling" from one fp32 512² matmul sat below what the convolutions reach (MFU of 95-128% was
-    printed), and no single CPU matmul is a meaningful peak on a shared machine.
-    """
-    if torch.device(device).type != "cuda":
-        return None, "none on CPU: no MFU is reported there"
-    n, dtype = 8192, torch.bfloat16
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    p50_us = common.time_us(lambda: torch.mm(a, b, out=c), device)[0]
-    return 2 * n ** 3 / (p50_us * 1e-6) / 1e12, f"{str(dtype).split('.')[-1]} {n}x{n} matmul"
-
-
-# ---------------------------------------------------------------------------------------- measuring
-def _dynamo_reset():
-    import torch._dynamo
-    torch._dynamo.reset()
-
-
-def _compiled_graphs():
-    try:
-        from torch._dynamo.utils import counters
-        return counters["stats"]["unique_graphs"]
-    except Exception:  # noqa: BLE001  only a diagnostic
-        return None
-
-
-def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repeats):
-    """Run `warmup` steps, then `repeats` synchronised blocks of `steps` steps; returns a dict."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    counter = iter(range(1 << 30))
-    cuda = torch.device(device).type == "cuda"
-
-    def one():
-        x, y = batches[next(counter) % len(batches)]
-        return step(model, optimizer, x, y, cfg, True, generator)
-
-    t0 = time.perf_counter()
-    result = None
-    for _ in range(warmup):
-        result = one()
-    common.sync(device)
-    warmup_s = time.perf_counter() - t0
-    graphs_before = _compiled_graphs()
-    seconds, host_s, gpu_ms = [], [], []
-    for _ in range(repeats):
-        common.sync(device)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t = time.perf_counter()
-        for _ in range(steps):
-            result = one()
-        # host time: until the last launch returned (any sync inside a step is included); GPU time: the
-        # events around the block. host ≈ GPU time means the GPU waited for the host (host-bound).
-        host_s.append(time.perf_counter() - t)
-        if cuda:
-            end.record()
-        common.sync(device)
-        seconds.append(time.perf_counter() - t)
-        if cuda:
-            gpu_ms.append(start.elapsed_time(end))
-    graphs_after = _compiled_graphs()
-    recompiles = None if graphs_before is None else graphs_after - graphs_before
-    return {"seconds": seconds, "warmup_s": warmup_s, "result": result, "recompiles": recompiles,
-            "host_ms": 1e3 * statistics.median(host_s) / steps,
-            "gpu_ms": statistics.median(gpu_ms) / steps if gpu_ms else None}
 
 
 def _probes(result):
     info = result.search
     fractions = getattr(info, "mask_fractions", None) or []
     return len(fractions) if fractions else int(getattr(info, "steps_taken", 0) or 0)
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class Suite:
@@ -521,7 +85,7 @@ class Suite:
 
     def flush(self):
         if self.args.json:
-            common.write_json(_jsonable(self.rows), self.args.json)
+            common.write_json(jsonable(self.rows), self.args.json)
 
     # -- FLOPs
     def flops_per_image(self, family, model_name, method_key):
@@ -586,13 +150,13 @@ class Suite:
                 continue
             try:
                 if model is None:
-                    _dynamo_reset()  # fresh dynamo caches per model instance (recompile limit)
+                    dynamo_reset()  # fresh dynamo caches per model instance (recompile limit)
                     model = build(model_name, device)
                     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     model.load_state_dict(initial)  # every method starts from the same weights
                 step, optimizer = make_step(variant, model, cfg, device)
-                skips_before = _cudagraph_skips()
+                skips_before = cudagraph_skips()
                 # one warm-up step is enough for eager variants; compiled ones compile in the first
                 warmup = args.warmup if resolved_settings(variant, cfg, device)["compile"] else min(args.warmup, 1)
                 timing = time_steps(step, model, optimizer, cfg, batches, device, warmup, args.steps,
@@ -637,7 +201,7 @@ class Suite:
                     except Exception as exc:  # noqa: BLE001
                         notes.append(f"GPU-busy profile failed: {type(exc).__name__}")
                     if skips_before is not None:
-                        row["cudagraph_skips"] = _cudagraph_skips() - skips_before
+                        row["cudagraph_skips"] = cudagraph_skips() - skips_before
                 if row.get("fallback"):
                     notes.append(f"fell back to compile_mode={row['fallback']}")
                 if not row["settings"]["compile"]:  # launch proxy: a dispatch mode sees eager ops only
@@ -684,152 +248,7 @@ class Suite:
         return self.rows
 
 
-# ------------------------------------------------------------------------------------------ summary
-def _index(rows):
-    return {(r["model"], r["batch"], r["method_key"], r["variant"]): r for r in rows
-            if r.get("kind") == "e2e" and r.get("images_per_s")}
-
-
-def _status(ok, smoke, meta):
-    """'met'/'missed' only for a real CUDA run: the targets are GPU targets."""
-    if smoke:
-        return "n/a (smoke)"
-    if meta.get("device_type") != "cuda":
-        return f"n/a ({meta.get('device_type')}: the targets are GPU targets)"
-    return "met" if ok else "missed"
-
-
-def summary_rows(rows, checks, meta, smoke):
-    """Fill ×released into the e2e rows; return the ratio, target and check rows."""
-    index = _index(rows)
-    for r in rows:
-        if r.get("kind") != "e2e" or not r.get("images_per_s"):
-            continue
-        base = index.get((r["model"], r["batch"], r["method_key"], "released"))
-        r["speedup_vs_released"] = r["images_per_s"] / base["images_per_s"] if base else None
-    out = []
-    configs = sorted({(k[0], k[1], k[3]) for k in index})
-    for model, batch, variant in configs:
-        at = index.get((model, batch, "at", variant))
-        for method_key in ("at-rwp-all", "at-rwp-break", "at-awp"):
-            other = index.get((model, batch, method_key, variant))
-            if at and other:
-                ratio = at["images_per_s"] / other["images_per_s"]
-                row = {**meta, "kind": "ratio", "smoke": smoke, "variant": variant, "model": model,
-                       "batch": batch, "method_key": method_key, "time_ratio_vs_at": ratio}
-                if variant == "fast" and method_key == "at-rwp-all":
-                    row["target"] = f"<= {TARGET_RATIO}"
-                    row["status"] = _status(ratio <= TARGET_RATIO, smoke, meta)
-                out.append(row)
-    key = ("preact_resnet18", 128, "at-rwp-all")
-    fast, released = index.get(key + ("fast",)), index.get(key + ("released",))
-    speedup = fast["images_per_s"] / released["images_per_s"] if fast and released else None
-    out.append({**meta, "kind": "target", "smoke": smoke,
-                "name": f"fast >= {TARGET_SPEEDUP:g}x released, preact_resnet18 b128 AT-RWP all probes",
-                "value": speedup, "target": f">= {TARGET_SPEEDUP}",
-                "status": "not measured" if speedup is None
-                else _status(speedup >= TARGET_SPEEDUP, smoke, meta)})
-    ratio_rows = [r for r in out if r.get("kind") == "ratio" and r.get("target")]
-    primary = [r for r in ratio_rows if (r["model"], r["batch"]) == ("preact_resnet18", 128)]
-    chosen = primary[0] if primary else (ratio_rows[0] if ratio_rows else None)
-    out.append({**meta, "kind": "target", "smoke": smoke,
-                "name": f"fast AT-RWP (all probes) / AT step time <= {TARGET_RATIO:g}"
-                        + (f", {chosen['model']} b{chosen['batch']}" if chosen else ""),
-                "value": chosen["time_ratio_vs_at"] if chosen else None, "target": f"<= {TARGET_RATIO}",
-                "status": chosen["status"] if chosen else "not measured"})
-    for model, check in checks.items():
-        out.append(check_row(check, rows, meta, smoke))
-    return out
-
-
-def check_row(check, rows, meta, smoke):
-    """The row 'attack weight-grad work: eager skips? compiled skips?' from attack_check + profiles."""
-    row = {**meta, "kind": "check", "smoke": smoke, "name": "attack weight-grad work: eager skips? "
-           "compiled skips?", **{k: v for k, v in check.items() if k != "eager_flops_by_op"}}
-    if "error" in check:
-        error = check["error"]
-        row["answer"] = error if error.startswith("skipped") else f"check failed: {error}"
-        return row
-    e = check["eager_flops"]
-    eager = (f"eager: frozen {e['frozen'] / 1e9:.3g} GFLOP, unfrozen autograd.grad "
-             f"{e['unfrozen'] / 1e9:.3g}, released backward() {e['backward'] / 1e9:.3g} "
-             f"(frozen/backward = {e['frozen'] / e['backward']:.3f}); "
-             f"eager autograd.grad skips weight grads even unfrozen: {e['frozen'] == e['unfrozen']}")
-    parts = [eager]
-    if "compiled_frozen" in check:
-        (nf, wf), (nu, wu) = check["compiled_frozen"], check["compiled_unfrozen"]
-        parts.append(f"compiled backward graph: frozen {wf}/{nf} conv_backward compute weight grads, "
-                     f"unfrozen {wu}/{nu}; compiled skips only when frozen: {wf == 0 and wu > 0}")
-    elif "compiled_error" in check:
-        parts.append(f"compiled graph inspection failed: {check['compiled_error']}")
-    prof = {r["variant"]: r for r in rows if r.get("kind") == "e2e" and r.get("model") == check["model"]
-            and "attack_wgrad_kernels" in r and r["variant"] in ("fast", "no-input-only")}
-    if prof:
-        parts.append("cuda inductor attack: " + ", ".join(
-            f"{v} {r['attack_wgrad_kernels']} wgrad of {r['attack_kernels']} kernels, {r['attack_ms']} ms"
-            f" (b{r['batch']})" for v, r in sorted(prof.items())))
-    row["answer"] = "; ".join(parts)
-    return row
-
-
-# ------------------------------------------------------------------------------------------- table
-def _fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
-
-
-def print_table(rows, file=None):
-    file = file or sys.stdout
-    e2e = [r for r in rows if r.get("kind") == "e2e"]
-    if e2e:
-        r0 = e2e[0]
-        print(f"device: {r0.get('device')}, torch {r0.get('torch')}, triton {r0.get('triton')}, "
-              f"CUDA {r0.get('cuda')}, commit {r0.get('git_commit')}", file=file)
-        print(f"ceiling: {_fmt(r0.get('ceiling_tflops'), '.1f')} TFLOP/s ({r0.get('ceiling_op')}); "
-              f"regimes: {'; '.join(f'{k} = {v}' for k, v in REGIME_HELP.items())}", file=file)
-    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | ops/step "
-          "| host/GPU ms per step | note |", file=file)
-    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|", file=file)
-    for r in e2e:
-        mfu = None if r.get("mfu") is None else 100 * r["mfu"]
-        print(f"| {r['variant']} | {r['model']} | {r['batch']} | {r['method']} | {r['regime']} | "
-              f"{_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('speedup_vs_released'), '.2f')} | "
-              f"{_fmt(r.get('tflops'), '.2f')} | {_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | "
-              f"{_fmt(r.get('ops_per_step'), 'd')} | {_fmt(r.get('host_ms_per_step'), '.2f')}/"
-              f"{_fmt(r.get('gpu_ms_per_step'), '.2f')} | {r.get('note', '')} |", file=file)
-    ratios = [r for r in rows if r.get("kind") == "ratio"]
-    if ratios:
-        print("\nstep time ÷ AT step time (same variant, model, batch):", file=file)
-        for r in ratios:
-            tail = f"  target {r['target']}: {r['status']}" if r.get("target") else ""
-            print(f"  {r['variant']:<17}{r['model']} b{r['batch']} {r['method_key']:<13}"
-                  f"{r['time_ratio_vs_at']:.2f}{tail}", file=file)
-    for r in rows:
-        if r.get("kind") == "target":
-            print(f"target: {r['name']}: {_fmt(r.get('value'), '.2f')} (target {r['target']}): {r['status']}",
-                  file=file)
-    for r in rows:
-        if r.get("kind") == "check":
-            print(f"check [{r['model']}]: {r['name']}: {r.get('answer')}", file=file)
-
-
 # --------------------------------------------------------------------------------------------- CLI
-def build_plan(args):
-    """[(model, batch, variant)] in measurement order."""
-    if args.smoke:
-        models = args.models or [SMOKE_MODEL]
-        batches = args.batch_sizes or [SMOKE_BATCH]
-        units = [(m, b, v) for m in models for b in batches for v in VARIANTS]
-    elif args.models or args.batch_sizes:
-        models = args.models or ["preact_resnet18"]
-        batches = args.batch_sizes or [128]
-        units = [(m, b, v) for m in models for b in batches for v in VARIANTS]
-    elif args.plan == "device":
-        units = list(DEVICE_PLAN)
-    else:
-        units = [(m, b, v) for m, b in ISSUE_CONFIGS for v in VARIANTS]
-    return [u for u in units if u[2] in args.variants]
-
-
 def _csv(kind, choices=None):
     def parse(text):
         items = [kind(t) for t in text.split(",") if t.strip()]
@@ -891,7 +310,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.nproc > 1:
-        from .bench_dist import run as run_dist
+        from rwp_fast.bench.bench_dist import run as run_dist
         return run_dist(args)
     if args.table_from:
         with open(args.table_from) as f:
@@ -914,7 +333,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
         with open(RESULTS, "a") as f:
             for r in rows:
-                f.write(json.dumps(_jsonable(r)) + "\n")
+                f.write(json.dumps(jsonable(r)) + "\n")
     return rows
 
 

@@ -1,6 +1,6 @@
 """Microbenchmark of the fused op ``lsc_loss`` (SPEC.md §2): masked mean CE, forward + backward.
 
-    python -m bench.bench_lsc_loss --device cuda --json out/bench_lsc_loss.json
+    python -m rwp_fast.bench.bench_lsc_loss --device cuda --json out/bench_lsc_loss.json
 
 One timed call is what an RWP probe does with the logits: the per-example loss, the LSC mask
 p ≤ ℓᵢ < q, the masked mean (1/B)·Σ Vᵢℓᵢ and its gradient d/dlogits. Implementations, timed in the same
@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from . import common  # relative: this package is `bench` in a checkout, `rwp_fast.bench` installed
+from rwp_fast.bench import common  # first: without CUDA it turns on TRITON_INTERPRET before a kernel import
 
 from rwp_fast import ops
 from rwp_fast.reference.lsc_loss import lsc_loss_ref, lsc_loss_trades_ref

@@ -1,6 +1,6 @@
 """Microbenchmark of the fused op ``pgd_step`` (SPEC.md §1): one PGD step on CIFAR-sized batches.
 
-    python -m bench.bench_pgd_step --device cuda --json out/bench_pgd_step.json
+    python -m rwp_fast.bench.bench_pgd_step --device cuda --json out/bench_pgd_step.json
 
 Implementations, timed in the same process on the same inputs: ``eager`` (the reference
 ``pgd_step_ref``, a chain of ~10 torch kernels), ``compile`` (torch.compile of it), and the fused
@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from . import common  # relative: this package is `bench` in a checkout, `rwp_fast.bench` installed
+from rwp_fast.bench import common  # first: without CUDA it turns on TRITON_INTERPRET before a kernel import
 
 from rwp_fast import ops
 from rwp_fast.reference.pgd_step import pgd_step_ref

@@ -1,6 +1,6 @@
 """Microbenchmark of the fused op ``weight_perturb`` (SPEC.md §2): one RWP iteration's weight update.
 
-    python -m bench.bench_weight_perturb --device cuda --json out/bench_weight_perturb.json
+    python -m rwp_fast.bench.bench_weight_perturb --device cuda --json out/bench_weight_perturb.json
 
 One timed call is the weight side of one RWP step with the 'accumulate' rule and layer scope, over every
 perturbed conv/linear weight of the model:
@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from . import common  # relative: this package is `bench` in a checkout, `rwp_fast.bench` installed
+from rwp_fast.bench import common  # first: without CUDA it turns on TRITON_INTERPRET before a kernel import
 
 from rwp_fast import ops
 from rwp_fast.ops.weight_perturb import SegmentTable

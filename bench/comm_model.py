@@ -1,6 +1,6 @@
 """A model of the all-reduce cost per training step on N GPUs, and the scaling efficiency it predicts.
 
-    python -m bench.comm_model [--tflops 150] [--batch 128] [--json out.json]
+    python -m rwp_fast.bench.comm_model [--tflops 150] [--batch 128] [--json out.json]
 
 NOTHING HERE IS MEASURED: no multi-GPU machine has run rwp-fast. The model:
 
@@ -68,7 +68,7 @@ def predict(name, probes, n, link, batch, tflops, k1=10):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.comm_model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m rwp_fast.bench.comm_model", description=__doc__.splitlines()[0])
     p.add_argument("--tflops", type=float, default=150.0, help="achieved TFLOP/s per GPU (assumed; unmeasured)")
     p.add_argument("--batch", type=int, default=128, help="global batch")
     p.add_argument("--nprocs", default="2,4,8")

@@ -1,7 +1,7 @@
 """Shared helpers of the microbenchmarks ``bench/bench_<op>.py``: timing, run metadata, JSON and table.
 
 Two modes, as the op benchmarks use them:
-  * GPU: ``python -m bench.bench_<op> --device cuda --json OUT.json`` times every implementation with
+  * GPU: ``python -m rwp_fast.bench.bench_<op> --device cuda --json OUT.json`` times every implementation with
     ``triton.testing.do_bench`` (median and the 0.2/0.8 quantiles, in µs) against baselines measured in
     the same process: the eager torch reference, ``torch.compile`` of it, and, where they apply, torch
     ``_foreach_*`` and a per-layer loop.

@@ -9,7 +9,7 @@
 #   6 tracking     the bf16 tracking test, the graph modes against the uncaptured step, two --deterministic runs (gpu-marked
 #                  pytests; never the interpreter suite)
 #   7 sanitizer    compute-sanitizer memcheck on one small call of each CUDA op ("not supported" is no FAIL).
-#                  Last: on gVisor machines it refuses the device (device notes, 2026-11-04), and the
+#                  Last: on gVisor machines it refuses the device (bench/results/README.md), and the
 #                  static review found the CUDA code clean, so it must not take time from the figures.
 # Parts run in the order 1, 2, 6, 3, 4, 5, 7: the correctness parts before the figures.
 # Each part has its own time cap and is killed alone; every part also stops at the global deadline
@@ -99,8 +99,9 @@ part() {
 }
 
 collect() {
-    # results.json, summary.txt and logs.txt from whatever the parts have left so far (stdlib only)
-    "$PYTHON" -m bench.device_results --out "$OUT" --work "$WORK" --dry-run "$DRY" > /dev/null 2>> "$WORK/collect.err" \
+    # results.json, summary.txt and logs.txt from whatever the parts have left so far: stdlib only, run by
+    # its path so that it works even when the install part failed and rwp_fast.bench is not importable
+    "$PYTHON" bench/device_results.py --out "$OUT" --work "$WORK" --dry-run "$DRY" > /dev/null 2>> "$WORK/collect.err" \
         || echo "collect: failed, see logs.txt" >&2
 }
 
@@ -141,7 +142,7 @@ part tracking 170 "$PYTHON" -m pytest -v -p no:cacheprovider -m gpu \
 
 # ---------------------------------------------------------------------------------------------- 3, 4 bench
 # The headline pair first; the launch-overhead variants of issue 17 next, whichever the engine has (the
-# list is data: add a name here and it runs when bench_e2e.VARIANTS knows it).
+# list is data: add a name here and it runs when e2e_configs.VARIANTS knows it).
 HEADLINE_VARIANTS="${HEADLINE_VARIANTS:-released,fast}"
 EXTRA_VARIANTS="${EXTRA_VARIANTS:-no-compile,reduce-overhead,cuda-graphs}"
 if [ "$DRY" = 1 ]; then
@@ -153,7 +154,7 @@ fi
 # it is the limit this part really gets (less near the deadline) minus 30 s for start-up and the report.
 part headline 200 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
     --variants "$HEADLINE_VARIANTS" --no-progress --time-budget $(( $(limit_for 200) - 30 )) --json "$OUT/bench.json"
-EXTRAS="$("$PYTHON" -c "import sys; from rwp_fast.bench.bench_e2e import VARIANTS, NOT_IMPLEMENTED
+EXTRAS="$("$PYTHON" -c "import sys; from rwp_fast.bench.e2e_configs import VARIANTS, NOT_IMPLEMENTED
 print(','.join(v for v in sys.argv[1].split(',') if v in VARIANTS and v not in NOT_IMPLEMENTED))" "$EXTRA_VARIANTS" 2>/dev/null)"
 if [ -n "$EXTRAS" ]; then
     # beside fast (compiled), per mode: eager, graph trees, captured. A graph mode becomes the CUDA default
@@ -161,7 +162,7 @@ if [ -n "$EXTRAS" ]; then
     part extras 120 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
         --variants "fast,$EXTRAS" --no-progress --time-budget $(( $(limit_for 120) - 20 )) --json "$OUT/extras.json"
 else
-    printf 'extras\tskipped: none of %s is implemented in bench_e2e.VARIANTS\t0\t0\n' "$EXTRA_VARIANTS" >> "$STATUS"
+    printf 'extras\tskipped: none of %s is implemented in e2e_configs.VARIANTS\t0\t0\n' "$EXTRA_VARIANTS" >> "$STATUS"
     echo "extras: none of $EXTRA_VARIANTS implemented"
 fi
 
@@ -171,7 +172,7 @@ micro() {
     # dry run: one op shows the plumbing works (pytest runs every bench_<op>.py on tiny sizes anyway)
     [ "$DEV" = cpu ] && flags+=(--quick) && ops=(pgd_step)
     for op in "${ops[@]}"; do
-        timeout --kill-after=5 "${MICRO_OP_S:-40}" "$PYTHON" -m "bench.bench_$op" --device "$DEV" \
+        timeout --kill-after=5 "${MICRO_OP_S:-40}" "$PYTHON" -m "rwp_fast.bench.bench_$op" --device "$DEV" \
             --json "$WORK/micro_$op.json" "${flags[@]}" || { rc=$?; echo "micro $op: rc=$rc"; }
     done
     return $rc

@@ -25,11 +25,8 @@ CPU_NOTE = ("CPU: these figures show only the algorithmic savings (input-only at
 SCHEMA = 1
 
 
-def _engine():
-    from . import bench_e2e
-    return bench_e2e
-
-
+# The engine is imported inside the functions below: importing it here would import torch for every
+# `rwp-fast` command (cli.py imports this module to register the subcommand).
 
 
 def add_arguments(p):
@@ -44,7 +41,7 @@ def add_arguments(p):
     # for every `rwp-fast` command
     p.add_argument("--variants", type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
                    default=list(DEFAULT_VARIANTS),
-                   help="comma-separated subset of bench_e2e.VARIANTS (released, reference, fast, no-amp, ...)")
+                   help="comma-separated subset of e2e_configs.VARIANTS (released, reference, fast, no-amp, ...)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 5; smoke 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included")
@@ -58,15 +55,17 @@ def add_arguments(p):
 
 def engine_args(args, device):
     """The engine's argument namespace for this run (bench_e2e.parse_args, so defaults stay in one place)."""
+    from rwp_fast.bench.bench_e2e import parse_args
+    from rwp_fast.bench.e2e_configs import VARIANTS
     cpu = device == "cpu"
     model = args.model or ("small_cnn" if cpu or args.smoke else "preact_resnet18")
     # `is None`, not `or`: --batch-size 0 is a bad value to refuse, not a request for the default
     batch = args.batch_size if args.batch_size is not None else (8 if args.smoke else 32 if cpu else 128)
     if batch < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch}")
-    bad = [v for v in args.variants if v not in _engine().VARIANTS]
+    bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants:
-        raise ValueError(f"--variants: expected a comma-separated subset of {','.join(_engine().VARIANTS)}; "
+        raise ValueError(f"--variants: expected a comma-separated subset of {','.join(VARIANTS)}; "
                          f"got {','.join(args.variants) or 'nothing'}")
     argv = ["--device", device, "--models", model, "--batch-sizes", str(batch),
             "--variants", ",".join(args.variants), "--methods", ",".join(METHODS[m] for m in args.methods),
@@ -76,7 +75,7 @@ def engine_args(args, device):
             argv += [f"--{flag}", str(getattr(args, flag))]
     if args.smoke:
         argv.append("--smoke")
-    return _engine().parse_args(argv), argv
+    return parse_args(argv), argv
 
 
 def summarise(rows, methods):
@@ -162,7 +161,10 @@ def plot(summary, meta, path):
 
 def run(args):
     import torch
-    e = _engine()
+
+    from rwp_fast.bench import bench_e2e, common
+    from rwp_fast.bench.e2e_configs import build_plan
+    from rwp_fast.bench.e2e_timing import matmul_ceiling
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but no CUDA device is available; use --device cpu")
@@ -172,18 +174,18 @@ def run(args):
         if args.smoke:
             torch.set_num_threads(1)
     dev = torch.device(device)
-    meta = e.common.run_metadata(dev)
+    meta = common.run_metadata(dev)
     meta["command"] = "rwp-fast bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else argv)
     meta["device_type"] = dev.type
-    meta["ceiling_tflops"], meta["ceiling_op"] = e.matmul_ceiling(dev)
-    units = e.build_plan(eargs)
+    meta["ceiling_tflops"], meta["ceiling_op"] = matmul_ceiling(dev)
+    units = build_plan(eargs)
     total = len(units) * len(eargs.methods)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="rwp-fast bench", unit="config", file=sys.stderr)
 
-    class Suite(e.Suite):
+    class Suite(bench_e2e.Suite):
         def append(self, row):
             super().append(row)
             if bar is not None and row.get("kind") == "e2e":
@@ -207,10 +209,11 @@ def main(args):
     """Entry of ``rwp-fast bench``; returns the exit status (1 if no configuration produced a figure)."""
     meta, rows, summary = run(args)
     print_summary(summary, meta)
-    e = _engine()
     if args.json:
+        from rwp_fast.bench import common
+        from rwp_fast.bench.e2e_report import jsonable
         report = dict(schema=SCHEMA, kind="rwp-fast bench", meta=meta, summary=summary, rows=rows)
-        e.common.write_json(e._jsonable(report), args.json)
+        common.write_json(jsonable(report), args.json)
         print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {plot(summary, meta, args.plot)}")

@@ -19,17 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo root on sys.path
-    sys.path.insert(0, ROOT)
+# One name for the bench engine, rwp_fast.bench (bench/__init__.py); never `bench.*`.
+from rwp_fast.bench import bench_e2e, e2e_configs, e2e_flops, e2e_report
+from rwp_fast.bench.released_baseline import ReleasedAWP, ReleasedRWP, ReleasedTrainStep, attack_pgd_released
+from rwp_fast.config import RunConfig
+from rwp_fast.models import build_model
+from rwp_fast.reference import perturbed_parameters, pgd_attack_ref, train_step_ref, weight_perturbation_search_ref
 
-from bench import bench_e2e  # noqa: E402
-from bench.released_baseline import (ReleasedAWP, ReleasedRWP, ReleasedTrainStep,  # noqa: E402
-                                     attack_pgd_released)
-from rwp_fast.config import RunConfig  # noqa: E402
-from rwp_fast.models import build_model  # noqa: E402
-from rwp_fast.reference import (perturbed_parameters, pgd_attack_ref, train_step_ref,  # noqa: E402
-                                weight_perturbation_search_ref)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GAMMA = 0.01
 
@@ -81,13 +78,13 @@ def test_smoke_suite_runs_every_variant(tmp_path):
     rows = json.loads(out.read_text())
     e2e = [r for r in rows if r["kind"] == "e2e"]
     assert {(r["variant"], r["method_key"]) for r in e2e} == \
-        {(v, m) for v in bench_e2e.VARIANTS for m in bench_e2e.METHODS}
+        {(v, m) for v in e2e_configs.VARIANTS for m in e2e_configs.METHODS}
     for r in e2e:
         assert bench_e2e.SMOKE_LABEL in r["note"]
-        if r["variant"] in bench_e2e.NOT_IMPLEMENTED:
+        if r["variant"] in e2e_configs.NOT_IMPLEMENTED:
             assert r["images_per_s"] is None and "not implemented" in r["note"]
             continue
-        if r["variant"] in bench_e2e.CUDA_ONLY:  # reduce-overhead, cuda-graphs: a reason, not a CPU figure
+        if r["variant"] in e2e_configs.CUDA_ONLY:  # reduce-overhead, cuda-graphs: a reason, not a CPU figure
             assert r["images_per_s"] is None and "skipped: " in r["note"] and "CUDA" in r["note"], r
             continue
         assert r["images_per_s"] > 0, r
@@ -107,13 +104,13 @@ def test_smoke_suite_runs_every_variant(tmp_path):
 
 def test_expected_probe_counts_and_regimes():
     """c_min = inf passes config validation (all K2 probes), c_min = 0 gives the empty mask [0, 0)."""
-    all_probes = bench_e2e.make_cfg("small_cnn", 8, "at-rwp-all", "fast", "cpu")
+    all_probes = e2e_configs.make_cfg("small_cnn", 8, "at-rwp-all", "fast", "cpu")
     assert all_probes.c_min == math.inf and all_probes.lsc_range == (0.0, math.inf)
-    assert bench_e2e.expected_probes(all_probes, "fast") == 10
-    brk = bench_e2e.make_cfg("small_cnn", 8, "at-rwp-break", "fast", "cpu")
+    assert e2e_configs.expected_probes(all_probes, "fast") == 10
+    brk = e2e_configs.make_cfg("small_cnn", 8, "at-rwp-break", "fast", "cpu")
     assert brk.lsc_range == (0.0, 0.0)
-    assert bench_e2e.expected_probes(brk, "fast") == 1
-    assert bench_e2e.expected_probes(bench_e2e.make_cfg("small_cnn", 8, "at-rwp-break", "released", "cpu"),
+    assert e2e_configs.expected_probes(brk, "fast") == 1
+    assert e2e_configs.expected_probes(e2e_configs.make_cfg("small_cnn", 8, "at-rwp-break", "released", "cpu"),
                                      "released") == 10  # the released loop never breaks
 
 
@@ -199,7 +196,7 @@ def test_released_attack_matches_reference_and_computes_weight_grads():
 def test_flop_counter_sees_attack_weight_grads():
     model = small_model().train()
     x, y = batch(8, 16)
-    flops = bench_e2e.attack_step_flops(model, x, y)
+    flops = e2e_flops.attack_step_flops(model, x, y)
     (frozen, f_ops), (unfrozen, _), (backward, b_ops) = flops["frozen"], flops["unfrozen"], flops["backward"]
     conv = "aten.convolution"
     conv_bwd = "aten.convolution_backward"
@@ -215,8 +212,8 @@ def test_flop_counter_sees_attack_weight_grads():
 def test_compiled_backward_computes_weight_grads_unless_frozen():
     model = small_model().train()
     x, y = batch(8, 16)
-    n_frozen, w_frozen = bench_e2e.compiled_conv_weight_grads(model, x, y, freeze=True)
-    n_unfrozen, w_unfrozen = bench_e2e.compiled_conv_weight_grads(model, x, y, freeze=False)
+    n_frozen, w_frozen = e2e_flops.compiled_conv_weight_grads(model, x, y, freeze=True)
+    n_unfrozen, w_unfrozen = e2e_flops.compiled_conv_weight_grads(model, x, y, freeze=False)
     assert n_frozen == n_unfrozen == 3  # small_cnn's three convs
     assert w_frozen == 0 and w_unfrozen == 3
     assert all(p.requires_grad for p in model.parameters())  # frozen() restored them
@@ -225,7 +222,7 @@ def test_compiled_backward_computes_weight_grads_unless_frozen():
 def test_step_flops_follow_the_cost_model():
     """Per image, fast AT = K1·(F + F) + 3F and each all-probes RWP probe adds 3F (SPEC.md §6); the
     released step adds K1 weight-gradient passes and one forward; its break regime still runs K2 probes."""
-    count = bench_e2e.count_step_flops
+    count = e2e_flops.count_step_flops
     fast_at = count("fast", "small_cnn", "at", "cpu", smoke=True)        # K1 = 2, K2 = 3
     fast_all = count("fast", "small_cnn", "at-rwp-all", "cpu", smoke=True)
     fast_brk = count("fast", "small_cnn", "at-rwp-break", "cpu", smoke=True)
@@ -247,28 +244,28 @@ def test_summary_reports_targets_met_and_missed():
                 "method_key": method_key, "images_per_s": ips}
     rows = [row("released", "at-rwp-all", 100.0), row("fast", "at-rwp-all", 900.0), row("fast", "at", 2250.0),
             row("fast", "at-rwp-break", 1500.0)]
-    out = bench_e2e.summary_rows(rows, {}, meta, smoke=False)
+    out = e2e_report.summary_rows(rows, {}, meta, smoke=False)
     assert rows[1]["speedup_vs_released"] == pytest.approx(9.0)
     (speed,) = [r for r in out if r["kind"] == "target" and "8x" in r["name"]]
     assert speed["status"] == "met" and speed["value"] == pytest.approx(9.0)
     (ratio,) = [r for r in out if r["kind"] == "target" and "2.3" in r["name"]]
     assert ratio["status"] == "missed" and ratio["value"] == pytest.approx(2.5)
     rows[0]["images_per_s"] = 200.0  # 4.5×: missed
-    out = bench_e2e.summary_rows(rows, {}, meta, smoke=False)
+    out = e2e_report.summary_rows(rows, {}, meta, smoke=False)
     assert [r["status"] for r in out if r["kind"] == "target" and "8x" in r["name"]] == ["missed"]
-    cpu = bench_e2e.summary_rows(rows, {}, {"device_type": "cpu"}, smoke=False)
+    cpu = e2e_report.summary_rows(rows, {}, {"device_type": "cpu"}, smoke=False)
     assert all(r["status"].startswith("n/a") for r in cpu if r["kind"] == "target")
 
 
 def test_device_plan_puts_the_target_rows_first():
     args = bench_e2e.parse_args(["--device", "cpu", "--plan", "device"])
-    plan = bench_e2e.build_plan(args)
+    plan = e2e_configs.build_plan(args)
     assert plan[:2] == [("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast")]
-    assert {v for _, _, v in plan} == set(bench_e2e.VARIANTS)  # every variant appears, cuda-graphs included
-    assert list(bench_e2e.METHODS)[:2] == ["at-rwp-all", "at"]
+    assert {v for _, _, v in plan} == set(e2e_configs.VARIANTS)  # every variant appears, cuda-graphs included
+    assert list(e2e_configs.METHODS)[:2] == ["at-rwp-all", "at"]
     args = bench_e2e.parse_args(["--device", "cpu", "--models", "wrn-34-10", "--batch-sizes", "128",
                                  "--variants", "fast,released"])
-    assert bench_e2e.build_plan(args) == [("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast")]
+    assert e2e_configs.build_plan(args) == [("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast")]
 
 
 # ------------------------------------------------------------------------------- rwp-fast bench (user)
@@ -304,6 +301,30 @@ def test_user_bench_bad_variant_is_one_line_error(capsys):
     assert cli.main(["bench", "--device", "cpu", "--variants", "fast,turbo"]) == 2
     err = capsys.readouterr().err
     assert "--variants" in err and "released" in err and "Traceback" not in err
+
+
+def test_rwp_fast_bench_loads_one_copy_of_each_bench_module():
+    """In a process that runs `rwp-fast bench --smoke`, every bench/ file is loaded once, as
+    rwp_fast.bench.<name>, and nothing is loaded as `bench.*`. Run from the repo root, where a stray
+    `import bench` would succeed and load the second copy."""
+    script = (
+        "import json, os, sys\n"
+        "from rwp_fast import cli\n"
+        "status = cli.main(['bench', '--device', 'cpu', '--smoke', '--no-progress', '--methods', 'at'])\n"
+        "folder = os.path.join(os.path.realpath(sys.argv[1]), 'bench') + os.sep\n"
+        "files = {n: os.path.realpath(m.__file__) for n, m in list(sys.modules.items())\n"
+        "         if isinstance(getattr(m, '__file__', None), str)}\n"
+        "print(json.dumps(dict(status=status, modules={n: f for n, f in files.items() if f.startswith(folder)},\n"
+        "                      bare=[n for n in sys.modules if n == 'bench' or n.startswith('bench.')])))\n")
+    proc = subprocess.run([sys.executable, "-c", script, ROOT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["status"] == 0 and got["bare"] == []
+    modules = got["modules"]
+    assert {"rwp_fast.bench", "rwp_fast.bench.bench_e2e", "rwp_fast.bench.user"} <= set(modules), modules
+    assert all(n == "rwp_fast.bench" or n.startswith("rwp_fast.bench.") for n in modules), modules
+    assert len(set(modules.values())) == len(modules), modules  # no file under two names
 
 
 # ----------------------------------------------------------------------- bench/device_run.sh dry run

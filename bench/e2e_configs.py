@@ -1,0 +1,177 @@
+"""The end-to-end suite's matrix: variants, methods and regimes, the plans, and one row's config and step.
+
+What one timed step is: ``step(model, optimizer, x, y, cfg)`` with ``train_step_ref``'s signature, on
+synthetic CIFAR-shaped batches (3×32×32 uint8 → [0, 1], 10 classes, two batches cycled, already on the
+device: the data pipeline is not timed). L∞ PGD-10 (ε 8/255, α 2/255), K2 = 10, γ = 0.01, SGD lr 0.1
+momentum 0.9 wd 5e-4. Methods and probe regimes (rows ``method``/``regime``):
+  * ``at``: plain PGD-10 AT;
+  * ``at-awp``: one ascent probe on the full loss, per-layer norm (the released AWP code);
+  * ``at-rwp`` ``all``: c_min = inf (RunConfig accepts it), so the LSC mask [0, inf) holds every example
+    and all K2 probes run: the worst case, where SPEC.md §6's cost model applies in full;
+  * ``at-rwp`` ``break``: c_min = 0, the mask [0, 0) is empty at the first probe and the search breaks
+    after one forward (the released code has no break and runs all K2 probes anyway).
+  RWP rows use the global norm of the released RWP code (``norm_scope='global'``) for every variant.
+
+Variants, timed in the same process on the same device:
+  * ``released``: ``bench/released_baseline.py``, the released code's structure (fp32, proxy copies
+    refreshed by ``load_state_dict`` every iteration, per-layer Python loops, weight gradients in the
+    attack: SPEC.md §6);
+  * ``reference``: ``rwp_fast.reference.train_step_ref``, the oracle trainer (fp32, eager);
+  * ``fast``: ``FastTrainStep`` with every switch on (on CUDA: bf16 autocast, torch.compile, channels-last,
+    fused ops via backend auto, input-only attack gradients; on CPU the same class with its CPU defaults:
+    fp32, eager, contiguous, torch ops — inductor on CPU needs minutes of C++ compilation for nothing);
+  * ablations, ``fast`` with one switch off: ``no-amp`` (fp32), ``no-channels-last``, ``no-compile``,
+    ``no-fused`` (backend torch), ``no-input-only`` (weights not frozen in the attack);
+  * launch overhead (issue 17): ``reduce-overhead`` (``torch.compile`` CUDA-graph trees for every forward
+    and backward) and ``cuda-graphs`` (the attack and one RWP probe captured as ``torch.cuda.CUDAGraph``s),
+    both with the stall-free RWP early break; on CPU each is a row "skipped: …" with the reason. A mode
+    that fell back to ``default`` says so in the note.
+
+``bench_dist.py`` times the ``fast`` variant of the same configs on N processes.
+"""
+
+import math
+
+import torch
+
+from rwp_fast.bench.released_baseline import ReleasedTrainStep
+from rwp_fast.config import RunConfig
+from rwp_fast.data import make_synthetic
+from rwp_fast.models import build_model, dataset_stats
+from rwp_fast.ops import dispatch
+from rwp_fast.reference import train_step_ref
+from rwp_fast.train.fast_step import FastTrainStep, resolve_fast_settings
+
+FAST = dict(backend="auto", precision="auto", compile=None, channels_last=None, input_only_grads=True)
+EAGER_FP32 = dict(precision="fp32", compile=False, channels_last=False)
+VARIANT_SETTINGS = {
+    "released": dict(EAGER_FP32, backend="reference", input_only_grads=False),
+    "reference": dict(EAGER_FP32, backend="reference", input_only_grads=True),
+    "fast": FAST,
+    "no-amp": dict(FAST, precision="fp32"),
+    "no-channels-last": dict(FAST, channels_last=False),
+    "no-compile": dict(FAST, compile=False),
+    "no-fused": dict(FAST, backend="torch"),
+    "no-input-only": dict(FAST, input_only_grads=False),
+    # launch overhead (issue 17): Inductor's CUDA-graph trees, and explicit capture of attack + one probe
+    "reduce-overhead": dict(FAST, compile_mode="reduce-overhead"),
+    "cuda-graphs": dict(FAST, compile_mode="cuda-graphs"),
+}
+NOT_IMPLEMENTED = {}
+# Variants with nothing to measure off CUDA (on CPU they would silently fall back to 'fast'): a row with
+# the reason instead.
+CUDA_ONLY = {
+    "reduce-overhead": "skipped: CUDA-graph trees need a CUDA device",
+    "cuda-graphs": "skipped: torch.cuda.CUDAGraph capture needs a CUDA device",
+}
+VARIANTS = tuple(VARIANT_SETTINGS) + tuple(NOT_IMPLEMENTED)
+FAST_FAMILY = ("fast", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only", "reduce-overhead",
+               "cuda-graphs")
+
+# method key → (method label, regime label, config fields). Order = measurement priority in a unit.
+METHODS = {
+    "at-rwp-all": ("at-rwp", "all", dict(perturb="rwp", c_min=math.inf, norm_scope="global")),
+    "at": ("at", "-", dict(perturb="none")),
+    "at-rwp-break": ("at-rwp", "break", dict(perturb="rwp", c_min=0.0, norm_scope="global")),
+    "at-awp": ("at-awp", "-", dict(perturb="awp", norm_scope="layer")),
+}
+REGIME_HELP = {"all": "c_min=inf: all K2 probes run", "break": "c_min=0: break at the first probe"}
+
+ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10", 128))
+# The one-shot GPU script's subset, most important first: a time budget cuts from the end.
+DEVICE_PLAN = (
+    ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
+    ("preact_resnet18", 128, "reduce-overhead"), ("preact_resnet18", 128, "cuda-graphs"),
+    ("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast"),
+    ("preact_resnet18", 512, "released"), ("preact_resnet18", 512, "fast"),
+    ("preact_resnet18", 128, "reference"), ("wrn-34-10", 128, "reference"),
+    ("preact_resnet18", 128, "no-input-only"), ("preact_resnet18", 128, "no-compile"),
+    ("preact_resnet18", 128, "no-amp"), ("preact_resnet18", 128, "no-channels-last"),
+    ("preact_resnet18", 128, "no-fused"),
+)
+SMOKE_MODEL, SMOKE_BATCH = "small_cnn", 8
+
+
+
+def make_cfg(model, batch, method_key, variant, device, smoke=False):
+    """The RunConfig of one row. smoke: K1 = 2, K2 = 3 (seconds on a CPU)."""
+    kw = dict(dataset="synthetic", model=model, norm="linf", epsilon=8.0, alpha=2.0, method="at",
+              attack_steps=2 if smoke else 10, k2=3 if smoke else 10, gamma=0.01, batch_size=batch, lr=0.1,
+              momentum=0.9, weight_decay=5e-4, device=torch.device(device).type)
+    kw.update(METHODS[method_key][2])
+    kw.update(VARIANT_SETTINGS.get(variant, FAST))
+    return RunConfig(**kw).validate()
+
+
+def expected_probes(cfg, variant):
+    """Probe forwards per step: 0 (AT), 1 (AWP, or RWP breaking at once), K2 (RWP all / released)."""
+    if cfg.perturb == "none":
+        return 0
+    if cfg.perturb == "awp":
+        return 1
+    if variant == "released" or cfg.c_min > 0:
+        return cfg.k2
+    return 1
+
+
+def build(model_name, device, seed=0):
+    """The row's model, seeded: every variant of a row starts from the same weights."""
+    torch.manual_seed(seed)
+    mean, std = dataset_stats("synthetic", 3)
+    return build_model(model_name, 10, 3, mean, std).to(device)
+
+
+def make_batches(batch, device, n_batches=2, seed=0):
+    """n_batches synthetic CIFAR-shaped (x (B, 3, 32, 32) fp32 in [0, 1], y (B,) int64) on `device`."""
+    (x, y), _, _ = make_synthetic(n_train=batch * n_batches, n_test=1, seed=seed)
+    x = x.to(device).float().div_(255)
+    y = y.to(device)
+    return [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(n_batches)]
+
+
+def make_step(variant, model, cfg, device):
+    """(step function, optimizer) for a variant; the optimizer is the trainer's SGD.
+
+    Fast variants: ``set_backend(cfg.backend)`` for the whole process, as ``Trainer`` does. FastTrainStep
+    passes cfg.backend to lsc_loss and weight_perturb, but the attack (``rwp_fast.attacks.pgd``) calls
+    ``pgd_step_`` without it, so without this 'no-fused' would still run the fused PGD step.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if variant == "released":
+        return ReleasedTrainStep(model, cfg), optimizer
+    if variant == "reference":
+        return train_step_ref, optimizer
+    dispatch.set_backend(cfg.backend)
+    return FastTrainStep(model, optimizer, cfg, device), optimizer
+
+
+def resolved_settings(variant, cfg, device):
+    """What actually runs: precision, compile, channels-last, input-only, backend per fused op."""
+    if variant in ("released", "reference"):
+        return dict(precision="fp32", compile=False, channels_last=False,
+                    input_only=variant == "reference", backends="none (plain torch)")
+    device = torch.device(device)
+    precision, compile_model, channels_last = resolve_fast_settings(cfg, device)
+    # make_step sets the process-wide backend to cfg.backend, as the Trainer does
+    backends = {op: dispatch.choose_backend(op, device, cfg.backend) for op in dispatch.OPS}
+    return dict(precision=precision, compile=compile_model, channels_last=channels_last,
+                input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode)
+
+
+def build_plan(args):
+    """[(model, batch, variant)] in measurement order."""
+    if args.smoke:
+        models = args.models or [SMOKE_MODEL]
+        batches = args.batch_sizes or [SMOKE_BATCH]
+        units = [(m, b, v) for m in models for b in batches for v in VARIANTS]
+    elif args.models or args.batch_sizes:
+        models = args.models or ["preact_resnet18"]
+        batches = args.batch_sizes or [128]
+        units = [(m, b, v) for m in models for b in batches for v in VARIANTS]
+    elif args.plan == "device":
+        units = list(DEVICE_PLAN)
+    else:
+        units = [(m, b, v) for m, b in ISSUE_CONFIGS for v in VARIANTS]
+    return [u for u in units if u[2] in args.variants]
+
