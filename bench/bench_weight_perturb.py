@@ -241,7 +241,7 @@ if pytest is not None:
     def test_model_shapes_match_rwp_fast_models():
         """The hardcoded shape lists are the perturbed tensors of rwp_fast.models' networks."""
         models = pytest.importorskip("rwp_fast.models")
-        from rwp_fast.reference.perturbation_search import perturbed_parameters
+        from rwp_fast.core import perturbed_parameters
         with torch.device("meta"):
             nets = {"preact_resnet18": models.preact_resnet18(num_classes=10),
                     "wrn_34_10": models.WideResNet(depth=34, widen_factor=10, num_classes=10)}

@@ -40,7 +40,7 @@ def model_sizes(name):
     from torch.utils.flop_counter import FlopCounterMode
 
     from rwp_fast.models import build_network
-    from rwp_fast.reference import perturbed_parameters
+    from rwp_fast.core import perturbed_parameters
     with torch.device("meta"):  # the network without Normalize (which checks its std on the host)
         model = build_network(name, 10, 3).eval()
         counter = FlopCounterMode(display=False)

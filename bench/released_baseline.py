@@ -48,9 +48,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from rwp_fast.reference.perturbation_search import SearchInfo
-from rwp_fast.reference.pgd_step import draw_random_init_noise
-from rwp_fast.reference.train_step import StepResult
+from rwp_fast.core import SearchInfo, StepResult, draw_random_init_noise
 
 EPS = 1e-20       # released utils_awp.py / utils_rwp.py
 PROXY_LR = 0.01   # released train_cifar10.py: proxy_opt = SGD(proxy.parameters(), lr=0.01); cancels in v
