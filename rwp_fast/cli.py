@@ -8,97 +8,11 @@ missing optional packages) print one clear message and exit with status 2, witho
 
 import argparse
 import dataclasses
-import inspect
-import json
 import os
-import re
 import sys
-import tempfile
 
-from . import config as config_module
-from .config import PRESETS, ConfigError, RunConfig, preset
-
-DEMO_RUNS = ("at", "at-awp", "at-rwp")
-
-
-def _allowed_values(match):
-    """'one of DATASETS' → 'one of digits, cifar10, ...' (left as written if config has no such tuple)."""
-    values = getattr(config_module, match.group(1), None)
-    return "one of " + ", ".join(values) if isinstance(values, tuple) else match.group(0)
-
-
-def _field_help():
-    """Help text of each RunConfig field: the comment on its line in config.py (one source of truth)."""
-    helps = {}
-    for line in inspect.getsource(RunConfig).splitlines():
-        m = re.match(r"\s+(\w+): [\w\[\], |]+ = .*?#\s*(.*)$", line)
-        if m:
-            # "one of DATASETS" in config.py's comment → the values themselves in the help text
-            helps[m.group(1)] = re.sub(r"one of ([A-Z_]+)", _allowed_values, m.group(2))
-    return helps
-
-
-def add_config_flags(parser):
-    """One flag per RunConfig field; defaults are None so that we can tell which flags were given."""
-    helps = _field_help()
-    group = parser.add_argument_group("run configuration (mirrors rwp_fast.config.RunConfig)")
-    for f in dataclasses.fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        text = f"{helps.get(f.name, '')} (default: {default})"
-        if isinstance(default, bool) or f.type in ("bool | None", bool | None):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(default, tuple):
-            group.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=text)
-        else:
-            group.add_argument(flag, dest=f.name, type=type(default), default=None, help=text)
-
-
-def config_from_args(args):
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-             if getattr(args, f.name, None) is not None}
-    if "lr_milestones" in given:
-        given["lr_milestones"] = tuple(given["lr_milestones"])
-    if args.preset:
-        return preset(args.preset, **given)
-    return RunConfig(**given).validate()
-
-
-# ------------------------------------------------------------------------------------------ outputs
-def check_writable_dir(path, flag):
-    """Create directory `path` (and its parents) if missing and write a probe file there; a ConfigError
-    naming `flag` if that fails (a parent that is a file, no permission, read-only file system)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".rwp-fast-write-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot create or write directory {path!r} ({exc.strerror or exc}); "
-                          "allowed: a writable directory (created if missing)") from None
-
-
-def check_writable_file(path, flag):
-    """An output file may be written at `path`: its directory exists and is writable, and `path` is not a
-    directory. Nothing is created. A ConfigError naming `flag` otherwise."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag}: {path!r} is a directory; allowed: a file path in a writable directory")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"{flag}: the directory {directory!r} of {path!r} does not exist; allowed: a file "
-                          "path in an existing, writable directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".rwp-fast-write-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot write in {directory!r} ({exc.strerror or exc}); allowed: a file "
-                          "path in an existing, writable directory") from None
-
-
-def check_int(value, flag, minimum):
-    if value < minimum:
-        raise ConfigError(f"{flag}: must be an integer >= {minimum}, got {value}")
+from .cli_args import add_config_flags, check_int, check_writable_dir, check_writable_file, config_from_args
+from .config import PRESETS, ConfigError, RunConfig
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -211,54 +125,13 @@ def cmd_plot(args):
 
 def cmd_demo(args):
     """The README's main job: AT, AT-AWP and AT-RWP on the built-in digits data, then a Table-1 summary."""
-    from .train import Trainer
-    from .train.plots import plot_runs
+    from .demo import digits_demo, lsc_demo
     check_int(args.epochs, "epochs", 1)
     check_writable_dir(args.out_dir, "out_dir")
-    if getattr(args, "lsc_analysis", False):  # rwp_fast/sweep.py: the LSC-range analysis as a sweep
-        from .sweep import lsc_demo
+    if getattr(args, "lsc_analysis", False):  # rwp_fast/demo.py: the LSC-range analysis as a sweep
         return lsc_demo(os.path.join(args.out_dir, "lsc-analysis"), args.epochs, args.quiet, args.device)
-    rows, dirs = [], []
-    for name in DEMO_RUNS:
-        cfg = demo_config(name, args.out_dir, args.epochs, args.quiet, args.device)
-        print(f"== {name}: {cfg.perturb}, {cfg.epochs} epochs on {cfg.dataset} ({cfg.model}, ε={cfg.epsilon}/255)")
-        if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
-            trainer = Trainer.resume(cfg.out_dir, quiet=cfg.quiet, device=cfg.device)
-        else:
-            trainer = Trainer(cfg)
-        trainer.fit()
-        if trainer.preempted:  # SIGTERM / SIGUSR1: last.pt holds the position; `rwp-fast demo` again resumes
-            return
-        with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f]
-        rows.append((name.upper(), 100 * trainer.best_metric, 100 * metrics[-1]["test_robust_acc"],
-                     100 * metrics[-1]["test_natural_acc"], metrics[-1]["rwp_steps_mean"]))
-        dirs.append(cfg.out_dir)
-    plot = plot_runs(dirs, os.path.join(args.out_dir, "curves.png"), labels=[r[0] for r in rows])
-    print(f"\nDigits (sklearn, 8×8), small CNN, L∞ ε={cfg.epsilon}/255, PGD-{cfg.eval_attack_steps} "
-          f"test robust accuracy (%), best/last:\n")
-    print("| method | PGD-20 best/last | natural (last) | RWP probes/step |")
-    print("|---|---|---|---|")
-    for name, best, last, nat, steps in rows:
-        print(f"| {name} | {best:.2f}/{last:.2f} | {nat:.2f} | {steps:.2f} |")
-    print(f"\nplot: {plot}")
+    return digits_demo(args.out_dir, args.epochs, args.quiet, args.device)
 
-
-def demo_config(name, out_dir, epochs, quiet, device):
-    """The digits demo configuration; the README explains each choice."""
-    perturb = {"at": "none", "at-awp": "awp", "at-rwp": "rwp"}[name]
-    return RunConfig(
-        dataset="digits", model="small_cnn", norm="linf",
-        epsilon=DEMO["epsilon"], alpha=DEMO["alpha"], attack_steps=10, eval_attack_steps=20,
-        method="at", perturb=perturb, gamma=DEMO["gamma"], c_min=DEMO["c_min"], k2=10,
-        epochs=epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"], lr_milestones=DEMO["milestones"],
-        weight_decay=5e-4, eval_examples=0, seed=0, out_dir=os.path.join(out_dir, name), quiet=quiet,
-        device=device or "auto",
-    ).validate()
-
-
-# Digits demo settings (see README, "The demo"): chosen for 8×8 images with 17 grey levels.
-DEMO = dict(epsilon=32.0, alpha=8.0, gamma=0.01, c_min=1.0, batch_size=64, lr=0.05, milestones=(20, 25))
 
 
 # ------------------------------------------------------------------------------------------ parser

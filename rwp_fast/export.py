@@ -130,7 +130,7 @@ def _run_commit(checkpoint):
 def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=None, user=None, reported=None):
     """Write DIR/model.pt, DIR/model_card.json and RobustBench's DIR/model_info/<dataset>/<threat>/<Name>.json;
     returns the card (a dict), with 'model_info' (its path) and 'placeholders' ([(field, flag)])."""
-    from .cli import check_writable_dir
+    from .cli_args import check_writable_dir
     from .models import build_model
     from .train import load_checkpoint
     from .train.trainer import git_commit
