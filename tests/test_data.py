@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from rwp_fast.config import RunConfig
 from rwp_fast.data import (
     CIFAR_AUGMENTATION,
+    DATASET_STATS,
     DIGITS_AUGMENTATION,
     NO_AUGMENTATION,
     Augmentation,
@@ -27,7 +28,6 @@ from rwp_fast.data import (
     make_synthetic,
     steps_per_epoch,
 )
-from rwp_fast.models import DATASET_STATS
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from rwp_fast.config import MODELS, RunConfig
-from rwp_fast.models import (
-    DATASET_STATS,
-    Normalize,
-    WideResNet,
-    build_model,
-    count_parameters,
-    dataset_stats,
-    model_for,
-)
+from rwp_fast.data import DATASET_STATS, dataset_stats
+from rwp_fast.models import Normalize, WideResNet, build_model, count_parameters, model_for
 from rwp_fast.reference import perturbed_parameters
 
 # Exact counts for 10 classes (3 input channels; small_cnn with 1). PreAct ResNet-18 as in Rice et al.

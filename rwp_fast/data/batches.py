@@ -22,21 +22,16 @@ which changes at most one step per epoch): a batch of a few examples gives noisy
 statistics (one example with a 1×1 feature map fails outright in train mode), and constant shapes suit
 CUDA graphs and ``torch.compile``. Evaluation batches keep every example (``eval_batches``).
 
-Augmentation (``Augmentation``), applied to the uint8 batch before the float conversion:
-  * CIFAR-10/100: the paper's 4-pixel zero pad + random 32×32 crop + random horizontal flip, i.e.
-    torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip as in the TRADES code. Rice et al.'s
-    CIFAR-10 code (which AWP and RWP's AT scripts reuse) pads by reflection instead: ``pad_mode='reflect'``.
-  * SVHN: none, as in the released code.
-  * digits: a 1-pixel pad and crop (4 pixels is half of an 8×8 image) and no flip: a mirrored 2, 3, 4, 5,
-    7 or 9 is not that digit.
+Augmentation: ``augment.py``.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-PAD_MODES = ("zeros", "reflect")
+from ..config import ConfigError
+from .augment import NO_AUGMENTATION, augment_batch, draw_augmentation
+from .extra import ExtraData, extra_fits_on_device
 
 # Streams of derive_seed, so that the permutation, the augmentation and the extra order never share draws.
 _STREAM_PERMUTATION = 1
@@ -76,81 +71,6 @@ def steps_per_epoch(n, batch_size, drop_last):
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Random crop after padding, and random horizontal flip; falsy when it does nothing."""
-    pad: int = 0              # pixels of padding on each side before the random crop back to H×W
-    flip: bool = False        # horizontal flip with probability 1/2
-    pad_mode: str = "zeros"   # one of PAD_MODES: 'zeros' (torchvision, TRADES) or 'reflect' (Rice et al.)
-
-    def __post_init__(self):
-        if self.pad < 0:
-            raise ValueError(f"pad: must be >= 0, got {self.pad}")
-        if self.pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode: expected one of {PAD_MODES}, got {self.pad_mode!r}")
-
-    def __bool__(self):
-        return self.pad > 0 or self.flip
-
-
-NO_AUGMENTATION = Augmentation()
-CIFAR_AUGMENTATION = Augmentation(pad=4, flip=True)
-DIGITS_AUGMENTATION = Augmentation(pad=1, flip=False)
-
-
-def draw_augmentation(batch_size, augment, generator):
-    """The random parameters of one batch, on the CPU.
-
-    Returns offsets (B, 2) int64 in [0, 2·pad]: the (row, column) of the crop's top-left corner in the
-    padded image; and flips (B,) bool. Offsets are drawn first, then flips (only if augment.flip).
-    """
-    offsets = torch.randint(0, 2 * augment.pad + 1, (batch_size, 2), generator=generator)
-    if augment.flip:
-        flips = torch.rand(batch_size, generator=generator) < 0.5
-    else:
-        flips = torch.zeros(batch_size, dtype=torch.bool)
-    return offsets, flips
-
-
-def _reflect(index, n):
-    # np.pad(mode='reflect') / F.pad(mode='reflect'): -1 → 1, n → n - 2 (edge not repeated); needs pad < n.
-    index = torch.where(index < 0, -index, index)
-    return torch.where(index > n - 1, 2 * (n - 1) - index, index)
-
-
-def augment_batch(x, offsets, flips, pad, pad_mode="zeros"):
-    """Crop each image at its offset from the padded image, then flip it where ``flips`` is set.
-
-    x: (B, C, H, W) any dtype; offsets: (B, 2) int64 in [0, 2·pad]; flips: (B,) bool; both on x.device.
-    Returns (B, C, H, W), same dtype: out[b, :, i, j] = padded[b, :, oy + i, ox + j'] with
-    j' = W − 1 − j if flipped else j. One gather with per-example row and column indices: the padded
-    image is never materialised and there is no loop over examples.
-    """
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode: expected one of {PAD_MODES}, got {pad_mode!r}")
-    B, C, H, W = x.shape
-    if pad_mode == "reflect" and pad >= min(H, W):
-        raise ValueError(f"pad: reflection padding needs pad < image size {min(H, W)}, got {pad}")
-    device = x.device
-    i = torch.arange(H, device=device)
-    j = torch.arange(W, device=device)
-    rows = offsets[:, 0:1] - pad + i                                       # (B, H) rows of x
-    cols = offsets[:, 1:2] - pad + torch.where(flips[:, None], W - 1 - j, j)  # (B, W) columns of x
-    if pad_mode == "reflect":
-        rows, cols = _reflect(rows, H), _reflect(cols, W)
-        outside = None
-    else:
-        outside = (((rows < 0) | (rows >= H))[:, None, :, None]
-                   | ((cols < 0) | (cols >= W))[:, None, None, :])      # (B, 1, H, W): zero padding
-        rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
-    b = torch.arange(B, device=device)[:, None, None, None]
-    c = torch.arange(C, device=device)[None, :, None, None]
-    out = x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
-    if outside is not None:
-        out.masked_fill_(outside, 0)
-    return out
-
-
 def to_float(x):
     """uint8 (…) in [0, 255] → float32 in [0, 1], computed as x / 255 (exact, not x · (1/255))."""
     return x.to(torch.float32).div_(255.0)
@@ -163,6 +83,14 @@ def _check_images(name, x, y):
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
         raise ValueError(f"{name}: expected integer labels of shape ({x.shape[0]},), got "
                          f"{getattr(y, 'dtype', type(y))} of shape {tuple(getattr(y, 'shape', ()))}")
+
+
+def check_split(labeled, extra, world):
+    """Each of `world` processes takes an equal share of both parts of every batch (``rank_rows``)."""
+    if labeled % world or extra % world:
+        raise ConfigError(f"batch_size: each of {world} processes takes an equal share of the {labeled} "
+                          f"labeled and the {extra} extra examples of every batch; allowed: a batch_size "
+                          f"whose two parts are multiples of {world}")
 
 
 class BatchIterator:
@@ -190,7 +118,6 @@ class BatchIterator:
 
     def __init__(self, x, y, batch_size, *, seed=0, device="cpu", augment=None, extra=None, shuffle=True,
                  drop_last=True, extra_resident=None, stream_chunk_steps=16, shard=(0, 1)):
-        from .extra import ExtraData, extra_fits_on_device
         _check_images("x", x, y)
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -229,7 +156,6 @@ class BatchIterator:
         self.steps = steps_per_epoch(x.shape[0], self.labeled_per_batch, drop_last)
         self.rank, self.world_size = shard
         if self.world_size > 1:
-            from ..train.distributed import check_split
             if not drop_last:
                 raise ValueError("shard: sharded batches need drop_last=True (every batch full)")
             check_split(self.labeled_per_batch, self.extra_per_batch, self.world_size)

@@ -13,8 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.normalize import dataset_stats
-from .batches import CIFAR_AUGMENTATION, DIGITS_AUGMENTATION, NO_AUGMENTATION, Augmentation, derive_seed
+from ..config import DATASETS
+from .augment import CIFAR_AUGMENTATION, DIGITS_AUGMENTATION, NO_AUGMENTATION, Augmentation
+from .batches import derive_seed
+from .errors import DataFormatError, DatasetNotFoundError
+from .extra import ExtraData, load_extra
+from .own import load_folder, load_npz, own_augmentation
+from .stats import channel_stats, dataset_stats
 
 # digits: a fixed split, independent of cfg.seed, so every run and every seed is scored on the same
 # 360 test images. numpy's legacy RandomState stream is frozen across numpy versions (NEP 19); torch
@@ -59,14 +64,6 @@ _TORCHVISION = {
 }
 
 
-class DatasetNotFoundError(RuntimeError):
-    """A dataset's files are missing or unreadable; the message says where we looked and how to fix it."""
-
-
-class DataFormatError(ValueError):
-    """A data file has the wrong keys, dtypes or shapes; the message names the key and the expectation."""
-
-
 @dataclass
 class DatasetBundle:
     """One dataset in memory. Images are (N, C, H, W) uint8 in [0, 255]; labels (N,) int64 on the CPU."""
@@ -102,24 +99,6 @@ class DatasetBundle:
         extra = f", extra {len(self.extra)} (F={self.extra.fraction})" if self.extra is not None else ""
         return (f"{self.name}: train {self.train_x.shape[0]}, test {self.test_x.shape[0]}{extra}, "
                 f"{self.in_channels}×{self.image_size}×{self.image_size}, {self.num_classes} classes")
-
-
-def channel_stats(x, chunk=4096):
-    """Per-channel (mean, std) of uint8 images (N, C, H, W) scaled to [0, 1], summed in float64.
-
-    A channel that is constant gets std 1/255 (one grey level) instead of 0, which Normalize refuses.
-    """
-    c = x.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    for i in range(0, x.shape[0], chunk):
-        part = x[i:i + chunk].to(torch.float64).div_(255.0)
-        total += part.sum(dim=(0, 2, 3))
-        total_sq += part.square().sum(dim=(0, 2, 3))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
-    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
 
 
 def _bundle(name, train, test, num_classes, augment, extra=None, stats=None, classes=(), notes=()):
@@ -249,7 +228,6 @@ def load_dataset(cfg):
         num_classes = _TORCHVISION[name].classes
         augment = NO_AUGMENTATION if name == "svhn" else CIFAR_AUGMENTATION
     elif name in ("folder", "npz"):
-        from .own import own_augmentation, load_folder, load_npz
         if name == "folder":
             own = load_folder(cfg.data_dir, image_size=cfg.image_size, skip_bad=cfg.skip_bad_images,
                               quiet=cfg.quiet)
@@ -264,13 +242,11 @@ def load_dataset(cfg):
         # CIFAR's augmentation, so that throughput on synthetic data includes its (small) cost.
         num_classes, augment = 10, CIFAR_AUGMENTATION
     else:
-        from ..config import DATASETS
         raise ValueError(f"dataset: {name!r} is not one of {', '.join(DATASETS)}")
     if cfg.train_examples > 0:
         train = (train[0][:cfg.train_examples], train[1][:cfg.train_examples])
     if name in ("folder", "npz"):
         stats = channel_stats(train[0])   # after train_examples: the statistics of what is trained on
-    from .extra import ExtraData, load_extra
     if cfg.extra_file:
         what = "extra_data" if cfg.extra_data else "rst_extra"
         extra = load_extra(cfg.extra_file, cfg.extra_mix, image_shape=tuple(train[0].shape[1:]),

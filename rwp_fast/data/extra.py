@@ -29,7 +29,7 @@ import zipfile
 import numpy as np
 import torch
 
-from .datasets import DataFormatError, DatasetNotFoundError
+from .errors import DataFormatError, DatasetNotFoundError
 
 EXTRA_KEYS = ("images", "labels")
 

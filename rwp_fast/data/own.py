@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .._fs import atomic_write
-from .batches import Augmentation
-from .datasets import DataFormatError, DatasetNotFoundError
+from .augment import Augmentation
+from .errors import DataFormatError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 # Pillow modes that hold one grey channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) becomes RGB.

@@ -12,7 +12,8 @@ from collections import OrderedDict
 from torch import nn
 
 from ..config import MODELS
-from .normalize import DATASET_STATS, Normalize, dataset_stats
+from ..data.stats import DATASET_STATS, dataset_stats  # re-exported for bench/, which imports them from here
+from .normalize import Normalize
 from .preact_resnet import PreActBlock, PreActResNet, preact_resnet18
 from .small_cnn import SmallCNN
 from .wide_resnet import WideResNet

@@ -182,17 +182,11 @@ def setup(cfg, device):
 
 
 def check_batch(cfg, world):
-    """batch_size is the global batch: N must divide it (and, with extra data, its two parts)."""
+    """batch_size is the global batch: N must divide it (with extra data, its two parts too:
+    data.batches.check_split)."""
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size: the global batch {cfg.batch_size} does not divide among {world} "
                           f"processes; allowed: a multiple of {world}")
-
-
-def check_split(labeled, extra, world):
-    if labeled % world or extra % world:
-        raise ConfigError(f"batch_size: each of {world} processes takes an equal share of the {labeled} "
-                          f"labeled and the {extra} extra examples of every batch; allowed: a batch_size "
-                          f"whose two parts are multiples of {world}")
 
 
 class PreemptionFlag:
