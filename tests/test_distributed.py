@@ -212,7 +212,7 @@ def test_checkpoint_from_another_model_is_a_one_line_error(tmp_path):
 
 # ------------------------------------------------------------------------------ benchmarks
 def test_comm_model_is_the_ring_formula_and_rwp_probes_add_traffic():
-    from bench import comm_model
+    from rwp_fast.bench import comm_model
     # bytes × 2(N − 1)/N ÷ bandwidth + latency: 1 GB over 4 GPUs at 1 GB/s = 1.5 s
     assert comm_model.allreduce_seconds(1e9, 4, 1e9, 0.0) == pytest.approx(1.5)
     params, weights, flops = comm_model.model_sizes("preact_resnet18")

@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from ..eval.epoch import evaluate_natural_and_pgd
+from ..models import build_model
 from .checkpoint import CheckpointError, save_checkpoint
 
 BEST_EMA_FILE = "best_ema.pt"
@@ -92,59 +94,61 @@ class WeightEMA:
 
 
 # ------------------------------------------------------------------------------- trainer hooks
-def attach(trainer):
-    """Called at the end of Trainer.__init__ (after the step function has set the weights' layout)."""
-    cfg = trainer.cfg
-    trainer.ema = WeightEMA(trainer.model, cfg.ema_decay, cfg.ema_warmup_steps) if cfg.ema_decay > 0 else None
-    trainer.ema_model = None
-    trainer.best_ema_metric, trainer.best_ema_epoch = -1.0, -1
-    trainer.ema_improved = False
+class EMATracker:
+    """The weight average of one run, owned by the Trainer: the average itself (``ema``, None without
+    ``ema_decay``), its evaluation model, and its best robust accuracy for best_ema.pt."""
 
+    def __init__(self, cfg, model):
+        """After the step function has set the weights' layout (flat buffer, channels-last)."""
+        self.cfg = cfg
+        self.ema = WeightEMA(model, cfg.ema_decay, cfg.ema_warmup_steps) if cfg.ema_decay > 0 else None
+        self.eval_model = None  # built at the first evaluation
+        self.best_metric, self.best_epoch = -1.0, -1
+        self.improved = False
 
-def checkpoint_state(trainer):
-    if trainer.ema is None:
-        return {}
-    return {"ema": {"model": trainer.ema.model_state(trainer.model)},
-            "best_ema_metric": trainer.best_ema_metric, "best_ema_epoch": trainer.best_ema_epoch}
+    def update(self, step):
+        """After the step function returned: the weights are w again, never w + v."""
+        if self.ema is not None:
+            self.ema.update(step)
 
+    def checkpoint_state(self, model):
+        if self.ema is None:
+            return {}
+        return {"ema": {"model": self.ema.model_state(model)},
+                "best_ema_metric": self.best_metric, "best_ema_epoch": self.best_epoch}
 
-def load_checkpoint_state(trainer, state, source):
-    if trainer.ema is None:
-        return
-    if "ema" not in state:
-        raise CheckpointError(f"{source}: holds no EMA weights, but this run has ema_decay "
-                              f"{trainer.cfg.ema_decay}")
-    trainer.ema.load_model_state(state["ema"]["model"], source)
-    trainer.best_ema_metric, trainer.best_ema_epoch = state["best_ema_metric"], state["best_ema_epoch"]
+    def load_checkpoint_state(self, state, source):
+        if self.ema is None:
+            return
+        if "ema" not in state:
+            raise CheckpointError(f"{source}: holds no EMA weights, but this run has ema_decay {self.cfg.ema_decay}")
+        self.ema.load_model_state(state["ema"]["model"], source)
+        self.best_metric, self.best_epoch = state["best_ema_metric"], state["best_ema_epoch"]
 
+    def epoch_metrics(self, model, data, eval_test, epoch, device, dist=None):
+        """The EMA's test accuracy after `epoch` (the epochs completed), and its best so far: the metrics
+        row's *_ema columns. The raw model's evaluation, images and seed included (sharded over `dist`'s
+        processes), so the two sets of columns differ only by the weights. Empty without EMA."""
+        if self.ema is None:
+            return {}
+        cfg = self.cfg
+        if self.eval_model is None:
+            self.eval_model = build_model(cfg.model, data.num_classes, data.in_channels, data.mean,
+                                          data.std).to(device)
+        self.eval_model.load_state_dict(self.ema.model_state(model))
+        test = evaluate_natural_and_pgd(self.eval_model, *eval_test, cfg, cfg.eval_attack_steps,
+                                        max(cfg.batch_size, 128), device, seed=cfg.seed, dist=dist)
+        self.improved = test["robust_acc"] > self.best_metric
+        if self.improved:
+            self.best_metric, self.best_epoch = test["robust_acc"], epoch
+        return {"test_natural_acc_ema": test["natural_acc"], "test_robust_acc_ema": test["robust_acc"],
+                "test_robust_loss_ema": test["robust_loss"], "best_test_robust_acc_ema": self.best_metric,
+                "best_epoch_ema": self.best_epoch}
 
-def epoch_metrics(trainer):
-    """The EMA's test accuracy after the epoch just completed (trainer.epoch), and its best so far: the
-    metrics row's *_ema columns. Empty without EMA."""
-    if trainer.ema is None:
-        return {}
-    from ..models import build_model
-    from .trainer import evaluate_natural_and_pgd
-    cfg, d = trainer.cfg, trainer.data
-    if trainer.ema_model is None:
-        trainer.ema_model = build_model(cfg.model, d.num_classes, d.in_channels, d.mean, d.std).to(trainer.device)
-    trainer.ema_model.load_state_dict(trainer.ema.model_state(trainer.model))
-    # the raw model's evaluation, images and seed included: the two columns differ only by the weights
-    test = evaluate_natural_and_pgd(trainer.ema_model, *trainer.eval_test, cfg, cfg.eval_attack_steps,
-                                    max(cfg.batch_size, 128), trainer.device, seed=cfg.seed,
-                                    dist=getattr(trainer, "dist", None))  # sharded in a multi-process run
-    trainer.ema_improved = test["robust_acc"] > trainer.best_ema_metric
-    if trainer.ema_improved:
-        trainer.best_ema_metric, trainer.best_ema_epoch = test["robust_acc"], trainer.epoch
-    return {"test_natural_acc_ema": test["natural_acc"], "test_robust_acc_ema": test["robust_acc"],
-            "test_robust_loss_ema": test["robust_loss"], "best_test_robust_acc_ema": trainer.best_ema_metric,
-            "best_epoch_ema": trainer.best_ema_epoch}
-
-
-def save_best(trainer, state):
-    """best_ema.pt when the EMA's robust accuracy improved; written before last.pt, like best.pt."""
-    if trainer.ema is not None and trainer.ema_improved:
-        save_checkpoint(os.path.join(trainer.out_dir, BEST_EMA_FILE), {**state, "selected_by": "ema"})
+    def save_best(self, out_dir, state):
+        """best_ema.pt when the EMA's robust accuracy improved; written before last.pt, like best.pt."""
+        if self.ema is not None and self.improved:
+            save_checkpoint(os.path.join(out_dir, BEST_EMA_FILE), {**state, "selected_by": "ema"})
 
 
 def select_weights(state, weights, path):

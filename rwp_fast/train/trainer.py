@@ -21,25 +21,24 @@ Many processes (torchrun): see ``rwp_fast.train.distributed``. Only rank 0 write
 import json
 import math
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from .. import _env
 from ..config import DEVICES, ConfigError, RunConfig
+from ..core import BatchSlice
 from ..data import BatchIterator, load_dataset
 from ..data.subset import stratified_subset, subset_record
+from ..eval.epoch import evaluate_natural_and_pgd
 from ..models import build_model
-from ..attacks import pgd_attack
 from ..reference import train_step_ref
-from ..core import BatchSlice, accumulate_dtype, upcast
-from . import distributed
+from . import distributed, tb_log  # tb_log: --tensorboard
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          weights_mismatch)
-from . import ema as ema_hooks, tb_log  # weight averaging (--ema-decay), --tensorboard
+from .ema import EMATracker  # weight averaging (--ema-decay)
+from .stats import EpochStats
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -80,16 +79,8 @@ def step_seed(seed, epoch, step, stream=0):
 
 
 def git_commit():
-    """The commit of the rwp-fast source tree, or 'unknown' outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit of the rwp-fast source tree ('+dirty' if tracked files differ), or 'unknown'."""
+    return _env.git_commit() or "unknown"
 
 
 def lr_factor(cfg, iteration, iters_per_epoch):
@@ -101,132 +92,11 @@ def lr_factor(cfg, iteration, iters_per_epoch):
     return cfg.lr_decay ** -passed
 
 
-@torch.no_grad()
-def _accuracy_and_loss(model, x, y):
-    logits = upcast(model(x))  # fp32, or fp64 for an fp64 model (core.accumulate_dtype)
-    return (logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item()
-
-
-def evaluate_natural_and_pgd(model, x_all, y_all, cfg, steps, batch_size, device, seed=0, dist=None):
-    """Natural and PGD-`steps` accuracy/loss of `model` in eval mode on uint8 images (N, C, H, W).
-
-    The attack start is drawn from a generator seeded with `seed`, so the evaluation is repeatable. It
-    runs the fast attack (fused ``pgd_step``, weights frozen) in fp32 (fp64 for an fp64 model) on the eager
-    model; with the torch backend that is exactly ``pgd_attack_ref``.
-
-    dist: a DistContext of several processes: each evaluates its share of every batch, with its rows of
-    the random start one process would draw (``BatchSlice``), and the sums are all-reduced once.
-    """
-    was_training = model.training
-    model.eval()
-    totals = dict(natural_correct=0, natural_loss=0.0, robust_correct=0, robust_loss=0.0)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dtype = accumulate_dtype(next(model.parameters()).dtype)
-    sharded = dist is not None and dist.enabled
-    for i in range(0, len(x_all), batch_size):
-        x = x_all[i:i + batch_size].to(device).to(dtype) / 255
-        y = y_all[i:i + batch_size].to(device)
-        draws = gen
-        if sharded:
-            lo, hi = dist.rows(len(x))
-            draws = BatchSlice(gen, slice(lo, hi), len(x))
-            x, y = x[lo:hi], y[lo:hi]
-            if hi == lo:  # only a short last batch can leave a process without rows; later draws unused
-                continue
-        c, loss = _accuracy_and_loss(model, x, y)
-        totals["natural_correct"] += c
-        totals["natural_loss"] += loss
-        if steps > 0:
-            x_adv = pgd_attack(model, x, y, cfg.eps, cfg.step_size, steps, cfg.norm, True, "ce", draws,
-                               params=list(model.parameters()))
-            c, loss = _accuracy_and_loss(model, x_adv, y)
-            totals["robust_correct"] += c
-            totals["robust_loss"] += loss
-    model.train(was_training)
-    if sharded:
-        keys = list(totals)
-        summed = dist.sum_(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64, device=device))
-        totals = dict(zip(keys, summed.tolist()))
-    n = max(len(x_all), 1)
-    return {"natural_acc": totals["natural_correct"] / n, "natural_loss": totals["natural_loss"] / n,
-            "robust_acc": totals["robust_correct"] / n, "robust_loss": totals["robust_loss"] / n}
-
-
 def _take(x, y, idx):
     """(x[idx], y[idx]); the tensors themselves (no copy) when idx is the whole split."""
     if len(idx) == len(y):
         return x, y
     return x[idx], y[idx]
-
-
-@dataclass
-class EpochStats:
-    """Running sums over one epoch's training steps."""
-    images: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    search_calls: int = 0
-    steps_taken: int = 0
-    v_ratio_sum: float = 0.0
-    mask_sums: list = field(default_factory=list)   # per probe index: Σ mask fraction
-    mask_counts: list = field(default_factory=list)  # per probe index: batches that ran that probe
-
-    def add(self, result, y):
-        self.images += len(y)
-        self.loss_sum += result.loss * len(y)
-        self.correct += (result.logits_adv.argmax(1) == y).sum()  # device tensors: no sync per step
-        info = result.search
-        if info.mask_fractions:
-            self.search_calls += 1
-            self.steps_taken += info.steps_taken
-            self.v_ratio_sum += info.v_norm_ratio
-            for k, frac in enumerate(info.mask_fractions):
-                if k == len(self.mask_sums):
-                    self.mask_sums.append(0.0)
-                    self.mask_counts.append(0)
-                self.mask_sums[k] += frac
-                self.mask_counts[k] += 1
-
-    ADDITIVE = ("images", "loss_sum", "correct")  # per-process sums; the search fields are the same everywhere
-
-    def reduce(self, dist):
-        """Sum the per-process fields over all processes (one all-reduce); the search diagnostics are
-        already global (global mask counts, same v everywhere)."""
-        if not dist.enabled:
-            return self
-        ref = self.correct if isinstance(self.correct, torch.Tensor) else None
-        device = ref.device if ref is not None else "cpu"
-        summed = dist.sum_(torch.stack([torch.as_tensor(getattr(self, k), dtype=torch.float64, device=device)
-                                        for k in self.ADDITIVE]))
-        out = EpochStats(**{k: getattr(self, k) for k in self.__dataclass_fields__})
-        out.images, out.loss_sum, out.correct = int(summed[0]), summed[1], summed[2]
-        return out
-
-    def state(self):
-        """Plain values and CPU tensors, for a mid-epoch checkpoint."""
-        cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-        return {k: ([cpu(x) for x in v] if isinstance(v, list) else cpu(v))
-                for k, v in ((k, getattr(self, k)) for k in self.__dataclass_fields__)}
-
-    @classmethod
-    def from_state(cls, state, device, keep_sums=True):
-        dev = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
-        out = cls(**{k: ([dev(x) for x in v] if isinstance(v, list) else dev(v)) for k, v in state.items()})
-        if not keep_sums:  # processes other than rank 0: the saved sums are global, rank 0 carries them
-            out.images, out.loss_sum, out.correct = 0, 0.0, 0
-        return out
-
-    def summary(self):
-        calls = max(self.search_calls, 1)
-        return {
-            "train_robust_loss": float(self.loss_sum) / max(self.images, 1),
-            "train_robust_acc": float(self.correct) / max(self.images, 1),
-            # LSC diagnostics: fraction of the batch inside [p, q) at probe k (averaged over the batches
-            # that reached probe k), mean number of gradient probes before the break, and ‖v‖/‖w‖.
-            "lsc_mask_fraction": [float(s) / c for s, c in zip(self.mask_sums, self.mask_counts)],
-            "rwp_steps_mean": float(self.steps_taken) / calls if self.search_calls else 0.0,  # may be a tensor
-            "v_norm_ratio": float(self.v_ratio_sum) / calls if self.search_calls else 0.0,
-        }
 
 
 class Trainer:
@@ -303,7 +173,20 @@ class Trainer:
         self.best_epoch = -1
         self.metrics_lines = 0
         self.out_dir = cfg.out_dir
-        ema_hooks.attach(self)  # self.ema: None unless cfg.ema_decay > 0; after step_fn set the weights' layout
+        self.ema_tracker = EMATracker(cfg, self.model)  # after step_fn: it has set the weights' layout
+
+    @property
+    def ema(self):
+        """The weight average (rwp_fast.train.ema.WeightEMA), or None without --ema-decay."""
+        return self.ema_tracker.ema
+
+    @property
+    def best_ema_metric(self):
+        return self.ema_tracker.best_metric
+
+    @property
+    def best_ema_epoch(self):
+        return self.ema_tracker.best_epoch
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self):
@@ -322,7 +205,7 @@ class Trainer:
             "rng": rng_state(),
             # fp16 fast path: the loss scale, so that a resumed run scales exactly as an uninterrupted one
             "grad_scaler": scaler.state_dict() if (scaler := getattr(self.step_fn, "scaler", None)) else {},
-            **ema_hooks.checkpoint_state(self),  # ema, best_ema_metric, best_ema_epoch (with EMA only)
+            **self.ema_tracker.checkpoint_state(self.model),  # ema, best_ema_metric, best_ema_epoch (with EMA)
         }
 
     def load_state_dict(self, state, source="checkpoint"):
@@ -353,7 +236,7 @@ class Trainer:
         scaler = getattr(self.step_fn, "scaler", None)
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
-        ema_hooks.load_checkpoint_state(self, state, source)
+        self.ema_tracker.load_checkpoint_state(state, source)
         set_rng_state(state["rng"])
 
     @classmethod
@@ -448,8 +331,7 @@ class Trainer:
             self.position = i + 1
             if dist.enabled:
                 dist.broadcast_from_main_(self.synced_buffers)
-            if self.ema is not None:  # after step_fn: the weights are w again, never w + v
-                self.ema.update(self.step)
+            self.ema_tracker.update(self.step)  # after step_fn: the weights are w again, never w + v
             stats.add(result, y)
             session_images += len(y)
             bar.update(1)
@@ -523,7 +405,8 @@ class Trainer:
                 if improved:
                     self.best_metric, self.best_epoch = row["test_robust_acc"], self.epoch
                 row.update(best_test_robust_acc=self.best_metric, best_epoch=self.best_epoch)
-                row.update(ema_hooks.epoch_metrics(self))  # *_ema columns, with EMA only
+                row.update(self.ema_tracker.epoch_metrics(self.model, self.data, self.eval_test, self.epoch,
+                                                          self.device, self.dist))  # *_ema columns, with EMA only
                 self.metrics_lines += 1
                 written.append(row)
                 if main:
@@ -549,7 +432,7 @@ class Trainer:
         state = self.state_dict()
         if improved:
             save_checkpoint(os.path.join(self.out_dir, "best.pt"), state)
-        ema_hooks.save_best(self, state)  # best_ema.pt, by the EMA's own robust accuracy
+        self.ema_tracker.save_best(self.out_dir, state)  # best_ema.pt, by the EMA's own robust accuracy
         save_checkpoint(os.path.join(self.out_dir, "last.pt"), state)
         self.log(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_robust_loss']:.4f}  "
                  f"test nat {row['test_natural_acc']:.4f}  PGD-{self.cfg.eval_attack_steps} "
