@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 STORAGE = ("fp32", "fp16", "bf16")
-# Registers per thread of the streaming variants on sm_90, measured 2026-11-29 with triton 3.8:
+# Registers per thread of the streaming variants on sm_90 (triton 3.8's ptxas):
 # weight_perturb on an aligned table 19-32 (71-78 without the alignment hint), L∞ pgd_step 32-35, the
 # one-pass L2 kernels 32-64 (a 4096-element row in registers). 64 registers still allow 1,024 resident
 # threads per SM (64K registers) and catch a kernel that falls back to scalar code.
