@@ -95,7 +95,7 @@ SMOKE_MODEL, SMOKE_BATCH = "small_cnn", 8
 
 def make_cfg(model, batch, method_key, variant, device, smoke=False):
     """The RunConfig of one row. smoke: K1 = 2, K2 = 3 (seconds on a CPU)."""
-    kw = dict(dataset="synthetic", model=model, norm="linf", epsilon=8.0, alpha=2.0, method="at",
+    kw = dict(dataset="synthetic", model=model, norm="linf", epsilon_255=8.0, alpha_255=2.0, method="at",
               attack_steps=2 if smoke else 10, k2=3 if smoke else 10, gamma=0.01, batch_size=batch, lr=0.1,
               momentum=0.9, weight_decay=5e-4, device=torch.device(device).type)
     kw.update(METHODS[method_key][2])

@@ -235,7 +235,7 @@ class ReleasedTrainStep:
         if self.adversary is not None and perturb_active and cfg.gamma > 0:
             diff_scale = self.adversary.calc(x_adv, y)
             self.adversary.perturb(diff_scale)
-            info.steps_taken = cfg.perturb_steps
+            info.steps_taken = cfg.effective_k2
         robust_output = model(x_adv)
         robust_loss = F.cross_entropy(robust_output, y)
         optimizer.zero_grad()

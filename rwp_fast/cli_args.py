@@ -9,7 +9,7 @@ import re
 import tempfile
 
 from . import config as config_module
-from .config import ConfigError, RunConfig, preset
+from .config import FLAGS, ConfigError, RunConfig, preset
 
 
 def _allowed_values(match):
@@ -30,11 +30,12 @@ def _field_help():
 
 
 def add_config_flags(parser):
-    """One flag per RunConfig field; defaults are None so that we can tell which flags were given."""
+    """One flag per RunConfig field, named after it (or as in config.FLAGS: --epsilon sets epsilon_255);
+    defaults are None so that we can tell which flags were given."""
     helps = _field_help()
     group = parser.add_argument_group("run configuration (mirrors rwp_fast.config.RunConfig)")
     for f in dataclasses.fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + FLAGS.get(f.name, f.name).replace("_", "-")
         default = f.default
         text = f"{helps.get(f.name, '')} (default: {default})"
         if isinstance(default, bool) or f.type in ("bool | None", bool | None):

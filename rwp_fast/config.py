@@ -1,8 +1,8 @@
 """One typed configuration for a run, the paper's presets, and validation.
 
 The CLI (``rwp_fast.cli``) mirrors ``RunConfig`` field for field: each field becomes ``--field-name``
-and its help text is the comment in ``FIELD_HELP``. Presets reproduce the rows of the paper's
-Tables 1 and 2 with the hyperparameters of SPEC.md §2–§3; explicit flags override a preset.
+(``FLAGS`` names the exceptions) and its help text is the field's comment. Presets reproduce the rows
+of the paper's Tables 1 and 2 with the hyperparameters of SPEC.md §2–§3; explicit flags override a preset.
 """
 
 import dataclasses
@@ -31,6 +31,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # batches are cut and augmented there, so there is no DataLoader to give workers to).
 RETIRED_FIELDS = ("num_workers",)
 
+# Fields renamed to carry their unit, old name -> new. The old names are still the CLI flags (--epsilon,
+# --alpha: what users type) and still load from a config.json or checkpoint written before the rename.
+RENAMED_FIELDS = {"epsilon": "epsilon_255", "alpha": "alpha_255"}
+# The CLI flag of a field whose flag is not its name (--epsilon sets epsilon_255).
+FLAGS = {new: old for old, new in RENAMED_FIELDS.items()}
+
 # The LSC range that masks nothing: the plain batch mean.
 FULL_RANGE = (-math.inf, math.inf)
 
@@ -53,8 +59,8 @@ class RunConfig:
     model: str = "small_cnn"           # one of MODELS
     # --- threat model (pixel values in [0, 1]; ε and α are given in units of 1/255)
     norm: str = "linf"                 # one of NORMS
-    epsilon: float = 8.0               # attack radius, /255 (8 → 8/255 L∞; 128 → 128/255 L2)
-    alpha: float = 2.0                 # PGD step size, /255
+    epsilon_255: float = 8.0           # attack radius, /255 (8 → 8/255 L∞; 128 → 128/255 L2)
+    alpha_255: float = 2.0             # PGD step size, /255
     attack_steps: int = 10             # K1, PGD steps in training
     eval_attack_steps: int = 20        # PGD steps of the per-epoch test evaluation (PGD-20)
     # --- training method
@@ -65,7 +71,7 @@ class RunConfig:
     gamma: float = 0.01                # ‖v_l‖ = γ‖w_l‖ (dimensionless, relative weight size)
     c_min: float = 1.7                 # RWP: LSC upper bound q, in nats of per-example loss
     lsc_low: float = 0.0               # LSC lower bound p, nats; the mask is p ≤ ℓ < q
-    k2: int = 10                       # RWP probe steps (AWP always uses 1)
+    k2: int = 10                       # K2, RWP probe steps (AWP always uses 1; see effective_k2)
     rwp_update: str = "accumulate"     # one of UPDATE_RULES: released code or Algorithm 1 as printed
     norm_scope: str = "layer"          # one of NORM_SCOPES: per-tensor or one global norm
     warmup_epochs: int = 0             # epochs of plain training before the perturbation starts
@@ -105,11 +111,11 @@ class RunConfig:
     # derived values in pixel units
     @property
     def eps(self):
-        return self.epsilon / 255.0
+        return self.epsilon_255 / 255.0
 
     @property
     def step_size(self):
-        return self.alpha / 255.0
+        return self.alpha_255 / 255.0
 
     @property
     def lsc_range(self):
@@ -128,7 +134,8 @@ class RunConfig:
         return self.extra_fraction or (0.5 if self.method == "rst" else 0.0)
 
     @property
-    def perturb_steps(self):
+    def effective_k2(self):
+        """K2 of this run, the probe count the perturbation search takes: 0 without one, 1 for AWP, k2 for RWP."""
         return {"none": 0, "awp": 1, "rwp": self.k2}[self.perturb]
 
     def validate(self):
@@ -142,7 +149,7 @@ class RunConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         # Every float field must be a finite number >= 0, except c_min: q = inf is "no upper bound" (the
         # LSC mask then keeps every loss >= p), so c_min may be inf, never NaN.
-        non_negative = ("epsilon", "alpha", "gamma", "c_min", "lsc_low", "trades_beta", "lr",
+        non_negative = ("epsilon_255", "alpha_255", "gamma", "c_min", "lsc_low", "trades_beta", "lr",
                         "momentum", "weight_decay")
         for name in non_negative:
             value = getattr(self, name)
@@ -200,7 +207,7 @@ class RunConfig:
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
         # Fields that existed once and did nothing: dropped, so that older checkpoints still load.
-        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
+        d = upgrade_dict({k: v for k, v in d.items() if k not in RETIRED_FIELDS})
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"config: unknown field(s) {unknown}")
@@ -213,16 +220,31 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+def upgrade_dict(d):
+    """A saved config dict with the old field names (RENAMED_FIELDS) renamed to the new ones; a ConfigError
+    if one holds both names with different values."""
+    d = dict(d)
+    for old, new in RENAMED_FIELDS.items():
+        if old in d:
+            value = d.pop(old)
+            if new in d and d[new] != value:
+                raise ConfigError(f"config: {old} (the old name of {new}) is {value!r} but {new} is {d[new]!r}; "
+                                  "give one")
+            d[new] = value
+    return d
+
+
 # ----------------------------------------------------------------------------------------- presets
 # Table 1 of the paper: PreAct ResNet-18, 200 epochs, lr 0.1 ÷10 at 100 and 150, batch 128.
 _DATASET_DEFAULTS = {
-    "cifar10": dict(c_min=1.7, linf_alpha=2.0),
-    "cifar100": dict(c_min=4.0, linf_alpha=2.0),
+    "cifar10": dict(c_min=1.7, linf_alpha_255=2.0),
+    "cifar100": dict(c_min=4.0, linf_alpha_255=2.0),
     # SVHN: α = 1/255 L∞ and 5 warm-up epochs of plain AT (SPEC.md §1–§2). SPEC.md is silent on the
     # SVHN learning rate; lr 0.1 is known to diverge on SVHN, and the AWP SVHN runs use 0.01.
-    "svhn": dict(c_min=1.7, linf_alpha=1.0, warmup_epochs=5, lr=0.01),
+    "svhn": dict(c_min=1.7, linf_alpha_255=1.0, warmup_epochs=5, lr=0.01),
 }
-_THREATS = {"linf": dict(norm="linf", epsilon=8.0), "l2": dict(norm="l2", epsilon=128.0, alpha=15.0)}
+_THREATS = {"linf": dict(norm="linf", epsilon_255=8.0),
+            "l2": dict(norm="l2", epsilon_255=128.0, alpha_255=15.0)}
 _PERTURB = {
     "at": dict(method="at", perturb="none"),
     "at-awp": dict(method="at", perturb="awp", gamma=0.01),
@@ -236,7 +258,7 @@ def _table1_presets():
         for threat, td in _THREATS.items():
             for name, md in _PERTURB.items():
                 kw = dict(dataset=ds, model="preact_resnet18", **td, **md)
-                kw.setdefault("alpha", dd["linf_alpha"])
+                kw.setdefault("alpha_255", dd["linf_alpha_255"])
                 if md["perturb"] == "rwp":
                     kw["c_min"] = dd["c_min"]
                 if md["perturb"] != "none" or ds == "svhn":
@@ -249,7 +271,7 @@ def _table1_presets():
 
 # Table 2: CIFAR-10, L∞, WideResNet. TRADES/RST use γ = 0.005 and 10 warm-up epochs (SPEC.md §2);
 # RST: WRN-28-10, batch 256, cosine lr, Nesterov (SPEC.md §3).
-_WRN_LINF = dict(dataset="cifar10", norm="linf", epsilon=8.0, alpha=2.0)
+_WRN_LINF = dict(dataset="cifar10", norm="linf", epsilon_255=8.0, alpha_255=2.0)
 _TRADES = dict(method="trades", trades_beta=6.0)
 _RST = dict(method="rst", trades_beta=6.0, model="wrn-28-10", batch_size=256, lr_schedule="cosine",
             nesterov=True)

@@ -9,7 +9,7 @@ from .sweep import DEMO_LSC_RANGES, build_sweep, parse_lsc_ranges, run_sweep
 
 DEMO_RUNS = ("at", "at-awp", "at-rwp")
 # Digits demo settings (see README, "The demo"): chosen for 8×8 images with 17 grey levels.
-DEMO = dict(epsilon=32.0, alpha=8.0, gamma=0.01, c_min=1.0, batch_size=64, lr=0.05, milestones=(20, 25))
+DEMO = dict(epsilon_255=32.0, alpha_255=8.0, gamma=0.01, c_min=1.0, batch_size=64, lr=0.05, milestones=(20, 25))
 
 
 def demo_config(name, out_dir, epochs, quiet, device):
@@ -17,7 +17,7 @@ def demo_config(name, out_dir, epochs, quiet, device):
     perturb = {"at": "none", "at-awp": "awp", "at-rwp": "rwp"}[name]
     return RunConfig(
         dataset="digits", model="small_cnn", norm="linf",
-        epsilon=DEMO["epsilon"], alpha=DEMO["alpha"], attack_steps=10, eval_attack_steps=20,
+        epsilon_255=DEMO["epsilon_255"], alpha_255=DEMO["alpha_255"], attack_steps=10, eval_attack_steps=20,
         method="at", perturb=perturb, gamma=DEMO["gamma"], c_min=DEMO["c_min"], k2=10,
         epochs=epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"], lr_milestones=DEMO["milestones"],
         weight_decay=5e-4, eval_examples=0, seed=0, out_dir=os.path.join(out_dir, name), quiet=quiet,
@@ -33,7 +33,7 @@ def digits_demo(out_dir, epochs, quiet=False, device=None):
     rows, dirs = [], []
     for name in DEMO_RUNS:
         cfg = demo_config(name, out_dir, epochs, quiet, device)
-        print(f"== {name}: {cfg.perturb}, {cfg.epochs} epochs on {cfg.dataset} ({cfg.model}, ε={cfg.epsilon}/255)")
+        print(f"== {name}: {cfg.perturb}, {cfg.epochs} epochs on {cfg.dataset} ({cfg.model}, ε={cfg.epsilon_255}/255)")
         if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
             trainer = Trainer.resume(cfg.out_dir, quiet=cfg.quiet, device=cfg.device)
         else:
@@ -47,7 +47,7 @@ def digits_demo(out_dir, epochs, quiet=False, device=None):
                      100 * metrics[-1]["test_natural_acc"], metrics[-1]["rwp_steps_mean"]))
         dirs.append(cfg.out_dir)
     plot = plot_runs(dirs, os.path.join(out_dir, "curves.png"), labels=[r[0] for r in rows])
-    print(f"\nDigits (sklearn, 8×8), small CNN, L∞ ε={cfg.epsilon}/255, PGD-{cfg.eval_attack_steps} "
+    print(f"\nDigits (sklearn, 8×8), small CNN, L∞ ε={cfg.epsilon_255}/255, PGD-{cfg.eval_attack_steps} "
           f"test robust accuracy (%), best/last:\n")
     print("| method | PGD-20 best/last | natural (last) | RWP probes/step |")
     print("|---|---|---|---|")

@@ -106,7 +106,7 @@ def model_info(cfg, results, subset, user=None, reported=None):
         "dataset": cfg.dataset,
         "venue": user.get("venue") or placeholder(USER_FIELDS["venue"]),
         "architecture": ARCHITECTURE_NAMES.get(cfg.model, cfg.model),
-        "eps": f"{cfg.epsilon:g}/255",
+        "eps": f"{cfg.epsilon_255:g}/255",
         "clean_acc": measured["clean_acc"] or "TODO: not measured",
         "reported": f"{reported:.2f}" if reported is not None else (measured["autoattack_acc"] or "TODO: not measured"),
         "autoattack_acc": measured["autoattack_acc"] or "TODO: not measured",
@@ -173,7 +173,7 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
         "dataset": cfg.dataset,
         "threat_model": {"linf": "Linf", "l2": "L2"}[cfg.norm],
         "eps": cfg.eps,
-        "eps_text": f"{cfg.epsilon:g}/255",
+        "eps_text": f"{cfg.epsilon_255:g}/255",
         "accuracy": accuracy,
         "eval_json": os.path.abspath(eval_path) if results is not None else None,
         "extra_data": ({"file": cfg.extra_file, "fraction_per_batch": cfg.extra_mix} if cfg.extra_file

@@ -27,9 +27,9 @@ from test_fast_step import Records, record_probe_losses  # noqa: E402 (tests/ is
 
 
 def base_cfg(**kw):
-    cfg = dict(dataset="digits", model="small_cnn_gn", epsilon=32.0, alpha=8.0, attack_steps=2, eval_attack_steps=2,
-               perturb="none", gamma=0.01, c_min=2.3, k2=3, epochs=1, batch_size=32, lr=0.05, train_examples=128,
-               eval_examples=64, quiet=True, device="cpu", backend="torch", out_dir="/nonexistent")
+    cfg = dict(dataset="digits", model="small_cnn_gn", epsilon_255=32.0, alpha_255=8.0, attack_steps=2,
+               eval_attack_steps=2, perturb="none", gamma=0.01, c_min=2.3, k2=3, epochs=1, batch_size=32, lr=0.05,
+               train_examples=128, eval_examples=64, quiet=True, device="cpu", backend="torch", out_dir="/nonexistent")
     cfg.update(kw)
     return RunConfig(**cfg).validate()
 

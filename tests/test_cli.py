@@ -30,7 +30,7 @@ def test_bad_preset_and_bad_value_name_the_problem(tmp_path):
     code, _, err = run_cli("train", "--preset", "cifar10-nope")
     assert code == 2 and "preset: unknown preset 'cifar10-nope'" in err and "cifar10-linf-at-rwp" in err
     code, _, err = run_cli("train", "--epsilon", "-8", "--out-dir", str(tmp_path / "r"))
-    assert code == 2 and "epsilon: must be a finite number >= 0, got -8.0" in err and "Traceback" not in err
+    assert code == 2 and "epsilon_255: must be a finite number >= 0, got -8.0" in err and "Traceback" not in err
     code, _, err = run_cli("train", "--k2", "0", "--out-dir", str(tmp_path / "r"))
     assert code == 2 and "k2: must be a finite number >= 1" in err
 
@@ -149,8 +149,8 @@ def _unwritable(directory):
 
 
 @pytest.mark.parametrize("flag,value,needle", [
-    ("--epsilon", "inf", "epsilon: must be a finite number >= 0, got inf"),
-    ("--alpha", "inf", "alpha: must be a finite number >= 0"),
+    ("--epsilon", "inf", "epsilon_255: must be a finite number >= 0, got inf"),
+    ("--alpha", "inf", "alpha_255: must be a finite number >= 0"),
     ("--gamma", "nan", "gamma: must be a finite number >= 0"),
     ("--c-min", "nan", "c_min: must be a number >= 0 (inf allowed: no upper bound), got nan"),
     ("--lr", "inf", "lr: must be a finite number >= 0"),

@@ -8,7 +8,7 @@ from rwp_fast.config import PRESETS, ConfigError, RunConfig, preset
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("epsilon", -1.0, "epsilon: must be a finite number >= 0"),
+    ("epsilon_255", -1.0, "epsilon_255: must be a finite number >= 0"),
     ("gamma", -0.01, "gamma: must be a finite number >= 0"),
     ("c_min", -1.0, "c_min: must be a number >= 0 (inf allowed: no upper bound)"),
     ("c_min", math.nan, "c_min: must be a number >= 0 (inf allowed"),
@@ -18,10 +18,10 @@ from rwp_fast.config import PRESETS, ConfigError, RunConfig, preset
     ("perturb", "sam", "perturb: 'sam' is not one of none, awp, rwp"),
     ("norm", "l1", "norm: 'l1' is not one of linf, l2"),
     ("lsc_low", 2.0, "lsc_low: the LSC range [lsc_low, c_min) needs lsc_low <= c_min"),
-    ("epsilon", math.nan, "epsilon: must be a finite number >= 0"),
+    ("epsilon_255", math.nan, "epsilon_255: must be a finite number >= 0"),
     # infinity makes no sense for any of these (an infinite radius, step, weight perturbation, lr, ...)
     *[(f, math.inf, f"{f}: must be a finite number >= 0") for f in
-      ("epsilon", "alpha", "gamma", "lsc_low", "trades_beta", "lr", "momentum", "weight_decay")],
+      ("epsilon_255", "alpha_255", "gamma", "lsc_low", "trades_beta", "lr", "momentum", "weight_decay")],
 ])
 def test_invalid_values_name_the_field_and_the_allowed_range(field, value, needle):
     with pytest.raises(ConfigError) as err:
@@ -35,12 +35,12 @@ def test_table1_presets_follow_the_spec():
     assert (c.perturb, c.gamma, c.c_min, c.k2, c.warmup_epochs) == ("rwp", 0.01, 1.7, 10, 0)
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs, c.lr_milestones) == \
         (0.1, 0.9, 5e-4, 128, 200, (100, 150))
-    assert c.lsc_range == (0.0, 1.7) and c.perturb_steps == 10
+    assert c.lsc_range == (0.0, 1.7) and c.effective_k2 == 10
     assert preset("cifar100-linf-at-rwp").c_min == 4.0
     svhn = preset("svhn-linf-at-rwp")
     assert (svhn.step_size, svhn.warmup_epochs) == (1 / 255, 5)
     l2 = preset("cifar10-l2-at-awp")
-    assert (l2.eps, l2.step_size, l2.perturb_steps, l2.lsc_range) == (128 / 255, 15 / 255, 1, (-math.inf, math.inf))
+    assert (l2.eps, l2.step_size, l2.effective_k2, l2.lsc_range) == (128 / 255, 15 / 255, 1, (-math.inf, math.inf))
 
 
 def test_table2_presets_follow_the_spec():
@@ -78,3 +78,32 @@ def test_retired_num_workers_is_gone_but_old_configs_still_load():
     assert "num_workers" not in RunConfig().to_dict()
     old = {**RunConfig().to_dict(), "num_workers": 2}  # a checkpoint written before the field was removed
     assert RunConfig.from_dict(old) == RunConfig()
+
+
+def test_a_config_saved_with_the_old_names_loads_under_the_new_ones():
+    """config.json and checkpoints written before the unit rename say epsilon/alpha (in /255)."""
+    old = {k: v for k, v in RunConfig().to_dict().items() if k not in ("epsilon_255", "alpha_255")}
+    cfg = RunConfig.from_dict({**old, "epsilon": 16.0, "alpha": 4.0, "num_workers": 2})
+    assert (cfg.epsilon_255, cfg.alpha_255, cfg.eps, cfg.step_size) == (16.0, 4.0, 16 / 255, 4 / 255)
+    assert RunConfig.from_dict({"epsilon": 8.0, "epsilon_255": 8.0}).epsilon_255 == 8.0
+    with pytest.raises(ConfigError, match=r"config: epsilon \(the old name of epsilon_255\) is 4.0 but "
+                                          r"epsilon_255 is 8.0; give one"):
+        RunConfig.from_dict({"epsilon": 4.0, "epsilon_255": 8.0})
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['epsilonn'\]"):
+        RunConfig.from_dict({"epsilonn": 4.0})
+
+
+def test_the_cli_flags_keep_their_names_and_set_the_unit_fields():
+    import argparse
+
+    from rwp_fast.cli_args import add_config_flags, config_from_args
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default=None)
+    add_config_flags(parser)
+    cfg = config_from_args(parser.parse_args(["--epsilon", "16", "--alpha", "4", "--k2", "3"]))
+    assert (cfg.epsilon_255, cfg.alpha_255, cfg.k2) == (16.0, 4.0, 3)
+    text = parser.format_help()
+    assert "--epsilon EPSILON_255" in text and "attack radius, /255" in text and "PGD step size, /255" in text
+    assert "--epsilon-255" not in text and "--alpha-255" not in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--epsilon-255", "16"])

@@ -21,10 +21,10 @@ from rwp_fast.train.ema import WeightEMA
 
 
 def tiny_cfg(out_dir, **kw):
-    base = dict(dataset="digits", model="small_cnn", epsilon=32.0, alpha=8.0, attack_steps=1, eval_attack_steps=1,
-                perturb="rwp", gamma=0.01, c_min=2.5, k2=1, epochs=1, batch_size=32, lr=0.05, train_examples=128,
-                eval_examples=32, out_dir=str(out_dir), quiet=True, device="cpu", lr_milestones=(1,),
-                ema_decay=0.7, ema_warmup_steps=1)  # not 0.5: lerp weights d and 1 - d must differ
+    base = dict(dataset="digits", model="small_cnn", epsilon_255=32.0, alpha_255=8.0, attack_steps=1,
+                eval_attack_steps=1, perturb="rwp", gamma=0.01, c_min=2.5, k2=1, epochs=1, batch_size=32, lr=0.05,
+                train_examples=128, eval_examples=32, out_dir=str(out_dir), quiet=True, device="cpu",
+                lr_milestones=(1,), ema_decay=0.7, ema_warmup_steps=1)  # not 0.5: lerp weights d and 1 - d must differ
     base.update(kw)
     return RunConfig(**base).validate()
 

@@ -106,7 +106,7 @@ def test_epoch_eval_pgd_has_its_random_start_epsilon_and_steps(epoch_eval):
 
 @pytest.mark.parametrize("steps", [0, 3])
 def test_epoch_eval_runs_the_step_count_of_the_config(tmp_path, steps):
-    trainer = make_trainer(tmp_path, steps=steps, epsilon=4.0)
+    trainer = make_trainer(tmp_path, steps=steps, epsilon_255=4.0)
     rec = Recorder(trainer.model)
     trainer.evaluate()
     # natural + steps + (robust forward when there is an attack) + train natural

@@ -37,7 +37,7 @@ CASES = {
 
 
 def make_cfg(**kw):
-    base = dict(dataset="digits", model="small_cnn", epsilon=32.0, alpha=8.0, attack_steps=3, gamma=0.05,
+    base = dict(dataset="digits", model="small_cnn", epsilon_255=32.0, alpha_255=8.0, attack_steps=3, gamma=0.05,
                 c_min=2.33, k2=4, lr=0.05, momentum=0.9, weight_decay=5e-4, backend="torch", precision="fp32",
                 compile=False, channels_last=False, device="cpu")
     base.update(kw)

@@ -5,6 +5,8 @@ order of the fp32 sums in ‖g‖ and ‖δ'‖; each tolerance below says why i
 """
 
 
+import re
+
 import pytest
 import torch
 
@@ -281,3 +283,21 @@ def test_triton_launches_run_on_the_tensors_device(require_backend, device, monk
         seen.clear()
         call()
         assert seen == [x.device] * n
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cuda"])
+def test_a_radius_above_one_names_the_pixel_unit(backend_name):
+    """ε = 8 where 8/255 was meant: refused at the op boundary, before any backend is chosen or loaded, so
+    this runs on CPU for every backend, available here or not."""
+    x_adv, grad, x_nat = make_inputs((2, 3), torch.device("cpu"), EPS_LINF)
+    needle = "eps: 8 is in pixel units ([0, 1] images); did you pass 1/255 units? use 8/255"
+    for norm in ("linf", "l2"):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, 8.0, norm, backend=backend_name)
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            ops.pgd_step_(x_adv, grad, x_nat, ALPHA_LINF, 8.0, norm, backend=backend_name)
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            ops.pgd_random_init(x_nat, grad, 8.0, norm, torch.rand(2) if norm == "l2" else None,
+                                backend=backend_name)
+    assert torch.equal(ops.pgd_step(x_nat, grad, x_nat, 1.0, 1.0, backend="torch"),
+                       pgd_step_ref(x_nat, grad, x_nat, 1.0, 1.0))  # ε = 1, the whole box, is still allowed

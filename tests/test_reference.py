@@ -208,7 +208,7 @@ def test_awp_is_one_layerwise_full_mask_step():
     net = tiny_bn_net()
     x, y = batch()
     cfg = RunConfig(perturb="awp", gamma=0.02)
-    v, info = weight_perturbation_search_ref(net, ce_of(x, y), cfg.gamma, cfg.perturb_steps, cfg.lsc_range,
+    v, info = weight_perturbation_search_ref(net, ce_of(x, y), cfg.gamma, cfg.effective_k2, cfg.lsc_range,
                                              "accumulate", "layer")
     assert info.steps_taken == 1
     # second formula: v_l = γ‖w_l‖ g_l/‖g_l‖, g = ∇ of the full batch-mean CE in train mode

@@ -164,3 +164,12 @@ def test_a_run_saved_with_another_compile_mode_is_the_same_run(tmp_path):
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump({"config": cfg.replace(compile_mode="cuda-graphs").to_dict()}, f)
     sweep.run_status(cfg)  # no ConfigError
+
+
+def test_a_grid_over_a_renamed_field_takes_the_flag_name_and_keeps_the_directory_names():
+    """--grid epsilon=... as --epsilon: it sets epsilon_255, and the run directories are named epsilon=...
+    as before the rename, so a sweep started then is still resumed."""
+    assert sweep.parse_grid("epsilon=4,8") == ("epsilon_255", [4.0, 8.0])
+    assert sweep.parse_grid("alpha_255=1") == ("alpha_255", [1.0])
+    assert sweep.run_name({"epsilon_255": 4.0}, seed=1) == "epsilon=4.0_seed=1"
+    assert sweep.value_label("epsilon_255", 4.0) == "epsilon=4.0"

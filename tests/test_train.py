@@ -19,7 +19,7 @@ class Evil:
 
 
 def tiny_cfg(tmp_path, **kw):
-    base = dict(dataset="digits", model="small_cnn", epsilon=32.0, alpha=8.0, attack_steps=2,
+    base = dict(dataset="digits", model="small_cnn", epsilon_255=32.0, alpha_255=8.0, attack_steps=2,
                 eval_attack_steps=2, perturb="rwp", gamma=0.01, c_min=2.5, k2=2, epochs=2, batch_size=32,
                 lr=0.05, train_examples=160, eval_examples=64, out_dir=str(tmp_path / "run"), quiet=True,
                 device="cpu", lr_milestones=(1,))
@@ -222,7 +222,7 @@ def test_plot_draws_masks_only_for_masked_runs_with_legends_title_and_visible_ma
     for name, perturb in (("at", "none"), ("awp", "awp"), ("rwp", "rwp")):
         run = tmp_path / name
         run.mkdir()
-        cfg = RunConfig(dataset="digits", model="small_cnn", epsilon=32.0, perturb=perturb)
+        cfg = RunConfig(dataset="digits", model="small_cnn", epsilon_255=32.0, perturb=perturb)
         (run / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
         mask = {"none": [], "awp": [1.0], "rwp": [0.5]}[perturb]
         rows = [{"epoch": e, "test_robust_acc": [0.5, 0.8, 0.7][e - 1], "lsc_mask_fraction": mask} for e in (1, 2, 3)]
@@ -243,3 +243,35 @@ def test_plot_draws_masks_only_for_masked_runs_with_legends_title_and_visible_ma
     assert [tuple(m.get_xydata()[0]) for m in best] == [(2.0, 80.0)] * 3
     assert len({m.get_markersize() for m in best}) == 3  # nested, not stacked
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_a_run_saved_with_the_old_field_names_resumes_evaluates_and_exports(tmp_path):
+    """A run directory from before epsilon/alpha became epsilon_255/alpha_255: its config.json and
+    checkpoints name the old fields, and --resume, `rwp-fast eval` and `export` still take it."""
+    from rwp_fast.cli import main
+    cfg = tiny_cfg(tmp_path, epochs=1, attack_steps=1, eval_attack_steps=1, train_examples=64, eval_examples=16,
+                   k2=1)
+    Trainer(cfg, log=lambda *_: None).fit()
+
+    def old_names(d):
+        d = dict(d)
+        d["epsilon"], d["alpha"] = d.pop("epsilon_255"), d.pop("alpha_255")
+        return d
+
+    for name in ("last.pt", "best.pt"):
+        path = os.path.join(cfg.out_dir, name)
+        state = load_checkpoint(path)
+        state["config"] = old_names(state["config"])
+        save_checkpoint(path, state)
+    config_path = os.path.join(cfg.out_dir, "config.json")
+    info = json.load(open(config_path))
+    info["config"] = old_names(info["config"])
+    json.dump(info, open(config_path, "w"))
+    best = os.path.join(cfg.out_dir, "best.pt")
+    assert main(["eval", best, "--n-examples", "8", "--attacks", "natural,fgsm", "--device", "cpu",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    assert main(["export", best, "--format", "robustbench", "--out", str(tmp_path / "export")]) == 0
+    assert json.load(open(tmp_path / "export" / "model_card.json"))["eps"] == pytest.approx(32 / 255)
+    resumed = Trainer.resume(cfg.out_dir, epochs=2, log=lambda *_: None)
+    assert (resumed.cfg.epsilon_255, resumed.cfg.alpha_255) == (32.0, 8.0)
+    assert [r["epoch"] for r in resumed.fit()] == [2]

@@ -54,7 +54,7 @@ def train_step_ref(model, optimizer, x, y, cfg, perturb_active=True, generator=N
     loss_of = per_example_loss_fn(cfg, x, x_adv, y)
     params = [p for _, p in perturbed_parameters(model)]
     if cfg.perturb != "none" and perturb_active and cfg.gamma > 0:
-        v, info = weight_perturbation_search_ref(model, loss_of, cfg.gamma, cfg.perturb_steps,
+        v, info = weight_perturbation_search_ref(model, loss_of, cfg.gamma, cfg.effective_k2,
                                                  cfg.lsc_range, cfg.rwp_update, cfg.norm_scope)
     else:
         v, info = [torch.zeros_like(p) for p in params], SearchInfo()

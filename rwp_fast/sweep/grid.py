@@ -7,7 +7,7 @@ import json
 import math
 import os
 
-from ..config import ConfigError, RunConfig
+from ..config import FLAGS, RENAMED_FIELDS, ConfigError, RunConfig
 
 SWEEP_FILE = "sweep.json"
 LSC_KEY = "lsc_range"                 # the pseudo-field of --lsc-ranges: (lsc_low, c_min)
@@ -51,6 +51,7 @@ def parse_grid(spec):
     """'field=v1,v2' -> (field, [values]); a ConfigError naming --grid and the allowed fields."""
     name, sep, values = spec.partition("=")
     name = name.strip().replace("-", "_")
+    name = RENAMED_FIELDS.get(name, name)   # --grid epsilon=... as the flag --epsilon: sets epsilon_255
     fields = [n for n in _fields() if n not in NOT_IDENTITY]
     if not sep or not values.strip():
         raise ConfigError(f"grid: {spec!r} is not FIELD=V1,V2,...; e.g. --grid c_min=1.0,1.5,1.7")
@@ -104,14 +105,16 @@ def format_value(value):
 
 
 def value_label(key, value):
-    """Human form of one swept value: 'c_min=1.5', 'LSC [0.5, 1.0)'."""
+    """Human form of one swept value: 'c_min=1.5', 'LSC [0.5, 1.0)'; a field is named by its flag
+    (epsilon=8.0 for epsilon_255), as in the run directory names."""
     if key == LSC_KEY:
         return f"[{value[0]:g}, {'∞' if value[1] == math.inf else f'{value[1]:g}'})"
-    return f"{key}={format_value(value)}"
+    return f"{FLAGS.get(key, key)}={format_value(value)}"
 
 
 def run_name(values, seed=None):
-    parts = [("lsc" if k == LSC_KEY else k) + "=" + format_value(v) for k, v in values.items()]
+    # Named by the flag (epsilon=8.0 for epsilon_255): the directory names of sweeps from before the rename.
+    parts = [("lsc" if k == LSC_KEY else FLAGS.get(k, k)) + "=" + format_value(v) for k, v in values.items()]
     if seed is not None:
         parts.append(f"seed={seed}")
     name = "_".join(parts) or "base"

@@ -27,8 +27,8 @@ def _axis(sweep):
         label = "LSC range [p, q) of the loss (nats)"
     elif key in ("c_min", "lsc_low"):
         label = f"{key} (nats of per-example loss)"
-    elif key in ("epsilon", "alpha"):
-        label = f"{key} (/255)"
+    elif key in ("epsilon_255", "alpha_255", "epsilon", "alpha"):  # the old names, in a sweep.json of before
+        label = f"{key.removesuffix('_255')} (/255)"
     else:
         label = key or ""
     return key, xs, ticks, series, label

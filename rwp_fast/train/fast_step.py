@@ -87,7 +87,7 @@ class FastTrainStep:
         self.flat = FlatWeights(model)
         flat_ids = {id(p) for p in self.flat.params}
         self.backend = None if cfg.backend == "auto" else cfg.backend
-        self.perturbation = WeightPerturbation(self.flat, list(model.buffers()), cfg.gamma, cfg.perturb_steps,
+        self.perturbation = WeightPerturbation(self.flat, list(model.buffers()), cfg.gamma, cfg.effective_k2,
                                                cfg.lsc_range, cfg.rwp_update, cfg.norm_scope, self.backend,
                                                other_params=[p for p in self.params if id(p) not in flat_ids],
                                                comm=self.dist)
@@ -239,7 +239,7 @@ class FastTrainStep:
             # fp16: the probe loss is scaled against underflow and the flat gradient unscaled after it
             grad_scale = self.scaler.get_scale() if self.scaler is not None else None
             # One probe (AWP): the stall-free schedule reads no count at all, and is exact (gated update)
-            schedule = "stall-free" if cfg.perturb_steps == 1 and grad_scale is None else self.break_schedule
+            schedule = "stall-free" if cfg.effective_k2 == 1 and grad_scale is None else self.break_schedule
             global_batch = y.shape[0] * (self.dist.world_size if self.dist is not None else 1)
             info = self.perturbation.search(lambda: self.losses(x, x_adv, y, cfg.lsc_range)[:4], global_batch,
                                             grad_scale, schedule=schedule, run_probe=run_probe)

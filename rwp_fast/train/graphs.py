@@ -100,7 +100,7 @@ class StaticStep:
         """Warm up on a side stream, capture both bodies, and undo what the warm-up changed."""
         fs = self.fs
         perturbation = fs.perturbation
-        probes = fs.cfg.perturb_steps > 0
+        probes = fs.cfg.effective_k2 > 0
         saved = [t.clone() for t in fs.state_tensors()]
         gen_state = self.generator.get_state()
         side = torch.cuda.Stream()

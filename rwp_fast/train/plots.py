@@ -12,6 +12,8 @@ mask that does not exist. The title names the data, the model and the threat mod
 import json
 import os
 
+from ..config import upgrade_dict
+
 
 def read_metrics(run_dir):
     """The rows of run_dir/metrics.jsonl; a ValueError naming the file and the line if one is corrupt."""
@@ -35,11 +37,12 @@ def read_metrics(run_dir):
 
 
 def read_config(run_dir):
-    """The run's config dict from config.json, or None if it cannot be read."""
+    """The run's config dict from config.json (fields renamed since mapped to their new names), or None if it
+    cannot be read."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)["config"]
-        return config if isinstance(config, dict) else None
+        return upgrade_dict(config) if isinstance(config, dict) else None
     except (OSError, KeyError, TypeError, ValueError):
         return None
 
@@ -63,7 +66,7 @@ def threat_title(configs):
         return "/".join(seen)
 
     norm = values("norm", lambda n: {"linf": "L∞", "l2": "L2"}.get(n, n))
-    eps = values("epsilon", lambda e: f"{e:g}/255")
+    eps = values("epsilon_255", lambda e: f"{e:g}/255")
     steps = values("eval_attack_steps")
     parts = [values("dataset"), values("model"), f"{norm} ε = {eps}" if eps else norm,
              f"PGD-{steps} test" if steps else ""]

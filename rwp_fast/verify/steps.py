@@ -78,7 +78,7 @@ def whole_step(device, steps, model_name, batch, backend, methods=tuple(METHODS)
     rows = []
 
     def config(method, backend, precision):
-        return RunConfig(dataset="synthetic", model=model_name, epsilon=8.0, alpha=2.0, attack_steps=3 if
+        return RunConfig(dataset="synthetic", model=model_name, epsilon_255=8.0, alpha_255=2.0, attack_steps=3 if
                          device.type == "cpu" else 10, k2=4 if device.type == "cpu" else 10, gamma=0.01,
                          c_min=2.2, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=batch, backend=backend,
                          precision=precision, compile=False, channels_last=False, device=device.type,
