@@ -301,3 +301,7 @@ def test_a_radius_above_one_names_the_pixel_unit(backend_name):
                                 backend=backend_name)
     assert torch.equal(ops.pgd_step(x_nat, grad, x_nat, 1.0, 1.0, backend="torch"),
                        pgd_step_ref(x_nat, grad, x_nat, 1.0, 1.0))  # ε = 1, the whole box, is still allowed
+    big = torch.rand(2, 3, 32, 32)  # L2 allows up to the box's diameter √3072 ≈ 55: ε = 3 is a real radius
+    assert ops.pgd_step(big, torch.randn_like(big), big, 1.0, 3.0, "l2", backend="torch").shape == big.shape
+    with pytest.raises(ValueError, match=re.escape("eps: 128 is in pixel units")):
+        ops.pgd_step(big, torch.randn_like(big), big, 1.0, 128.0, "l2", backend="torch")

@@ -25,9 +25,12 @@ def _check_radius(name, value, most=math.inf):
     return value
 
 
-def _check_eps(eps):
-    # A radius above 1 pixel unit is the 255x mix-up with RunConfig.epsilon_255 (L∞: 1 already spans the box).
-    return _check_radius("eps", eps, most=1.0)
+def _check_eps(eps, norm, x):
+    """A radius past the [0, 1] box's own extent is the 255× mix-up with RunConfig.epsilon_255: 1 for L∞, the
+    box's diameter √d for L2 (d values per example: 55 for CIFAR's 3·32·32, where 8 or 128 would be the mix-up
+    but ImageNet's usual L2 ε = 3 is a real radius)."""
+    d = x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else 1
+    return _check_radius("eps", eps, most=1.0 if norm == "linf" else math.sqrt(d))
 
 
 def _new_like(x):
@@ -39,9 +42,9 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, norm="linf", out=None, backend=None
     """Next PGD iterate clamp(x_nat + Π_ε(x_adv − x_nat + α·step(grad)), 0, 1), out of place.
 
     x_adv, grad, x_nat: (B, ...) same shape and dtype (fp32, fp16, bf16); alpha >= 0, eps in [0, 1], in pixel
-    units; norm 'linf' or 'l2'. out: optional (B, ...) buffer to write into. Returns out (or a new tensor).
+    units (L2: at most √(values per example)); norm 'linf' or 'l2'. out: optional (B, ...) buffer to write into. Returns out (or a new tensor).
     """
-    alpha, eps = _check_radius("alpha", alpha), _check_eps(eps)
+    alpha, eps = _check_radius("alpha", alpha), _check_eps(eps, norm, x_adv)
     name = dispatch.choose_backend(OP, x_adv.device, backend)
     if name == "torch":
         result = pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm)
@@ -58,7 +61,7 @@ def pgd_step_(x_adv, grad, x_nat, alpha, eps, norm="linf", backend=None):
     grad and x_nat may have any layout: with channels-last weights autograd returns a channels-last
     input gradient, which is copied to the contiguous layout the kernels read (one B·C·H·W copy).
     """
-    alpha, eps = _check_radius("alpha", alpha), _check_eps(eps)
+    alpha, eps = _check_radius("alpha", alpha), _check_eps(eps, norm, x_adv)
     name = dispatch.choose_backend(OP, x_adv.device, backend)
     if name == "torch":
         return x_adv.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm))
@@ -73,7 +76,7 @@ def pgd_random_init(x_nat, noise, eps, norm="linf", radius=None, backend=None):
     noise: fp32, x_nat's shape (U(−1, 1) for 'linf', N(0, 1) for 'l2'); radius: (B,) fp32 U(0, 1) draws,
     'l2' only. ``rwp_fast.reference.draw_random_init_noise`` draws both.
     """
-    eps = _check_eps(eps)
+    eps = _check_eps(eps, norm, x_nat)
     name = dispatch.choose_backend(OP, x_nat.device, backend)
     if name == "torch":
         return pgd_random_init_ref(x_nat, noise, eps, norm, radius)
