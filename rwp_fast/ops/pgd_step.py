@@ -41,8 +41,9 @@ def _new_like(x):
 def pgd_step(x_adv, grad, x_nat, alpha, eps, norm="linf", out=None, backend=None):
     """Next PGD iterate clamp(x_nat + Π_ε(x_adv − x_nat + α·step(grad)), 0, 1), out of place.
 
-    x_adv, grad, x_nat: (B, ...) same shape and dtype (fp32, fp16, bf16); alpha >= 0, eps in [0, 1], in pixel
-    units (L2: at most √(values per example)); norm 'linf' or 'l2'. out: optional (B, ...) buffer to write into. Returns out (or a new tensor).
+    x_adv, grad, x_nat: (B, ...) same shape and dtype (fp32, fp16, bf16); alpha >= 0 and eps in pixel units
+    (eps ≤ 1 for 'linf', ≤ √(values per example) for 'l2'); norm 'linf' or 'l2'. out: optional (B, ...)
+    buffer to write into. Returns out (or a new tensor).
     """
     alpha, eps = _check_radius("alpha", alpha), _check_eps(eps, norm, x_adv)
     name = dispatch.choose_backend(OP, x_adv.device, backend)
