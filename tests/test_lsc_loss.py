@@ -257,7 +257,11 @@ def test_nan_and_inf_rows_reach_the_gradient_as_in_the_reference(backend, device
         assert ref_grad.isnan().sum() >= 10  # the case is live: whole NaN rows in the reference
         assert torch.equal(leaf.grad.isnan(), ref_grad.isnan())
         finite = ~ref_grad.isnan()
-        torch.testing.assert_close(leaf.grad[finite], ref_grad[finite], **GRAD_TOL)
+        # the one table's error model: TRADES's β-weighted KL gradient has its own atol, and both grow with
+        # max|z| (z − lse cancels to a few ulps of |z|); GRAD_TOL alone is CE's (failed under ISA=default)
+        zmax = float(torch.cat([t[t.isfinite()] for t in args[:n_logits]]).abs().max())
+        tol = tolerances.lsc_loss("grad", torch.float32, trades, zmax, classes=logits.shape[1])
+        torch.testing.assert_close(leaf.grad[finite], ref_grad[finite], atol=tol.atol, rtol=tol.rtol)
 
 
 def test_masked_mean_and_count_are_fixed_order(backend, device):
