@@ -29,7 +29,7 @@ def _check_eps(eps, norm, x):
     """A radius past the [0, 1] box's own extent is the 255× mix-up with RunConfig.epsilon_255: 1 for L∞, the
     box's diameter √d for L2 (d values per example: 55 for CIFAR's 3·32·32, where 8 or 128 would be the mix-up
     but ImageNet's usual L2 ε = 3 is a real radius)."""
-    d = x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else 1
+    d = x.numel() // x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else 1  # metadata only: no op per step
     return _check_radius("eps", eps, most=1.0 if norm == "linf" else math.sqrt(d))
 
 
