@@ -12,7 +12,7 @@ import os
 import sys
 
 from .cli_args import add_config_flags, check_int, check_writable_dir, check_writable_file, config_from_args
-from .config import PRESETS, ConfigError, RunConfig
+from .config import FLAGS, PRESETS, ConfigError, RunConfig
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -30,7 +30,7 @@ def cmd_train(args):
     if args.resume:
         # quiet and device do not change what is computed; epochs may extend a run (Trainer.resume)
         allowed = ("quiet", "device", "epochs")
-        explicit = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)
+        explicit = ["--" + FLAGS.get(f.name, f.name).replace("_", "-") for f in dataclasses.fields(RunConfig)
                     if getattr(args, f.name) is not None and f.name not in allowed]
         if explicit or args.preset:
             dropped = (["--preset"] if args.preset else []) + explicit

@@ -158,6 +158,11 @@ class RunConfig:
             if not ok:
                 kind = "a number >= 0 (inf allowed: no upper bound)" if name == "c_min" else "a finite number >= 0"
                 raise ConfigError(f"{name}: must be {kind}, got {value!r}")
+        # /255 units: an L∞ radius past 255 (the whole [0, 1] box) is a pixel-unit or percent mix-up, caught
+        # here, before anything is written, rather than by the op's pixel-unit check inside the attack
+        if self.norm == "linf" and self.epsilon_255 > 255:
+            raise ConfigError(f"epsilon_255 (--epsilon): {self.epsilon_255:g} is over 255; it is in 1/255 units "
+                              "(8 means 8/255), allowed: 0 to 255")
         at_least_one = ("k2", "epochs", "batch_size", "lr_decay")
         for name in at_least_one:
             value = getattr(self, name)

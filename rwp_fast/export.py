@@ -133,6 +133,7 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
     from .cli_args import check_writable_dir
     from .models import build_model
     from .train import load_checkpoint
+    from .train.ema import select_weights
     from .train.trainer import git_commit
 
     if fmt not in FORMATS:
@@ -143,7 +144,11 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
     state = load_checkpoint(checkpoint)
     check_writable_dir(out_dir, "out")  # a parent that is a file, no permission: one line, before any work
     cfg = RunConfig.from_dict(state["config"])
-    weights = state["model"]
+    report, eval_path = _eval_report(checkpoint, eval_json)
+    # The weights the accuracies were measured on: the eval JSON's, else what `rwp-fast eval` takes by
+    # default (the EMA weights of best_ema.pt). Shipping the raw weights of best_ema.pt beside the EMA's
+    # accuracy would submit one model's numbers for another.
+    weights, which = select_weights(state, None if report is None else report.get("weights"), checkpoint)
     mean = weights["normalize.mean"].flatten().tolist()
     std = weights["normalize.std"].flatten().tolist()
     # The classifier is the last 2-D weight (convolutions are 4-D): its rows are the classes.
@@ -152,7 +157,6 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
     model.load_state_dict(weights)
     sd = standard_state_dict(model, cfg.model)
 
-    report, eval_path = _eval_report(checkpoint, eval_json)
     results = None if report is None else report.get("results", {})
     accuracy, missing = {}, []
     for key, name in (("clean", "natural"), ("pgd20", "pgd20"), ("autoattack", "autoattack")):
@@ -183,6 +187,7 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
                      "epochs_trained": state["epoch"], "hyperparameters": cfg.to_dict()},
         "rwp_fast_commit": {"training": _run_commit(checkpoint), "export": git_commit()},
         "checkpoint": os.path.abspath(checkpoint),
+        "weights": which,  # 'ema' or 'raw': the ones in model.pt and behind the accuracies
     }
     if missing:
         card["missing"] = (f"not measured: {', '.join(missing)} (no {os.path.basename(eval_path)} with them next "

@@ -197,6 +197,8 @@ def test_resume_with_preset_or_flags_says_what_to_drop(tiny_run, capsys):
                          "drop --preset (allowed with --resume: --quiet, --device, --epochs)")
     assert "[]" not in err
     one_line_error(capsys, ["train", "--resume", str(tiny_run), "--gamma", "0.02"], "drop --gamma")
+    # a field whose flag is not its name: the message names the flag users type (--epsilon, not --epsilon-255)
+    one_line_error(capsys, ["train", "--resume", str(tiny_run), "--epsilon", "4"], "drop --epsilon (allowed")
 
 
 def test_num_workers_is_no_longer_a_flag(capsys):

@@ -107,3 +107,10 @@ def test_the_cli_flags_keep_their_names_and_set_the_unit_fields():
     assert "--epsilon-255" not in text and "--alpha-255" not in text
     with pytest.raises(SystemExit):
         parser.parse_args(["--epsilon-255", "16"])
+
+
+def test_an_linf_radius_over_255_is_refused_naming_the_flag():
+    with pytest.raises(ConfigError, match=r"epsilon_255 \(--epsilon\): 300 is over 255; it is in 1/255 units"):
+        RunConfig(epsilon_255=300.0).validate()
+    RunConfig(epsilon_255=255.0).validate()
+    RunConfig(norm="l2", epsilon_255=300.0).validate()  # an L2 radius may pass 1 pixel unit on large images

@@ -75,3 +75,19 @@ def test_two_deterministic_gpu_runs_are_equal(tmp_path, capsys):
         return torch.load(out / "last.pt", weights_only=True)["model"]
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_a_later_run_without_the_flag_is_not_left_deterministic():
+    """The flags are process-wide: a sweep's in-process points after a --deterministic one get torch's
+    settings back, not a deterministic (slower, op-refusing) run their config does not ask for."""
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled())
+    try:
+        apply_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        apply_determinism(False)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                torch.are_deterministic_algorithms_enabled()) == before
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2])

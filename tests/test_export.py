@@ -78,3 +78,23 @@ def test_wide_resnet_uses_the_standard_shortcut_name():
     model = build_model("wrn-28-10", 10, 3, (0.5,) * 3, (0.25,) * 3)
     sd = standard_state_dict(model, "wrn-28-10")
     assert "block1.layer.0.convShortcut.weight" in sd and not any("conv_shortcut" in k for k in sd)
+
+
+def test_a_checkpoint_chosen_by_its_ema_exports_the_ema_weights(tmp_path):
+    """best_ema.pt (selected_by: ema) is evaluated on its EMA weights by default, so those are the weights
+    the export ships beside the accuracies; `rwp-fast eval --weights raw` makes it ship the raw ones."""
+    path, model = _checkpoint(tmp_path, "small_cnn")
+    state = torch.load(path, weights_only=True)
+    ema = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in state["model"].items()}
+    state.update(ema={"model": ema}, selected_by="ema")
+    save_checkpoint(str(path), state)
+    out = tmp_path / "export"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    shipped = torch.load(out / "model.pt", weights_only=True)
+    model.load_state_dict(ema)
+    want = standard_state_dict(model, "small_cnn")
+    assert card["weights"] == "ema" and all(torch.equal(shipped[k], want[k]) for k in want)
+    (tmp_path / "run" / "best_eval.json").write_text(json.dumps({"weights": "raw", "results": {"n": 8}}))
+    assert main(["export", str(path), "--out", str(tmp_path / "raw")]) == 0
+    assert json.loads((tmp_path / "raw" / "model_card.json").read_text())["weights"] == "raw"

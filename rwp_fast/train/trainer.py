@@ -59,14 +59,28 @@ def resolve_device(name):
 CUBLAS_WORKSPACE = ":4096:8"
 
 
+_SAVED_DETERMINISM = None  # the flags apply_determinism(True) replaced, until a later run turns it off
+
+
 def apply_determinism(enabled):
     """``--deterministic``: deterministic cuDNN (benchmark off, deterministic algorithms),
     ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic implementation then raises,
     naming itself, instead of running nondeterministically) and CUBLAS_WORKSPACE_CONFIG, which cuBLAS needs
-    for repeatable matmuls (a value the user set is kept). Process-wide; nothing is done when off, so the
-    defaults (cuDNN autotuning) stay. On a CPU every op is already deterministic: this changes nothing."""
+    for repeatable matmuls (a value the user set is kept). Process-wide: off puts back the flags an earlier
+    deterministic run in this process replaced, and otherwise changes nothing. On a CPU every op is already
+    deterministic."""
+    global _SAVED_DETERMINISM
     if not enabled:
+        # a deterministic run earlier in this process (a sweep's in-process points) set process-wide flags:
+        # put back what was there before it, so this run is not silently deterministic (and slower)
+        if _SAVED_DETERMINISM is not None:
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, algorithms = _SAVED_DETERMINISM
+            torch.use_deterministic_algorithms(algorithms)
+            _SAVED_DETERMINISM = None
         return
+    if _SAVED_DETERMINISM is None:
+        _SAVED_DETERMINISM = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                              torch.are_deterministic_algorithms_enabled())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
