@@ -18,6 +18,7 @@ from rwp_fast.data import (
     BatchIterator,
     DataFormatError,
     DatasetNotFoundError,
+    ExtraData,
     augment_batch,
     derive_seed,
     epoch_batches,
@@ -290,6 +291,136 @@ def test_iterator_argument_errors():
         BatchIterator(x.float(), y, 4)
     with pytest.raises(ValueError, match="batch_size: RST batches are half labeled, half extra"):
         BatchIterator(x, y, 5, extra=(x, y))
+
+
+# ------------------------------------------------------------------------------- channels-last batches
+CL = torch.channels_last
+
+
+def _is_cl(t):
+    """NHWC memory and not NCHW: with C = 3 and H = W = 6 the two orders differ."""
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def _nhwc_extra(n, shape=(3, 6, 6), offset=1000, seed=3):
+    """Extra images as the loader gives them: an (N, C, H, W) view of NHWC storage (the file's layout)."""
+    c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    nhwc = torch.randint(0, 256, (n, h, w, c), generator=g, dtype=torch.uint8)
+    return nhwc.permute(0, 3, 1, 2), torch.arange(n) + offset
+
+
+def _iterator_cases():
+    ex, ey = _nhwc_extra(33)
+    return {  # name: BatchIterator keyword arguments besides channels_last
+        "plain": dict(augment=NO_AUGMENTATION),
+        "crop-flip": dict(augment=CIFAR_AUGMENTATION),
+        "reflect-keep-last": dict(augment=Augmentation(pad=2, flip=True, pad_mode="reflect"), drop_last=False),
+        "extra-resident": dict(augment=CIFAR_AUGMENTATION, extra=ExtraData(ex, ey, 0.375), extra_resident=True),
+        "extra-streamed": dict(augment=CIFAR_AUGMENTATION, extra=ExtraData(ex, ey, 0.375), extra_resident=False,
+                               stream_chunk_steps=3),
+        "extra-nchw-resident": dict(extra=(ex.contiguous(), ey), extra_resident=True),   # RST pair, NCHW
+        "shard": dict(augment=CIFAR_AUGMENTATION, shard=(1, 2)),
+        "shard-extra": dict(augment=CIFAR_AUGMENTATION, extra=ExtraData(ex, ey, 0.25), shard=(1, 2)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_iterator_cases()))
+def test_channels_last_batches_equal_the_contiguous_ones(case):
+    """channels_last=True: every batch (training rows, extra rows, augmented, sharded, resumed) is
+    channels-last and bitwise equal to the channels_last=False batch of the same seed, which stays
+    NCHW-contiguous."""
+    x, y = _ids_dataset(n=50)
+    kw = _iterator_cases()[case]
+    plain = BatchIterator(x, y, 8, seed=4, **kw)
+    cl = BatchIterator(x, y, 8, seed=4, channels_last=True, **kw)
+    for epoch, start in ((0, 0), (1, 3)):
+        ref = list(plain.epoch(epoch, start))
+        got = list(cl.epoch(epoch, start))
+        assert len(got) == len(ref) > 0
+        for (xr, yr), (xg, yg) in zip(ref, got):
+            assert xr.is_contiguous() and xr.dtype == xg.dtype == torch.float32
+            assert _is_cl(xg), xg.stride()
+            assert torch.equal(xg, xr) and torch.equal(yg, yr)
+    if not {"extra_resident", "shard"} & kw.keys():   # epoch_batches passes channels_last on too
+        wrapped = epoch_batches(x, y, 8, 2, 4, "cpu", kw.get("augment"), extra=kw.get("extra"),
+                                drop_last=kw.get("drop_last", True), channels_last=True)
+        assert _same(_collect(cl.epoch(2)), _collect(wrapped))
+
+
+def test_channels_last_eval_batches():
+    x, y = _ids_dataset(n=50)
+    ref, got = _collect(eval_batches(x, y, 16, "cpu")), _collect(eval_batches(x, y, 16, "cpu", channels_last=True))
+    assert _same(got, ref) and [b[1].shape[0] for b in got] == [16, 16, 16, 2]
+    assert all(_is_cl(xb) for xb, _ in got) and all(xb.is_contiguous() for xb, _ in ref)
+
+
+def test_augment_batch_keeps_a_channels_last_layout():
+    x, _ = _ids_dataset(n=5, shape=(3, 7, 9))
+    offsets = torch.tensor([[0, 0], [8, 8], [3, 5], [4, 4], [8, 0]])
+    flips = torch.tensor([False, True, True, False, False])
+    for mode in ("zeros", "reflect"):
+        ref = augment_batch(x, offsets, flips, 4, mode)
+        got = augment_batch(x.contiguous(memory_format=CL), offsets, flips, 4, mode)
+        assert _is_cl(got) and ref.is_contiguous() and torch.equal(got, ref)
+
+
+class _CountCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    COPIES = {torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default}
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.COPIES:
+            self.copies.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resident", [True, False])
+def test_channels_last_batches_on_the_device_match_the_cpu(resident):
+    """On CUDA (pinned, non-blocking streamed chunks; the advanced-index gather of the crops): channels-last
+    batches, equal to the CPU's NCHW ones."""
+    x, y = _ids_dataset(n=50)
+    ex, ey = _nhwc_extra(33)
+    kw = dict(augment=CIFAR_AUGMENTATION, extra=ExtraData(ex, ey, 0.375), extra_resident=resident,
+              stream_chunk_steps=3)
+    cpu = _collect(BatchIterator(x, y, 8, seed=3, **kw).epoch(1))
+    gpu = list(BatchIterator(x, y, 8, seed=3, device="cuda", channels_last=True, **kw).epoch(1))
+    assert all(_is_cl(xb) and xb.is_cuda for xb, _ in gpu)
+    assert _same(cpu, [(a.cpu(), b.cpu()) for a, b in gpu])
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_channels_last_extra_data_is_read_in_place(resident):
+    """The extra images are NHWC in their file: channels_last keeps the resident set as that storage (no
+    conversion) and a step copies nothing but the uint8 → float32 conversion; the NCHW batches copy the
+    streamed rows to NCHW every step (a clone)."""
+    x, y = _ids_dataset(n=50)
+    ex, ey = _nhwc_extra(33)
+    kw = dict(augment=CIFAR_AUGMENTATION, extra=ExtraData(ex, ey, 0.375), extra_resident=resident,
+              stream_chunk_steps=3)
+    cl = BatchIterator(x, y, 8, seed=4, channels_last=True, **kw)
+    assert _is_cl(cl.x)
+    if resident:
+        assert cl.extra_x.data_ptr() == ex.data_ptr() and cl.extra_x.stride() == ex.stride()
+
+    def copies_per_step(it):
+        batches = it.epoch(0)
+        counts = []
+        for _ in range(len(it)):
+            with _CountCopies() as mode:
+                next(batches)
+            counts.append(mode.copies)
+        batches.close()
+        return counts
+
+    assert copies_per_step(cl) == [[torch.ops.aten._to_copy.default]] * len(cl)
+    plain = copies_per_step(BatchIterator(x, y, 8, seed=4, **kw))
+    extra_copy = [] if resident else [torch.ops.aten.clone.default]
+    assert plain == [extra_copy + [torch.ops.aten._to_copy.default]] * len(cl)
 
 
 # --------------------------------------------------------------------------------------- RST mixing

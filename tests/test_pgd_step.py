@@ -187,7 +187,7 @@ def test_validation_names_the_argument(kernel_backend, device, arg_error):
         step(x_adv, grad, x_nat.to(torch.float16), ALPHA_LINF, EPS_LINF, **kw)
     with arg_error(ValueError, "x_nat"):
         step(x_adv, grad, x_nat[:3], ALPHA_LINF, EPS_LINF, **kw)
-    # Any layout is accepted by the op (channels-last input gradients are copied to contiguous); the
+    # Any layout is accepted by the op (an operand in another layout than the written tensor is copied to it); the
     # kernel-level host function itself still refuses a non-contiguous operand, naming it.
     g_t = grad.transpose(2, 3)
     assert torch.equal(step(x_adv, g_t, x_nat, ALPHA_LINF, EPS_LINF, **kw),
@@ -305,3 +305,160 @@ def test_a_radius_above_one_names_the_pixel_unit(backend_name):
     assert ops.pgd_step(big, torch.randn_like(big), big, 1.0, 3.0, "l2", backend="torch").shape == big.shape
     with pytest.raises(ValueError, match=re.escape("eps: 128 is in pixel units")):
         ops.pgd_step(big, torch.randn_like(big), big, 1.0, 128.0, "l2", backend="torch")
+
+
+# ----------------------------------------------------------------------------------------- layouts
+# A channels-last model's input gradient is channels-last (NHWC memory); the op reads any layout that
+# all its operands share where it lies, and copies only an operand in another layout (to the layout of
+# the tensor it writes). Odd sizes, so that no two of C, H, W are equal and no stride coincides.
+LAYOUT_SHAPE = (3, 3, 5, 7)
+CL = torch.channels_last
+# Operand layouts (x_adv, grad, x_nat): 'N' NCHW-contiguous, 'C' channels-last. 'mixed': a channels-last
+# iterate with an NCHW gradient; 'mixed-nchw': an NCHW iterate with a channels-last gradient.
+LAYOUTS = {"contiguous": "NNN", "channels_last": "CCC", "mixed": "CNC", "mixed-nchw": "NCN"}
+LOW_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _to_layout(t, code):
+    return t.contiguous(memory_format=CL) if code == "C" else t.contiguous()
+
+
+def _is_cl(t):
+    """Stored NHWC and not NCHW (with C = 3, H = 5, W = 7 the two never coincide)."""
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def _skip_interpreted_bf16(backend, dtype):
+    # The Triton interpreter truncates fp32 → bf16 on store where a GPU rounds to nearest even (measured:
+    # NCHW L∞, exact on a GPU, is one bf16 ulp off there): the conftest's "fp32 only" for the interpreter.
+    if backend == "triton" and dtype != torch.float32 and dispatch.triton_interpreting():
+        pytest.skip("the Triton interpreter truncates to bf16 (a GPU rounds to nearest)")
+
+
+def _assert_matches_ref(out, expected, truth, exact):
+    """exact: bit-exact (L∞, any dtype). fp32: L2_ATOL (the sums' order, see L2_ATOL). bf16: as in
+    test_low_precision_step, at most twice the reference's own rounding error against the fp32 truth."""
+    if exact:
+        assert torch.equal(out, expected)
+    elif out.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=L2_ATOL, rtol=0)
+    else:
+        ref_err = (expected.float() - truth).abs().max().item()
+        err = (out.float() - truth).abs().max().item()
+        assert err <= 2 * ref_err + L2_ATOL, (err, ref_err)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_any_shared_layout(backend, device, layout, norm, dtype):
+    """Every layout gives the reference's result (computed on NCHW-contiguous copies); a new output has
+    x_adv's layout; `out` and the in-place x_adv are written in the caller's own storage and strides."""
+    _skip_interpreted_bf16(backend, dtype)
+    eps, alpha = (EPS_LINF, ALPHA_LINF) if norm == "linf" else (EPS_L2, ALPHA_L2)
+    nchw = (make_inputs(LAYOUT_SHAPE, device, eps, dtype) if norm == "linf"
+            else make_l2_inputs(LAYOUT_SHAPE, device, dtype))
+    expected = pgd_step_ref(*nchw, alpha, eps, norm)
+    truth = pgd_step_ref(*(t.float() for t in nchw), alpha, eps, norm)
+    x_adv, grad, x_nat = (_to_layout(t, c) for t, c in zip(nchw, LAYOUTS[layout]))
+    want_cl = _is_cl(x_adv)
+    exact = norm == "linf"
+
+    out = ops.pgd_step(x_adv, grad, x_nat, alpha, eps, norm, backend=backend)
+    assert _is_cl(out) == want_cl and (want_cl or out.is_contiguous())
+    _assert_matches_ref(out, expected, truth, exact)
+
+    buf = nan_like(x_adv)  # full_like keeps x_adv's layout; NaN shows an element left unwritten
+    strides = buf.stride()
+    returned = ops.pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out=buf, backend=backend)
+    assert returned is buf and buf.stride() == strides
+    _assert_matches_ref(buf, expected, truth, exact)
+
+    x_inplace = x_adv.clone()  # clone keeps the layout
+    ptr, strides = x_inplace.data_ptr(), x_inplace.stride()
+    returned = ops.pgd_step_(x_inplace, grad, x_nat, alpha, eps, norm, backend=backend)
+    assert returned is x_inplace and x_inplace.data_ptr() == ptr and x_inplace.stride() == strides
+    _assert_matches_ref(x_inplace, expected, truth, exact)
+    # pgd_step with out=x_adv is the in-place op too.
+    x_inplace = x_adv.clone()
+    assert ops.pgd_step(x_inplace, grad, x_nat, alpha, eps, norm, out=x_inplace, backend=backend) is x_inplace
+    _assert_matches_ref(x_inplace, expected, truth, exact)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("layout", ["NN", "CC", "CN", "NC"])  # (x_nat, noise)
+def test_random_init_any_layout(backend, device, layout, norm, dtype):
+    """The random start in x_nat's layout, equal to the reference on NCHW copies whatever the noise's
+    layout (a noise in another layout is copied to x_nat's, never read in the wrong order)."""
+    _skip_interpreted_bf16(backend, dtype)
+    eps = EPS_LINF if norm == "linf" else EPS_L2
+    x_nat = torch.rand(LAYOUT_SHAPE, device=device).to(dtype)
+    noise = torch.rand(LAYOUT_SHAPE, device=device) * 2 - 1 if norm == "linf" else torch.randn(LAYOUT_SHAPE,
+                                                                                                 device=device)
+    radius = None if norm == "linf" else torch.rand(LAYOUT_SHAPE[0], device=device)
+    expected = pgd_random_init_ref(x_nat, noise, eps, norm, radius)
+    truth = pgd_random_init_ref(x_nat.float(), noise, eps, norm, radius)
+    x_nat_l, noise_l = _to_layout(x_nat, layout[0]), _to_layout(noise, layout[1])
+    out = ops.pgd_random_init(x_nat_l, noise_l, eps, norm, radius, backend=backend)
+    assert _is_cl(out) == (layout[0] == "C") and (layout[0] == "C" or out.is_contiguous())
+    # Exact where test_random_init_matches_reference is (L∞ without the CUDA extension's FMA).
+    _assert_matches_ref(out, expected, truth, exact=norm == "linf" and backend != "cuda")
+
+
+class _CountCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that copy a tensor. The backends' ops are opaque custom ops: their insides
+    (the Triton launch, the interpreter's own copies) run below this mode and are not counted."""
+    COPIES = {torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default}
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.COPIES:
+            self.copies.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_channels_last_operands_are_not_copied(kernel_backend, device, norm):
+    """All operands channels-last: the step, the in-place step and the random start dispatch no copy op
+    (the kernels read the NHWC views); the same calls with one NCHW operand copy exactly that one."""
+    eps, alpha = (EPS_LINF, ALPHA_LINF) if norm == "linf" else (EPS_L2, ALPHA_L2)
+    x_adv, grad, x_nat = (t.contiguous(memory_format=CL) for t in make_inputs(LAYOUT_SHAPE, device, eps))
+    noise = torch.randn_like(x_nat)  # randn_like keeps the layout
+    radius = torch.rand(LAYOUT_SHAPE[0], device=device)
+    assert all(_is_cl(t) for t in (x_adv, grad, x_nat, noise))
+
+    def calls(grad, noise):
+        x = x_adv.clone()
+        out = nan_like(x_adv)
+        with _CountCopies() as mode:
+            ops.pgd_step(x_adv, grad, x_nat, alpha, eps, norm, backend=kernel_backend)
+            ops.pgd_step(x_adv, grad, x_nat, alpha, eps, norm, out=out, backend=kernel_backend)
+            ops.pgd_step_(x, grad, x_nat, alpha, eps, norm, backend=kernel_backend)
+            ops.pgd_random_init(x_nat, noise, eps, norm, radius, backend=kernel_backend)
+        return mode.copies
+
+    assert calls(grad, noise) == []
+    # The counter sees the copies it is there to forbid: one per call with an NCHW operand.
+    assert calls(grad.contiguous(), noise) == [torch.ops.aten.clone.default] * 3
+    assert calls(grad, noise.contiguous()) == [torch.ops.aten.clone.default]
+
+
+def test_channels_last_in_place_step_compiles(require_backend, device):
+    """Under torch.compile (fullgraph) the in-place step on a channels-last x_adv writes through its NHWC
+    view: functionalization must carry the write back to the caller's tensor, as in eager."""
+    require_backend("triton")
+    x_adv, grad, x_nat = (t.contiguous(memory_format=CL) for t in make_inputs(LAYOUT_SHAPE, device, EPS_LINF))
+    expected = pgd_step_ref(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf")
+
+    def step(x):
+        ops.pgd_step_(x, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", backend="triton")
+        return x * 1
+
+    torch._dynamo.reset()
+    x = x_adv.clone()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    assert _is_cl(x) and torch.equal(x, expected) and torch.equal(got, expected)

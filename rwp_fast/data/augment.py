@@ -64,6 +64,9 @@ def augment_batch(x, offsets, flips, pad, pad_mode="zeros"):
     Returns (B, C, H, W), same dtype: out[b, :, i, j] = padded[b, :, oy + i, ox + j'] with
     j' = W − 1 − j if flipped else j. One gather with per-example row and column indices: the padded
     image is never materialised and there is no loop over examples.
+
+    Layout: a channels-last x (NHWC memory, not also NCHW-contiguous) gives a channels-last result with the
+    same values, gathered as whole pixels from the NHWC view; any other x gives a contiguous one.
     """
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode: expected one of {PAD_MODES}, got {pad_mode!r}")
@@ -82,6 +85,12 @@ def augment_batch(x, offsets, flips, pad, pad_mode="zeros"):
         outside = (((rows < 0) | (rows >= H))[:, None, :, None]
                    | ((cols < 0) | (cols >= W))[:, None, None, :])      # (B, 1, H, W): zero padding
         rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        b = torch.arange(B, device=device)[:, None, None]
+        out = x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].contiguous()  # (B, H, W, C)
+        if outside is not None:
+            out.masked_fill_(outside.permute(0, 2, 3, 1), 0)
+        return out.permute(0, 3, 1, 2)
     b = torch.arange(B, device=device)[:, None, None, None]
     c = torch.arange(C, device=device)[None, :, None, None]
     out = x[b, c, rows[:, None, :, None], cols[:, None, None, :]]

@@ -72,8 +72,14 @@ def steps_per_epoch(n, batch_size, drop_last):
 
 
 def to_float(x):
-    """uint8 (…) in [0, 255] → float32 in [0, 1], computed as x / 255 (exact, not x · (1/255))."""
+    """uint8 (…) in [0, 255] → float32 in [0, 1], computed as x / 255 (exact, not x · (1/255)). Keeps x's
+    layout (a channels-last x gives a channels-last result)."""
     return x.to(torch.float32).div_(255.0)
+
+
+def _as_channels_last(x):
+    """x itself if it is channels-last-contiguous already (a view of NHWC storage: no copy), else a copy."""
+    return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(memory_format=torch.channels_last)
 
 
 def _check_images(name, x, y):
@@ -114,10 +120,16 @@ class BatchIterator:
     builds the same global batch (same order, same augmentation draws) and yields only its rows,
     ``rank_rows(step)``: rows [r·B/N, (r+1)·B/N), or with extra data its equal share of the labeled part
     followed by its share of the extra part (so each process's BatchNorm sees both kinds).
+
+    channels_last: every batch's x is channels-last (``torch.channels_last``: NHWC memory, still indexed
+    (B, C, H, W)), for a channels-last model, with the same values as with False. The split is stored
+    channels-last on the device (one conversion, here) and each batch is gathered, mixed and augmented in
+    NHWC, so the per-step path adds no copy; the extra images, NHWC in their file, are read in place (a
+    resident set is converted once only if it is not channels-last already). False: contiguous batches.
     """
 
     def __init__(self, x, y, batch_size, *, seed=0, device="cpu", augment=None, extra=None, shuffle=True,
-                 drop_last=True, extra_resident=None, stream_chunk_steps=16, shard=(0, 1)):
+                 drop_last=True, extra_resident=None, stream_chunk_steps=16, shard=(0, 1), channels_last=False):
         _check_images("x", x, y)
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -127,7 +139,10 @@ class BatchIterator:
         self.augment = augment if augment is not None else NO_AUGMENTATION
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.x = x.to(self.device)
+        self.channels_last = bool(channels_last)
+        self.x = _as_channels_last(x.to(self.device)) if self.channels_last else x.to(self.device)
+        # What each step gathers rows from: with channels_last the NHWC view (N, H, W, C), contiguous.
+        self._x_rows = self.x.permute(0, 2, 3, 1) if self.channels_last else self.x
         self.y = y.to(self.device, torch.int64)
         self.extra = None
         self.labeled_per_batch, self.extra_per_batch = batch_size, 0
@@ -152,6 +167,8 @@ class BatchIterator:
             self.stream_chunk_steps = max(1, int(stream_chunk_steps))
             # Resident: on the device whole (on the CPU, that is the memory map itself: no copy).
             self.extra_x = extra.images.to(self.device) if self.extra_resident else None
+            if self.extra_x is not None and self.channels_last:
+                self.extra_x = _as_channels_last(self.extra_x)   # a view of an NHWC file already is
             self.extra_y = extra.labels.to(self.device)
         self.steps = steps_per_epoch(x.shape[0], self.labeled_per_batch, drop_last)
         self.rank, self.world_size = shard
@@ -229,17 +246,20 @@ class BatchIterator:
         return self._batches(epoch, start_step)
 
     def _resident_extra(self, order, start_step):
+        """Per step, its extra images: (n, C, H, W), or with channels_last NHWC rows (n, H, W, C)."""
         order = order.to(self.device)
+        source = self.extra_x.permute(0, 2, 3, 1) if self.channels_last else self.extra_x
         for step in range(start_step, self.steps):
             lo = step * self.extra_per_batch
-            yield self.extra_x.index_select(0, order[lo:lo + self._extra_at(step)])
+            yield source.index_select(0, order[lo:lo + self._extra_at(step)])
 
     def _streamed_extra(self, order, start_step):
         """Per step, its extra images on the device, gathered from the host map in chunks of steps.
 
         A background thread gathers chunk c + 1 (rows of the memory map, in NHWC, so each image is one
         contiguous read) into a pinned buffer while the training loop consumes chunk c; each chunk goes to
-        the device in one non-blocking copy and is permuted to NCHW there.
+        the device in one non-blocking copy and is permuted to NCHW there (with channels_last, yielded as
+        the NHWC rows it is, with no copy).
         """
         import queue
         import threading
@@ -283,10 +303,13 @@ class BatchIterator:
                 if isinstance(item, BaseException):
                     raise item
                 lo, buf = item
-                dev = buf.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                dev = buf.to(self.device, non_blocking=True)
+                if not self.channels_last:
+                    dev = dev.permute(0, 3, 1, 2)
                 for step in chunk:
                     s = step * self.extra_per_batch - lo
-                    yield dev[s:s + self._extra_at(step)].contiguous()
+                    rows = dev[s:s + self._extra_at(step)]
+                    yield rows if self.channels_last else rows.contiguous()
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -309,7 +332,8 @@ class BatchIterator:
         try:
             for step in range(start_step, self.steps):
                 idx = order[step * per:(step + 1) * per]
-                xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+                # channels_last: xb is (b, H, W, C), contiguous, up to the permute below
+                xb, yb = self._x_rows.index_select(0, idx), self.y.index_select(0, idx)
                 if extra_images is not None:
                     lo = step * self.extra_per_batch
                     eidx = extra_order_dev[lo:lo + self._extra_at(step)]
@@ -325,7 +349,9 @@ class BatchIterator:
                     xb, yb = take(xb), take(yb)
                     if augment:
                         offsets, flips = take(offsets), take(flips)
-                if augment:
+                if self.channels_last:
+                    xb = xb.permute(0, 3, 1, 2)   # (b, C, H, W) channels-last: a view
+                if augment:   # keeps the layout
                     xb = augment_batch(xb, offsets, flips, self.augment.pad, self.augment.pad_mode)
                 yield to_float(xb), yb
         finally:
@@ -334,21 +360,24 @@ class BatchIterator:
 
 
 def epoch_batches(x, y, batch_size, epoch, seed, device, augment, start_step=0, extra=None, shuffle=True,
-                  drop_last=True):
+                  drop_last=True, channels_last=False):
     """One epoch of ``BatchIterator(x, y, batch_size, ...)``: a generator of (x, y) batches on ``device``.
 
     Copies x to the device on every call unless it is already there; a training loop should build one
     ``BatchIterator`` and call its ``epoch`` method instead, so the dataset moves to the device once.
     """
     it = BatchIterator(x, y, batch_size, seed=seed, device=device, augment=augment, extra=extra,
-                       shuffle=shuffle, drop_last=drop_last)
+                       shuffle=shuffle, drop_last=drop_last, channels_last=channels_last)
     return it.epoch(epoch, start_step)
 
 
-def eval_batches(x, y, batch_size, device):
-    """Test batches in dataset order, no augmentation, the last partial batch kept.
+def eval_batches(x, y, batch_size, device, channels_last=False):
+    """Test batches in dataset order, no augmentation, the last partial batch kept; channels_last as in
+    ``BatchIterator``.
 
-    Pass x, y already on ``device`` (``Tensor.to`` is then a no-op) to avoid a copy per call.
+    Pass x, y already on ``device`` (``Tensor.to`` is then a no-op) to avoid a copy per call; with
+    channels_last, x already channels-last there too (else each call converts the split once).
     """
-    it = BatchIterator(x, y, batch_size, device=device, shuffle=False, drop_last=False)
+    it = BatchIterator(x, y, batch_size, device=device, shuffle=False, drop_last=False,
+                       channels_last=channels_last)
     return it.epoch(0)
