@@ -8,7 +8,11 @@ import sys
 import pytest
 import torch
 
+import cli_helpers
+from cli_helpers import one_line_error
 from rwp_fast.cli import build_parser, config_from_args, main
+
+tiny_run = cli_helpers.tiny_run  # a module-scoped fixture: a 1-epoch digits run per test module
 
 
 def run_cli(*argv):
@@ -92,26 +96,6 @@ def test_train_then_eval_writes_table_and_json(tmp_path):
 
 
 # ------------------------------------------------------------------ bad inputs: one line, exit 2
-def one_line_error(capsys, argv, *needles):
-    """main(argv) returns 2 and prints exactly one line on stderr, containing every needle."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 1-epoch digits run (small CNN); its last.pt serves the eval and resume tests."""
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--attack-steps", "1", "--eval-attack-steps",
-                 "1", "--train-examples", "64", "--eval-examples", "32", "--batch-size", "32", "--quiet",
-                 "--device", "cpu", "--out-dir", str(out)]) == 0
-    return out
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid where there is a GPU")
 def test_device_cuda_without_a_gpu(tmp_path, tiny_run, capsys):
     one_line_error(capsys, ["train", "--device", "cuda", "--out-dir", str(tmp_path / "r")],

@@ -7,10 +7,13 @@ These parts run on CPU, in CI:
   * the argument checks, through the CPU registration.
 
 These parts need CUDA (@pytest.mark.gpu):
-  * every kernel against rwp_fast.reference, at odd sizes, with NaN-poisoned outputs;
-  * the TORCH_CHECK messages;
+  * what only the extension does: noise in the inputs' dtype, a dtype check the per-op tests leave out;
   * torch.compile through the real kernels;
   * a compute-sanitizer memcheck run of bench/sanitize_cuda_ops.py.
+
+The kernels themselves are checked against rwp_fast.reference, with the argument checks, on every backend
+(the `backend` fixture includes 'cuda' where there is a GPU): test_pgd_step.py, test_lsc_loss.py,
+test_weight_perturb.py, test_zero_direction.py, test_unaligned_inputs.py.
 """
 
 import importlib
@@ -26,15 +29,13 @@ import pytest
 import torch
 
 from rwp_fast.ops.weight_perturb import SegmentTable
-from rwp_fast.reference.lsc_loss import lsc_loss_ref, lsc_loss_trades_ref
-from rwp_fast.reference.pgd_step import pgd_random_init_ref, pgd_step_ref
-from rwp_fast.reference.weight_perturb import accumulate_sq_norm_ref, perturb_axpy_ref, segment_sq_norm_ref
+from rwp_fast.reference.pgd_step import pgd_random_init_ref
 
 CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALPHA_LINF, EPS_LINF = 2 / 255, 8 / 255
-ALPHA_L2, EPS_L2 = 15 / 255, 128 / 255
+EPS_L2 = 128 / 255
 TRADES_BETA = 6.0
 
 
@@ -323,337 +324,52 @@ def test_cpu_tensors_get_a_message_naming_the_argument(c):
         c.segment_sq_norm(torch.zeros(6), table)
 
 
-# ============================================================================= GPU: helpers
-def _unaligned(t):
-    """A contiguous copy of t whose data starts one element past an allocation, so no pointer is
-    16-byte aligned: the kernels' scalar path."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    out = buf[1:].view(t.shape)
-    out.copy_(t)
-    return out
-
-
-def _poison_allocator():
-    """Best effort: fill the caching allocator's free blocks with 0xFF bytes, which is NaN for
-    floats, True for bools and -1 for ints. The next outputs that C++ allocates with at::empty then
-    start as garbage, so any element a kernel forgets to write shows up in the comparisons."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    blocks = [torch.full((n,), 255, dtype=torch.uint8, device="cuda") for n in (512, 4096, 1 << 16, 1 << 20)]
-    del blocks
-
-
-def _pgd_inputs(shape, dtype, eps):
+# ============================================================================= GPU
+# The kernels against rwp_fast.reference (odd sizes, fp16/bf16, NaN-poisoned outputs, unaligned inputs) and
+# the argument checks are tested on every backend, cuda included, in test_pgd_step.py, test_lsc_loss.py,
+# test_weight_perturb.py and test_unaligned_inputs.py. What is left here is the extension's own.
+def _pgd_inputs(shape, dtype=torch.float32):
     """x_nat in [0, 1]; x_adv up to 1.5·ε away, so the projection clips; grad with exact zeros."""
     x_nat = torch.rand(shape, device="cuda")
-    x_adv = (x_nat + (torch.rand(shape, device="cuda") * 3 - 1.5) * eps).clamp(0, 1)
+    x_adv = (x_nat + (torch.rand(shape, device="cuda") * 3 - 1.5) * EPS_LINF).clamp(0, 1)
     grad = torch.randn(shape, device="cuda")
     grad.view(-1)[::7] = 0  # sign(0) = 0
     return x_adv.to(dtype), grad.to(dtype), x_nat.to(dtype)
 
 
-# Shapes: batch 1, 7 and 129. Row lengths 75 and 147 are not multiples of the 4- or 8-element pack,
-# so the scalar tail runs. CIFAR's 3072 runs the packed path. (7, 1) has one element per row.
-PGD_SHAPES = [(1, 3, 5, 5), (7, 3, 32, 32), (129, 3, 7, 7), (7, 1)]
-
-
-def _l2_atol(dtype):
-    # The L2 norms are fp32 sums in another order than torch's: about 1e-6 relative. δ ≤ ε ≈ 0.5,
-    # so fp32 outputs differ by ≲ 5e-7 (2e-6 leaves 4×). fp16/bf16 outputs in [0, 1] can then round
-    # one ulp apart, and one ulp ≤ finfo.eps there.
-    return 2e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
-
-
-# ============================================================================= GPU: pgd_step
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PGD_SHAPES)
-@pytest.mark.parametrize("aligned", [True, False])
-def test_pgd_step_linf_is_bit_exact(c, dtype, shape, aligned):
-    """The same fp32 ops in the same order, on the same fp32 inputs, rounded once to dtype. That is
-    bit-exact for fp32, and so for fp16/bf16 too."""
-    x_adv, grad, x_nat = _pgd_inputs(shape, dtype, EPS_LINF)
-    if not aligned:
-        x_adv, grad, x_nat = _unaligned(x_adv), _unaligned(grad), _unaligned(x_nat)
-    expected = pgd_step_ref(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf")
-    out = torch.full_like(x_adv, math.nan)
-    assert c.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", out) is out
-    assert torch.equal(out, expected)
-    in_place = x_adv.clone()
-    c.pgd_step(in_place, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", in_place)
-    assert torch.equal(in_place, expected)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PGD_SHAPES)
-@pytest.mark.parametrize("aligned", [True, False])
-def test_pgd_step_l2(c, dtype, shape, aligned):
-    x_adv, grad, x_nat = _pgd_inputs(shape, dtype, EPS_L2)
-    if not aligned:
-        x_adv, grad, x_nat = _unaligned(x_adv), _unaligned(grad), _unaligned(x_nat)
-    expected = pgd_step_ref(x_adv, grad, x_nat, ALPHA_L2, EPS_L2, "l2")
-    out = torch.full_like(x_adv, math.nan)
-    c.pgd_step(x_adv, grad, x_nat, ALPHA_L2, EPS_L2, "l2", out)
-    torch.testing.assert_close(out, expected, rtol=0, atol=_l2_atol(dtype))
-    in_place = x_adv.clone()
-    c.pgd_step(in_place, grad, x_nat, ALPHA_L2, EPS_L2, "l2", in_place)
-    torch.testing.assert_close(in_place, expected, rtol=0, atol=_l2_atol(dtype))
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PGD_SHAPES)
-@pytest.mark.parametrize("noise_dtype", ["float32", "same"])
-def test_pgd_random_init(c, dtype, shape, noise_dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_random_init_takes_noise_in_the_inputs_dtype(c, dtype):
+    """The extension also reads noise stored in x_nat's dtype (the Triton backend and rwp_fast.ops take fp32
+    noise only): the same result as the reference on that noise, bit-exact for L∞."""
+    shape = (7, 3, 32, 32)
     x_nat = torch.rand(shape, device="cuda").to(dtype)
-    nd = torch.float32 if noise_dtype == "float32" else dtype
-    uniform = (torch.rand(shape, device="cuda") * 2 - 1).to(nd)
+    uniform = (torch.rand(shape, device="cuda") * 2 - 1).to(dtype)
     out = torch.full_like(x_nat, math.nan)
     c.pgd_random_init(x_nat, uniform, EPS_LINF, "linf", None, out)
-    # ε·noise is rounded, then added: the reference's two fp32 ops, so this is bit-exact.
     assert torch.equal(out, pgd_random_init_ref(x_nat, uniform, EPS_LINF, "linf"))
-    gauss = torch.randn(shape, device="cuda").to(nd)
-    radius = torch.rand(shape[0], device="cuda")
+    gauss, radius = torch.randn(shape, device="cuda").to(dtype), torch.rand(shape[0], device="cuda")
     out = torch.full_like(x_nat, math.nan)
-    c.pgd_random_init(_unaligned(x_nat), _unaligned(gauss), EPS_L2, "l2", radius, out)
-    torch.testing.assert_close(out, pgd_random_init_ref(x_nat, gauss, EPS_L2, "l2", radius),
-                               rtol=0, atol=_l2_atol(dtype))
-
-
-# ============================================================================= GPU: lsc_loss
-# (1000, 10): more rows than the masked sum's 256 threads, so each thread adds several
-LSC_SIZES = [(1, 10), (7, 100), (129, 1000), (129, 10), (7, 33), (1000, 10)]
-
-
-def _q_between(loss):
-    """A q that splits the batch with a wide margin: the middle of the largest gap between sorted
-    losses. A loss never lands within rounding of q, so the mask cannot flip on the last bit."""
-    s = loss.double().sort().values
-    if s.numel() < 2:
-        return float(s[0]) + 1.0
-    k = int((s[1:] - s[:-1]).argmax())
-    return float((s[k] + s[k + 1]) / 2)
-
-
-def _assert_close_to_truth(got, torch_result, truth, fp32_ulps=32):
-    """The kernel's error against the fp64 truth is at most 2× torch's own error at the same dtype
-    (STYLE.md, "Tests against the reference"), plus a floor of `fp32_ulps` fp32 ulps of the largest
-    value.
-    The floor matters only for fp32 outputs, where both errors are fp32 rounding of the same size
-    and 2× alone would be a coin flip. An lse ≈ 10 carries about 1 ulp(10) ≈ 1e-6 of absolute error,
-    which is a relative error of about 1e-6 in every softmax entry. 32 ulps ≈ 4e-6 covers that 4×. A
-    wrong formula is off by O(1)."""
-    scale = truth.abs().max().item()
-    err_kernel = (got.double() - truth).abs().max().item()
-    err_torch = (torch_result.double() - truth).abs().max().item()
-    floor = fp32_ulps * torch.finfo(torch.float32).eps * scale
-    assert err_kernel <= 2 * err_torch + floor, (err_kernel, err_torch, floor)
-
-
-def _check_lsc_fwd(loss, mask, count, masked_mean, loss_ref, mask_ref, batch):
-    # Per-example CE from the same fp32 logits: online log-sum-exp over ≤ 1000 classes with expf and
-    # logf, against torch's max-subtract log_softmax. The two differ by a few fp32 ulps of lse ≈ 10.
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(mask, mask_ref)
-    assert count.dtype == torch.int64 and count.item() == int(mask_ref.sum())
-    # Σ maskᵢ·ℓᵢ / B, where B is the whole batch: fp32 sums over ≤ B/256 rows per thread plus a
-    # 256-leaf tree, against torch's own fp32 sum; both within ~B·2⁻²⁴ relative of the exact sum.
-    torch.testing.assert_close(masked_mean.view(()), (loss_ref * mask_ref).sum() / batch, rtol=1e-5, atol=1e-6)
+    c.pgd_random_init(x_nat, gauss, EPS_L2, "l2", radius, out)
+    # one ulp of the dtype: the norm's fp32 sum in another order may round the output the other way
+    torch.testing.assert_close(out, pgd_random_init_ref(x_nat, gauss, EPS_L2, "l2", radius), rtol=0,
+                               atol=torch.finfo(dtype).eps)
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,classes", LSC_SIZES)
-def test_lsc_loss_forward_and_backward(c, dtype, batch, classes):
-    logits = (torch.randn(batch, classes, device="cuda") * 3).to(dtype)
-    target = torch.randint(0, classes, (batch,), device="cuda")
-    _, loss_all, _, _ = lsc_loss_ref(logits, target)
-    q = _q_between(loss_all)
-    z = logits.detach().clone().requires_grad_(True)
-    mean_ref, loss_ref, mask_ref, _ = lsc_loss_ref(z, target, 0.0, q)
-    grad_out = torch.tensor(0.75, device="cuda")
-    mean_ref.backward(grad_out)
-
-    _poison_allocator()
-    loss, mask, count, masked_mean, lse = c.lsc_loss_fwd(logits, target, 0.0, q)
-    _check_lsc_fwd(loss, mask, count, masked_mean, loss_ref, mask_ref, batch)
-    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), dim=1), rtol=1e-6, atol=1e-5)
-
-    _poison_allocator()
-    dlogits = c.lsc_loss_bwd(grad_out, logits, target, lse, mask)
-    assert dlogits.dtype == dtype
-    z64 = logits.double()
-    onehot = torch.nn.functional.one_hot(target, classes).double()
-    coef = (grad_out.double() / batch * mask_ref.double())[:, None]
-    truth = coef * (torch.softmax(z64, dim=1) - onehot)
-    _assert_close_to_truth(dlogits, z.grad, truth)
+def test_an_unsupported_dtype_names_the_argument(c):
+    """The one argument check that test_pgd_step.py's validation test does not make."""
+    x_adv, grad, x_nat = (t.double() for t in _pgd_inputs((4, 3, 8, 8)))
+    with pytest.raises(RuntimeError, match=re.escape("pgd_step: x_adv must be float32, float16 or bfloat16, "
+                                                     "got Double")):
+        c.pgd_step(x_adv, grad, x_nat, 0.1, 0.1, "linf", torch.empty_like(x_adv))
 
 
-@gpu
-@pytest.mark.parametrize("batch,classes", [(7, 10)])
-def test_lsc_loss_range_edges(c, batch, classes):
-    """p = q masks nothing, so count = 0 and masked_mean = 0. [0, inf) masks everything."""
-    logits = torch.randn(batch, classes, device="cuda")
-    target = torch.randint(0, classes, (batch,), device="cuda")
-    _, mask, count, masked_mean, _ = c.lsc_loss_fwd(logits, target, 1.0, 1.0)
-    assert not mask.any() and count.item() == 0 and masked_mean.item() == 0.0
-    loss, mask, count, masked_mean, _ = c.lsc_loss_fwd(logits, target, 0.0, math.inf)
-    assert mask.all() and count.item() == batch
-    # Two fp32 sums of the same 7 non-negative losses in different orders, each within 6·u of the exact sum
-    # (u = 2⁻²⁴ ≈ 6.0e-8), then one division by 7 each (1 rounding; 2 if torch multiplies by a rounded 1/7):
-    # ≤ (6 + 6 + 1 + 2)·u ≈ 8.9e-7 relative, under 1e-6. Non-negative terms: no cancellation to amplify it.
-    torch.testing.assert_close(masked_mean.view(()), loss.mean(), rtol=1e-6, atol=0)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,classes", LSC_SIZES)
-def test_lsc_loss_trades_forward_and_backward(c, dtype, batch, classes):
-    logits_nat = (torch.randn(batch, classes, device="cuda") * 2).to(dtype)
-    logits_adv = (logits_nat.float() + torch.randn(batch, classes, device="cuda")).to(dtype)
-    target = torch.randint(0, classes, (batch,), device="cuda")
-    _, loss_all, _, _ = lsc_loss_trades_ref(logits_nat, logits_adv, target, TRADES_BETA)
-    q = _q_between(loss_all)
-    zn = logits_nat.detach().clone().requires_grad_(True)
-    za = logits_adv.detach().clone().requires_grad_(True)
-    mean_ref, loss_ref, mask_ref, _ = lsc_loss_trades_ref(zn, za, target, TRADES_BETA, 0.0, q)
-    grad_out = torch.tensor(1.25, device="cuda")
-    mean_ref.backward(grad_out)
-
-    _poison_allocator()
-    out = c.lsc_loss_trades_fwd(logits_nat, logits_adv, target, TRADES_BETA, 0.0, q)
-    loss, mask, count, masked_mean, lse_nat, lse_adv, kl = out
-    _check_lsc_fwd(loss, mask, count, masked_mean, loss_ref, mask_ref, batch)
-    log_p_nat = torch.log_softmax(logits_nat.double(), 1)
-    log_p_adv = torch.log_softmax(logits_adv.double(), 1)
-    kl_truth = (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1)
-    # kl is a sum of C terms of either sign, so its fp32 error is absolute, about C·ulp(p·log p).
-    torch.testing.assert_close(kl.double(), kl_truth, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse_nat, torch.logsumexp(logits_nat.float(), 1), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(lse_adv, torch.logsumexp(logits_adv.float(), 1), rtol=1e-6, atol=1e-5)
-
-    _poison_allocator()
-    d_nat, d_adv = c.lsc_loss_trades_bwd(grad_out, logits_nat, logits_adv, target, lse_nat, lse_adv, kl,
-                                         mask, TRADES_BETA)
-    assert d_nat.dtype == dtype and d_adv.dtype == dtype
-    p_nat, p_adv = log_p_nat.exp(), log_p_adv.exp()
-    onehot = torch.nn.functional.one_hot(target, classes).double()
-    coef = (grad_out.double() / batch * mask_ref.double())[:, None]
-    truth_nat = coef * ((p_nat - onehot)
-                        + TRADES_BETA * p_nat * (log_p_nat - log_p_adv - kl_truth[:, None]))
-    truth_adv = coef * TRADES_BETA * (p_adv - p_nat)
-    # The TRADES bracket subtracts kl, itself a sum of C fp32 terms, from log-ratios up to ≈ 10: a
-    # fp32 error of ~1e-5 relative, so the fp32 floor is 128 ulps ≈ 1.5e-5.
-    _assert_close_to_truth(d_nat, zn.grad, truth_nat, fp32_ulps=128)
-    _assert_close_to_truth(d_adv, za.grad, truth_adv, fp32_ulps=128)
-
-
-# ============================================================================= GPU: weight_perturb
-# A 1-element segment first, so every later segment starts at an odd offset (unaligned chunks).
-# Sizes are not multiples of the chunk, and some segments span several chunks. chunk 64 makes the
-# per-segment finalize loop over more than 32 partials.
-WP_LAYOUTS = [([1, 37, 4101, 8192, 3], 4096), ([300, 1, 64, 65, 129, 1000, 2], 64), ([1], 4096),
-              ([4096, 4096, 12], 4096)]
-# Norms are fp32 partial sums against the reference's fp64 accumulation: ≲ log2(n)·2⁻²⁴ ≈ 1e-6
-# relative. rtol 1e-5 leaves 10×.
-NORM_TOL = {"rtol": 1e-5, "atol": 0}
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", range(len(WP_LAYOUTS)))
-@pytest.mark.parametrize("aligned", [True, False])
-def test_weight_perturb_ops(c, dtype, layout, aligned):
-    numels, chunk = WP_LAYOUTS[layout]
-    table = SegmentTable.from_numels(numels, chunk).to("cuda")
-    w = (torch.randn(table.numel, device="cuda") * 0.05).to(dtype)
-    a = torch.randn(table.numel, device="cuda").to(dtype)
-    g = torch.randn(table.numel, device="cuda").to(dtype)
-    if not aligned:
-        w, a, g = _unaligned(w), _unaligned(a), _unaligned(g)
-    beta = torch.rand(table.num_segments, device="cuda")
-    scale = torch.rand(table.num_segments, device="cuda") * 1e-2
-
-    _poison_allocator()
-    sq = c.segment_sq_norm(w, table)
-    torch.testing.assert_close(sq, segment_sq_norm_ref(w, table.offsets), **NORM_TOL)
-    # The per-segment sum has a fixed order and no float atomics: identical bits from run to run.
-    assert torch.equal(sq, c.segment_sq_norm(w, table))
-
-    for b in (None, beta):
-        a_ref, sq_ref = accumulate_sq_norm_ref(a, g, table.offsets, b)
-        _poison_allocator()
-        sq = c.accumulate_sq_norm_(a, g, table, b)
-        # β·a + g: the reference's fp32 ops, rounded once to dtype. Bit-exact at every dtype.
-        assert torch.equal(a, a_ref)
-        torch.testing.assert_close(sq, sq_ref, **NORM_TOL)
-
-    for sign in (1, -1):
-        expected = perturb_axpy_ref(w, a, scale, table.offsets, sign)
-        assert c.perturb_axpy_(w, a, scale, table, sign) is w
-        assert torch.equal(w, expected)  # s·a rounded, then added: bit-exact at every dtype
-
-
-# ============================================================================= GPU: argument checks
-def _raises(message):
-    return pytest.raises(RuntimeError, match=re.escape(message))
-
-
-@gpu
-def test_error_messages_name_the_argument(c):
-    x_adv, grad, x_nat = _pgd_inputs((4, 3, 8, 8), torch.float32, EPS_LINF)
-    out = torch.empty_like(x_adv)
-    with _raises("pgd_step: grad must be a CUDA tensor, got device cpu"):
-        c.pgd_step(x_adv, grad.cpu(), x_nat, 0.1, 0.1, "linf", out)
-    with _raises("pgd_step: grad must have the dtype of x_adv (Float), got Half"):
-        c.pgd_step(x_adv, grad.half(), x_nat, 0.1, 0.1, "linf", out)
-    with _raises("pgd_step: x_nat must have the same shape as x_adv, got [3, 3, 8, 8] and [4, 3, 8, 8]"):
-        c.pgd_step(x_adv, grad, x_nat[:3], 0.1, 0.1, "linf", out)
-    with _raises("pgd_step: grad must be contiguous"):
-        c.pgd_step(x_adv, grad.transpose(2, 3), x_nat, 0.1, 0.1, "linf", out)
-    with _raises("pgd_step: x_adv must be float32, float16 or bfloat16, got Double"):
-        c.pgd_step(x_adv.double(), grad.double(), x_nat.double(), 0.1, 0.1, "linf", out.double())
-    with _raises("pgd_step: norm must be 'linf' or 'l2', got 'l1'"):
-        c.pgd_step(x_adv, grad, x_nat, 0.1, 0.1, "l1", out)
-    with _raises("pgd_random_init: radius is required for norm='l2'"):
-        c.pgd_random_init(x_nat, grad, 0.1, "l2", None, out)
-
-    logits = torch.randn(4, 10, device="cuda")
-    target = torch.randint(0, 10, (4,), device="cuda")
-    with _raises("lsc_loss_fwd: target must be Long, got Int"):
-        c.lsc_loss_fwd(logits, target.int(), 0.0, 1.0)
-    with _raises("lsc_loss_fwd: logits must be 2-D (B, C)"):
-        c.lsc_loss_fwd(logits[0], target, 0.0, 1.0)
-    with _raises("lsc_loss_fwd: target must be a CUDA tensor"):
-        c.lsc_loss_fwd(logits, target.cpu(), 0.0, 1.0)
-    with _raises("lsc_loss_fwd: the LSC range [p, q) needs p <= q"):
-        c.lsc_loss_fwd(logits, target, 2.0, 1.0)
-    _, mask, _, _, lse = c.lsc_loss_fwd(logits, target, 0.0, 1.0)
-    with _raises("lsc_loss_bwd: grad_out must have one element"):
-        c.lsc_loss_bwd(torch.ones(2, device="cuda"), logits, target, lse, mask)
-    with _raises("lsc_loss_bwd: lse must have shape [4], got [3]"):
-        c.lsc_loss_bwd(torch.ones((), device="cuda"), logits, target, lse[:3], mask)
-
-    table = SegmentTable.from_numels([5, 7], 4)
-    x = torch.randn(12, device="cuda")
-    with _raises("segment_sq_norm: table.offsets must be a CUDA tensor"):
-        c.segment_sq_norm(x, table)
-    table = table.to("cuda")
-    with _raises("segment_sq_norm: x must be a 1-D (N,) flat buffer"):
-        c.segment_sq_norm(x.view(3, 4), table)
-    with _raises("perturb_axpy_: sign must be +1 or -1, got 0"):
-        c.perturb_axpy_(x, x.clone(), torch.ones(2, device="cuda"), table, 0)
-    with _raises("accumulate_sq_norm_: beta must have shape [2], got [3]"):
-        c.accumulate_sq_norm_(x, x.clone(), table, torch.ones(3, device="cuda"))
-
-
-# ============================================================================= GPU: compile, sanitizer
 @gpu
 def test_compile_fullgraph_runs_the_kernels(c):
     """torch.compile(fullgraph=True) with Inductor: no graph break around the custom ops, and the
     compiled graph gives the eager results, including the in-place step written back."""
-    x_adv, grad, x_nat = _pgd_inputs((7, 3, 32, 32), torch.float32, EPS_LINF)
+    x_adv, grad, x_nat = _pgd_inputs((7, 3, 32, 32))
     logits = torch.randn(7, 100, device="cuda")
     target = torch.randint(0, 100, (7,), device="cuda")
 

@@ -4,8 +4,11 @@ import os
 
 import pytest
 
+import cli_helpers
+from cli_helpers import one_line_error
 from rwp_fast.cli import main
-from test_cli import one_line_error, tiny_run  # noqa: F401  (tiny_run: a fixture, a 1-epoch digits run)
+
+tiny_run = cli_helpers.tiny_run  # a module-scoped fixture: a 1-epoch digits run per test module
 
 
 @pytest.fixture

@@ -5,32 +5,16 @@ import json
 import pytest
 import torch
 
+from export_helpers import saved_checkpoint
 from rwp_fast.cli import main
-from rwp_fast.config import RunConfig
 from rwp_fast.export import load_exported, standard_state_dict
 from rwp_fast.models import build_model
-from rwp_fast.train import Trainer
 from rwp_fast.train.checkpoint import save_checkpoint
-
-
-def _checkpoint(tmp_path, model):
-    cfg = RunConfig(dataset="synthetic", model=model, train_examples=64, eval_examples=8, batch_size=16,
-                    device="cpu", backend="torch", quiet=True, out_dir=str(tmp_path / "run"))
-    trainer = Trainer(cfg, log=lambda *a: None)
-    with torch.no_grad():                       # non-trivial BN statistics and weights
-        for m in trainer.model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    (tmp_path / "run").mkdir()
-    path = tmp_path / "run" / "best.pt"
-    save_checkpoint(str(path), trainer.state_dict())
-    return path, trainer.model.eval()
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "preact_resnet18"])
 def test_exported_state_dict_gives_the_same_logits(tmp_path, arch):
-    path, model = _checkpoint(tmp_path, arch)
+    path, model = saved_checkpoint(tmp_path, arch)
     out = tmp_path / "export"
     assert main(["export", str(path), "--format", "robustbench", "--out", str(out)]) == 0
     sd = torch.load(out / "model.pt", weights_only=True)
@@ -62,7 +46,7 @@ def test_exported_state_dict_gives_the_same_logits(tmp_path, arch):
 
 
 def test_model_card_takes_the_eval_json(tmp_path):
-    path, _ = _checkpoint(tmp_path, "small_cnn")
+    path, _ = saved_checkpoint(tmp_path, "small_cnn")
     results = {"n": 40, "natural": 0.5, "pgd20": 0.25, "autoattack": 0.15,
                "autoattack_stages": [{"attack": "apgd-ce", "flipped": 10, "robust": 6, "seconds": 1.0}]}
     (tmp_path / "run" / "best_eval.json").write_text(json.dumps({"results": results}))
@@ -83,7 +67,7 @@ def test_wide_resnet_uses_the_standard_shortcut_name():
 def test_a_checkpoint_chosen_by_its_ema_exports_the_ema_weights(tmp_path):
     """best_ema.pt (selected_by: ema) is evaluated on its EMA weights by default, so those are the weights
     the export ships beside the accuracies; `rwp-fast eval --weights raw` makes it ship the raw ones."""
-    path, model = _checkpoint(tmp_path, "small_cnn")
+    path, model = saved_checkpoint(tmp_path, "small_cnn")
     state = torch.load(path, weights_only=True)
     ema = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in state["model"].items()}
     state.update(ema={"model": ema}, selected_by="ema")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from export_helpers import saved_checkpoint
 from rwp_fast.cli import main
-from test_export import _checkpoint
 
 FIELDS = ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
           "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "unreliable"]
@@ -13,7 +13,7 @@ FIELDS = ["link", "name", "authors", "additional_data", "number_forward_passes",
 
 @pytest.fixture
 def checkpoint_with_eval(tmp_path):
-    path, _ = _checkpoint(tmp_path, "preact_resnet18")
+    path, _ = saved_checkpoint(tmp_path, "preact_resnet18")
     results = {"n": 2000, "natural": 0.8492, "pgd20": 0.55, "autoattack": 0.5049}
     (tmp_path / "run" / "best_eval.json").write_text(json.dumps({"results": results}))
     return path
@@ -49,7 +49,7 @@ def test_what_only_the_user_knows_is_a_named_placeholder(tmp_path, checkpoint_wi
 
 
 def test_unmeasured_accuracies_and_a_subset_are_named(tmp_path, capsys):
-    path, _ = _checkpoint(tmp_path, "small_cnn")
+    path, _ = saved_checkpoint(tmp_path, "small_cnn")
     (tmp_path / "run" / "best_eval.json").write_text(json.dumps(
         {"results": {"n": 60, "natural": 0.5}, "test_subset": {"n": 60, "of": 2000, "seed": 0, "stratified": True}}))
     assert main(["export", str(path), "--out", str(tmp_path / "x"), "--model-name", "Me2026Test"]) == 0

@@ -8,13 +8,16 @@ import math
 import pytest
 import torch
 
+from kernel_helpers import poison_cuda_allocator
 from rwp_fast import ops
 from rwp_fast.ops import dispatch
 from rwp_fast.reference.lsc_loss import lsc_loss_ref, lsc_loss_trades_ref, lsc_mask_ref
 from rwp_fast.verify import tolerances
 
-# Batch 1, 7, 129; C = 10, 100, 1000, and 2500 (three 1024-wide blocks: the online log-sum-exp).
-SIZES = [(1, 10), (7, 10), (129, 10), (7, 100), (129, 100), (7, 1000), (2, 2500)]
+# Batch 1, 7, 129; C = 10, 100, 1000, and 2500 (three 1024-wide blocks: the online log-sum-exp), and C = 33,
+# no multiple of a vector width. (Batch 1000, more rows than the CUDA masked sum's 256 threads: see
+# test_masked_mean_and_count_are_fixed_order.)
+SIZES = [(1, 10), (7, 10), (129, 10), (7, 100), (129, 100), (7, 1000), (2, 2500), (7, 33)]
 # Per-example loss: lse summed over C exp terms in another order (tree vs torch's), plus a differently
 # rounded subtraction: a few ulps of lse ≤ ~12 (ulp 1e-6), so atol 5e-6 with rtol 1e-5.
 # On a GPU the Triton kernels add the hardware exp/log (ex2.approx/lg2.approx: ≤ 2 ulp, plus |z − max|·2⁻²⁴
@@ -62,6 +65,7 @@ def test_forward_and_backward_match_reference(backend, device, batch, classes):
     for p, q in _ranges(median):
         (ref_mean, ref_loss, ref_mask, _), (ref_grad,) = ref_with_grad(lsc_loss_ref, logits, target, p, q)
         x = logits.clone().requires_grad_(True)
+        poison_cuda_allocator(device)
         mean, loss, mask, count = ops.lsc_loss(x, target, p, q, backend=backend)
         assert mean.shape == () and mean.dtype == torch.float32
         assert loss.dtype == torch.float32 and mask.dtype == torch.bool
@@ -71,6 +75,7 @@ def test_forward_and_backward_match_reference(backend, device, batch, classes):
         assert count.item() == mask.sum().item()
         torch.testing.assert_close(mean, (loss * mask).sum() / batch, **LOSS_TOL)
         torch.testing.assert_close(mean, ref_mean, **LOSS_TOL)
+        poison_cuda_allocator(device)
         (mean * 0.7).backward()
         torch.testing.assert_close(x.grad, ref_grad, **GRAD_TOL)
         assert (x.grad[~mask] == 0).all()  # masked-out examples get no gradient
@@ -85,6 +90,7 @@ def test_trades_forward_and_backward_match_reference(backend, device, batch, cla
         (ref_mean, ref_loss, ref_mask, _), (ref_d_nat, ref_d_adv) = ref_with_grad(
             lsc_loss_trades_ref, nat, adv, target, TRADES_BETA, p, q)
         x_nat, x_adv = nat.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+        poison_cuda_allocator(device)
         mean, loss, mask, count = ops.lsc_loss_trades(x_nat, x_adv, target, TRADES_BETA, p, q,
                                                       backend=backend)
         # β·KL multiplies the KL's own few-ulp error by 6: loosen atol accordingly.
@@ -92,6 +98,7 @@ def test_trades_forward_and_backward_match_reference(backend, device, batch, cla
         check_mask(loss, mask, ref_loss, ref_mask, p, q)
         assert count.item() == mask.sum().item()
         torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=3e-5)
+        poison_cuda_allocator(device)
         (mean * 0.7).backward()
         torch.testing.assert_close(x_nat.grad, ref_d_nat, rtol=2e-5, atol=1e-7)
         torch.testing.assert_close(x_adv.grad, ref_d_adv, rtol=2e-5, atol=1e-7)
@@ -108,6 +115,22 @@ def test_trades_kl_output(kernel_backend, device):
     torch.testing.assert_close(kl, (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1), rtol=1e-5, atol=5e-6)
     same = impl.lsc_loss_trades_fwd(nat, nat, target, TRADES_BETA, 0.0, math.inf)[6]
     assert same.abs().max() < 1e-6  # ≈ Σ p·(rounding of two equal lse) ≈ ulp(lse)
+
+
+@pytest.mark.parametrize("batch,classes", [(7, 33), (129, 1000)])
+def test_saved_lse_is_the_log_sum_exp(kernel_backend, device, batch, classes):
+    """The lse that the backend-level forwards save for the backward: log Σ exp over each row, within a few
+    fp32 ulps of lse ≈ 10 (an online log-sum-exp against torch's max-subtract one)."""
+    impl = dispatch.backend_module(kernel_backend, "lsc_loss")
+    nat, target = make_logits(batch, classes, device)
+    adv = nat + torch.randn_like(nat)
+    poison_cuda_allocator(device)
+    lse = impl.lsc_loss_fwd(nat, target, 0.0, math.inf)[4]
+    torch.testing.assert_close(lse, torch.logsumexp(nat, 1), rtol=1e-6, atol=1e-5)
+    poison_cuda_allocator(device)
+    lse_nat, lse_adv = impl.lsc_loss_trades_fwd(nat, adv, target, TRADES_BETA, 0.0, math.inf)[4:6]
+    torch.testing.assert_close(lse_nat, torch.logsumexp(nat, 1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse_adv, torch.logsumexp(adv, 1), rtol=1e-6, atol=1e-5)
 
 
 def test_mask_upper_bound_is_strict(backend, device):
@@ -212,6 +235,51 @@ def test_low_precision_logits(backend, device, dtype, batch, classes):
     ref_err = (ref_grad.double() - truth).abs().max().item()
     err = (x.grad.double() - truth).abs().max().item()
     assert err <= 2 * ref_err + 1e-7, (err, ref_err)
+
+
+def _q_between(loss):
+    """A q that splits the batch with a wide margin: the middle of the largest gap between sorted losses.
+    No loss lands within rounding of q, so the mask cannot flip on the last bit."""
+    s = loss.double().sort().values
+    k = int((s[1:] - s[:-1]).argmax())
+    return float((s[k] + s[k + 1]) / 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,classes", [(7, 33), (129, 1000)])
+def test_low_precision_trades_logits(backend, device, dtype, batch, classes):
+    """TRADES on fp16/bf16 logits: the loss is fp32 math on the same inputs (fp32 tolerances); each gradient
+    is rounded to the logits' dtype, and its error against the fp64 truth is at most 2× the reference's own,
+    plus a floor of 128 fp32 ulps of the largest value (the bracket subtracts kl, itself a sum of C fp32
+    terms, from log-ratios up to ≈ 10: ~1e-5 relative in fp32)."""
+    nat = (torch.randn(batch, classes, device=device) * 2).to(dtype)
+    adv = (nat.float() + torch.randn(batch, classes, device=device)).to(dtype)
+    target = torch.randint(0, classes, (batch,), device=device)
+    q = _q_between(lsc_loss_trades_ref(nat, adv, target, TRADES_BETA)[1])
+    (ref_mean, ref_loss, ref_mask, _), ref_grads = ref_with_grad(lsc_loss_trades_ref, nat, adv, target,
+                                                                 TRADES_BETA, 0.0, q, grad_out=1.25)
+    x_nat, x_adv = nat.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+    poison_cuda_allocator(device)
+    mean, loss, mask, _ = ops.lsc_loss_trades(x_nat, x_adv, target, TRADES_BETA, 0.0, q, backend=backend)
+    torch.testing.assert_close(loss, ref_loss, **tolerances.LSC_TRADES_LOSS_TOL)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(mean, ref_mean, **tolerances.LSC_TRADES_LOSS_TOL)
+    poison_cuda_allocator(device)
+    (mean * 1.25).backward()
+    log_p_nat, log_p_adv = nat.double().log_softmax(1), adv.double().log_softmax(1)
+    p_nat, p_adv = log_p_nat.exp(), log_p_adv.exp()
+    kl = (p_nat * (log_p_nat - log_p_adv)).sum(1, keepdim=True)
+    coef = (1.25 / batch * ref_mask.double())[:, None]
+    onehot = torch.nn.functional.one_hot(target, classes).double()
+    truths = (coef * ((p_nat - onehot) + TRADES_BETA * p_nat * (log_p_nat - log_p_adv - kl)),
+              coef * TRADES_BETA * (p_adv - p_nat))
+    for got, ref_grad, truth in zip((x_nat.grad, x_adv.grad), ref_grads, truths):
+        assert got.dtype == dtype
+        err = (got.double() - truth).abs().max().item()
+        ref_err = (ref_grad.double() - truth).abs().max().item()
+        floor = 128 * torch.finfo(torch.float32).eps * truth.abs().max().item()
+        assert err <= 2 * ref_err + floor, (err, ref_err, floor)
 
 
 def test_strided_logits_are_accepted(backend, device):

@@ -10,25 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from rwp_fast.ops import dispatch
 from rwp_fast.ops.weight_perturb import (SegmentTable, accumulate_sq_norm_, perturb_axpy_, perturb_scale,
                                          segment_sq_norm)
 from rwp_fast.reference import weight_perturbation_search_ref
-
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-
-@pytest.fixture(params=["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def backend(request):
-    name = request.param
-    if name == "triton" and not (CUDA or dispatch.triton_interpreting()):
-        pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
-    try:
-        dispatch.backend_module(name, "weight_perturb") if name != "torch" else None
-    except ImportError as exc:
-        pytest.skip(f"{name} backend not importable: {exc}")
-    return name
 
 
 def one_rwp_iteration(w, a, g, table, s_old, beta, gamma, scope, backend):
@@ -43,34 +27,34 @@ def one_rwp_iteration(w, a, g, table, s_old, beta, gamma, scope, backend):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("update", ["accumulate", "paper"])
-def test_a_layer_without_gradient_gets_v_zero(backend, scope, update):
+def test_a_layer_without_gradient_gets_v_zero(backend, device, scope, update):
     """Segment 1 of three gets g = 0: its v is exactly 0 (layer scope), and every weight stays finite."""
     numels = [300, 77, 5000]
-    table = SegmentTable.from_numels(numels, chunk=1024).to(DEVICE)
-    w0 = torch.randn(sum(numels), device=DEVICE)
+    table = SegmentTable.from_numels(numels, chunk=1024).to(device)
+    w0 = torch.randn(sum(numels), device=device)
     g = torch.randn_like(w0)
     g[300:377] = 0
     w, a = w0.clone(), torch.zeros_like(w0)
-    s_old = torch.zeros(3, device=DEVICE)
+    s_old = torch.zeros(3, device=device)
     for _ in range(2):  # the second iteration starts from a perturbed w and a nonzero s_old
         beta = s_old.clone() if update == "paper" else None
         s_old = one_rwp_iteration(w, a, g, table, s_old, beta, 0.01, scope, backend)
         assert torch.isfinite(s_old).all(), s_old
         assert torch.isfinite(w).all()
         v = w - w0
-        assert torch.equal(v[300:377], torch.zeros(77, device=DEVICE))
+        assert torch.equal(v[300:377], torch.zeros(77, device=device))
         if scope == "layer":
             for lo, hi in ((0, 300), (377, 5377)):  # the others are rescaled to γ‖w_l‖
                 assert v[lo:hi].norm().item() == pytest.approx(0.01 * w0[lo:hi].norm().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_an_all_zero_direction_leaves_the_weights_unchanged(backend, scope):
+def test_an_all_zero_direction_leaves_the_weights_unchanged(backend, device, scope):
     """The first probe of the 'paper' rule with an empty mask: a = 0·0 + 0 everywhere, so v = 0."""
-    table = SegmentTable.from_numels([64, 200], chunk=128).to(DEVICE)
-    w0 = torch.randn(264, device=DEVICE)
+    table = SegmentTable.from_numels([64, 200], chunk=128).to(device)
+    w0 = torch.randn(264, device=device)
     w, a = w0.clone(), torch.zeros_like(w0)
-    zeros = torch.zeros(2, device=DEVICE)
+    zeros = torch.zeros(2, device=device)
     s = one_rwp_iteration(w, a, torch.zeros_like(w0), table, zeros, zeros.clone(), 0.01, scope, backend)
     assert torch.isfinite(s).all() and torch.equal(w, w0)
 
