@@ -7,7 +7,7 @@ These parts run on CPU, in CI:
   * the argument checks, through the CPU registration.
 
 These parts need CUDA (@pytest.mark.gpu):
-  * what only the extension does: noise in the inputs' dtype, a dtype check the per-op tests leave out;
+  * what only the extension does: noise in the inputs' dtype;
   * torch.compile through the real kernels;
   * a compute-sanitizer memcheck run of bench/sanitize_cuda_ops.py.
 
@@ -354,15 +354,6 @@ def test_random_init_takes_noise_in_the_inputs_dtype(c, dtype):
     # one ulp of the dtype: the norm's fp32 sum in another order may round the output the other way
     torch.testing.assert_close(out, pgd_random_init_ref(x_nat, gauss, EPS_L2, "l2", radius), rtol=0,
                                atol=torch.finfo(dtype).eps)
-
-
-@gpu
-def test_an_unsupported_dtype_names_the_argument(c):
-    """The one argument check that test_pgd_step.py's validation test does not make."""
-    x_adv, grad, x_nat = (t.double() for t in _pgd_inputs((4, 3, 8, 8)))
-    with pytest.raises(RuntimeError, match=re.escape("pgd_step: x_adv must be float32, float16 or bfloat16, "
-                                                     "got Double")):
-        c.pgd_step(x_adv, grad, x_nat, 0.1, 0.1, "linf", torch.empty_like(x_adv))
 
 
 @gpu

@@ -183,6 +183,8 @@ def test_validation_names_the_argument(kernel_backend, device, arg_error):
     kw = {"backend": kernel_backend}
     with arg_error(TypeError, "grad"):
         step(x_adv, grad.double(), x_nat, ALPHA_LINF, EPS_LINF, **kw)
+    with arg_error(TypeError, "x_adv"):  # one dtype throughout, but not fp32, fp16 or bf16
+        step(x_adv.double(), grad.double(), x_nat.double(), ALPHA_LINF, EPS_LINF, **kw)
     with arg_error(TypeError, "x_nat"):
         step(x_adv, grad, x_nat.to(torch.float16), ALPHA_LINF, EPS_LINF, **kw)
     with arg_error(ValueError, "x_nat"):
