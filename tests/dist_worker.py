@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rwp_fast.config import RunConfig  # noqa: E402
-from test_fast_step import Records, record_probe_losses  # noqa: E402 (tests/ is on sys.path)
+from equivalence import Records, record_probe_losses  # noqa: E402 (tests/ is on sys.path)
 
 
 def base_cfg(**kw):
@@ -35,28 +35,25 @@ def base_cfg(**kw):
 
 
 def scenarios():
-    """name -> (config, break schedule or None)."""
+    """name -> config."""
     return {
-        "at": (base_cfg(), None),
-        "at-awp": (base_cfg(perturb="awp"), None),
-        "at-rwp-accumulate": (base_cfg(perturb="rwp"), None),
-        "at-rwp-paper": (base_cfg(perturb="rwp", rwp_update="paper"), None),
-        "at-rwp-stall-free": (base_cfg(perturb="rwp"), "stall-free"),
-        "trades-rwp": (base_cfg(perturb="rwp", method="trades", c_min=0.5), None),
-        "bn-at-rwp": (base_cfg(perturb="rwp", model="small_cnn"), None),
+        "at": base_cfg(),
+        "at-awp": base_cfg(perturb="awp"),
+        "at-rwp-accumulate": base_cfg(perturb="rwp"),
+        "at-rwp-paper": base_cfg(perturb="rwp", rwp_update="paper"),
+        "trades-rwp": base_cfg(perturb="rwp", method="trades", c_min=0.5),
+        "bn-at-rwp": base_cfg(perturb="rwp", model="small_cnn"),
     }
 
 
 FP32_SCENARIOS = ("bn-at-rwp",)  # compared across ranks only (bit for bit): fp32, the dtype training uses
 
 
-def trace(cfg, schedule, dtype=torch.float64):
+def trace(cfg, dtype=torch.float64):
     """Weights after every step of one epoch, the epoch's (reduced) training metrics and evaluation, and
     the (B,) losses of every LSC probe (this process's rows)."""
     from rwp_fast.train import Trainer
     trainer = Trainer(cfg, log=lambda *a: None, dtype=dtype)
-    if schedule is not None:
-        trainer.step_fn.break_schedule = schedule
     probes = Records(cfg.lsc_range)
     record_probe_losses(trainer.step_fn, probes)
     weights = []
@@ -83,7 +80,7 @@ def empty_mask_batch(seed=0, dtype=torch.float64):
     return model, x, y
 
 
-def empty_mask_search(schedule, rows):
+def empty_mask_search(rows):
     """One AT-RWP step (attack skipped: x_adv = x) on `rows` of the empty-mask batch, in float64; v, the
     weights and every probe's losses."""
     from rwp_fast.train import distributed
@@ -93,7 +90,6 @@ def empty_mask_search(schedule, rows):
     dist, _ = distributed.setup(cfg, torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     step = FastTrainStep(model, opt, cfg, torch.device("cpu"), dist=dist)
-    step.break_schedule = schedule
     step.keep_v = True
     probes = Records(cfg.lsc_range)
     record_probe_losses(step, probes)
@@ -111,10 +107,10 @@ def main():
     if mode == "trace":
         out = sys.argv[2]
         rank = int(os.environ["RANK"])
-        results = {name: trace(cfg, schedule, torch.float32 if name in FP32_SCENARIOS else torch.float64)
-                   for name, (cfg, schedule) in scenarios().items()}
+        results = {name: trace(cfg, torch.float32 if name in FP32_SCENARIOS else torch.float64)
+                   for name, cfg in scenarios().items()}
         lo, hi = 8 * rank, 8 * (rank + 1)
-        results["empty-mask"] = {s: empty_mask_search(s, slice(lo, hi)) for s in ("sync", "stall-free")}
+        results["empty-mask"] = empty_mask_search(slice(lo, hi))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         import torch.distributed as dist
         dist.barrier()  # as DistContext.close: no process tears its connections down mid-collective

@@ -1,7 +1,7 @@
 """Multi-process training (issue 11) on CPU: gloo, 2 processes under torchrun, tiny runs on digits.
 
 * equivalence: a 2-process run with global batch 32 equals the 1-process run with batch 32 after every step,
-  for AT, AT-AWP, AT-RWP (accumulate, paper, and the stall-free early break), on small_cnn_gn (GroupNorm:
+  for AT, AT-AWP, AT-RWP (accumulate, paper), on small_cnn_gn (GroupNorm:
   per-example statistics), in float64 (error model at RTOL). The training metrics and the sharded
   evaluation agree likewise; the LSC masks, the probe counts and the accuracies exactly;
 * BatchNorm (small_cnn): weights bit-identical on both processes after every step;
@@ -28,7 +28,7 @@ from rwp_fast.config import ConfigError
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dist_worker  # noqa: E402
-from test_fast_step import Records, assert_clear_of_thresholds  # noqa: E402
+from equivalence import Records, assert_clear_of_thresholds  # noqa: E402
 
 # Error model, float64 (u = 2^-53 ≈ 1.1e-16). 2 processes and 1 run the same fp64 operations on the same
 # values except the order of sums: the batch mean (the average of two 16-row means vs one 32-row mean), the
@@ -70,10 +70,10 @@ def traces(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("name", ["at", "at-awp", "at-rwp-accumulate", "at-rwp-paper", "at-rwp-stall-free"])
+@pytest.mark.parametrize("name", ["at", "at-awp", "at-rwp-accumulate", "at-rwp-paper"])
 def test_two_processes_equal_one_process_step_by_step(traces, name):
-    cfg, schedule = dist_worker.scenarios()[name]
-    one = dist_worker.trace(cfg, schedule)   # this process: WORLD_SIZE unset, a plain run of batch 32, fp64
+    cfg = dist_worker.scenarios()[name]
+    one = dist_worker.trace(cfg)   # this process: WORLD_SIZE unset, a plain run of batch 32, fp64
     two = traces[0][name]
     # The masks and the early break compare losses with c_min: exact below only if no loss of either run
     # lies within rounding of it. 1e-6 is 10^10 fp64 ulps; checked on every probe of both runs.
@@ -104,13 +104,12 @@ def test_batchnorm_weights_bit_identical_on_every_process(traces):
     assert not torch.equal(a[0], a[-1])  # it trained
 
 
-@pytest.mark.parametrize("schedule", ["sync", "stall-free"])
-def test_mask_empty_on_one_process_only_breaks_nowhere_alone(traces, schedule):
-    r0, r1 = traces[0]["empty-mask"][schedule], traces[1]["empty-mask"][schedule]
+def test_mask_empty_on_one_process_only_breaks_nowhere_alone(traces):
+    r0, r1 = traces[0]["empty-mask"], traces[1]["empty-mask"]
     assert r0["local_count"] == 8 and r1["local_count"] == 0  # probe 1: rank 1's own mask is empty
     # rank 1 did not break at probe 1: it took the step with the global mask (8 of 16)
     assert r0["steps"] == r1["steps"] >= 1 and r0["mask"] == r1["mask"] and r0["mask"][0] == 0.5
-    one = dist_worker.empty_mask_search(schedule, slice(0, 16))
+    one = dist_worker.empty_mask_search(slice(0, 16))
     for run in (one, r0, r1):  # ln 10 by a wide margin, by construction; checked on every probe
         probes = Records(run["lsc_range"])
         probes.probe_losses = run["probe_losses"]

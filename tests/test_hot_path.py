@@ -5,10 +5,11 @@ shape) stalls the launch queue until the GPU has caught up; a graph break or a r
 ``torch.compile`` costs a Python round trip or seconds of compilation. Neither shows up as an error, so
 these tests count them, on CPU, through the public ``FastTrainStep``:
 
-* device→host reads in one step (after a warm-up step): 0 for AT and AWP, at most one per RWP probe,
-  and none inside the attack;
+* device→host reads in one step (after a warm-up step): 0 for AT, one per probe forward for AWP and
+  RWP (its count, for the exact early break), and none inside the attack;
 * ``torch.compile`` (backend ``aot_eager``: the same Dynamo graphs as inductor without minutes of C++
-  compilation) of the fast step: 0 graph breaks, and no new graph (no recompile) after the first step.
+  compilation) of the fast step's phases, with fullgraph: 0 graph breaks, and no new graph (no recompile)
+  after the first step, with the torch ops and with the Triton ops (interpreter).
 """
 
 import collections
@@ -103,7 +104,7 @@ def host_reads(monkeypatch):
 
 def instrument(step, reads, monkeypatch):
     """Mark the attack in `reads`, and count the RWP/AWP probes (every losses() call but the last)."""
-    attack = step.adversarial_examples
+    attack = step.attack
     losses = step.losses
     calls = {"losses": 0}
 
@@ -118,7 +119,7 @@ def instrument(step, reads, monkeypatch):
         calls["losses"] += 1
         return losses(*args, **kwargs)
 
-    monkeypatch.setattr(step, "adversarial_examples", marked_attack)
+    monkeypatch.setattr(step, "attack", marked_attack)
     monkeypatch.setattr(step, "losses", counted_losses)
     return calls
 
@@ -134,9 +135,9 @@ def test_host_reads_per_step(case, host_reads, monkeypatch):
         result = step(model, opt, x1, y1, cfg, generator=torch.Generator().manual_seed(6))
     probes = calls["losses"] - 1  # the last losses() call is the training loss at w + v
     assert host_reads.total("attack") == 0, host_reads.counts
-    if cfg.perturb == "rwp":
-        assert probes >= 1 and int(result.search.steps_taken) <= probes <= cfg.k2
-        assert host_reads.total() <= probes, (host_reads.counts, probes)
+    if cfg.perturb != "none":  # one count read per probe forward: the exact early break
+        assert probes == len(result.search.mask_fractions) and 1 <= probes <= cfg.effective_k2
+        assert host_reads.total() == probes, (host_reads.counts, probes)
     else:
         assert host_reads.total() == 0, host_reads.counts
 
@@ -173,10 +174,15 @@ def _dynamo_state():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", ["at-rwp", "trades-rwp"])
-def test_compiled_fast_step_has_no_graph_break_and_no_recompile(case, aot_eager_compile):
-    cfg = make_cfg(**CASES[case], compile=True)
+def test_compiled_fast_step_has_no_graph_break_and_no_recompile(case, backend, aot_eager_compile, require_backend):
+    """Every phase body compiles with fullgraph=True (a break would raise), and none recompiles."""
+    if backend == "triton":
+        require_backend("triton")
+    cfg = make_cfg(**CASES[case], compile=True, backend=backend)
     model, opt, step = make_step(cfg)
+    assert step.mode == "compiled"
     torch._dynamo.utils.counters.clear()
     data = batches(3)
     x, y = data[0]

@@ -114,12 +114,6 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 
 TESTS = os.path.join(REPO, "tests")
-# Modules of the fast-step rewrite that still import test_fast_step (issue 23): allowed until that rewrite
-# lands, which empties this list.
-PENDING = {"dist_worker": {"test_fast_step"}, "test_cuda_graphs": {"test_fast_step"},
-           "test_distributed": {"test_fast_step"}}
-
-
 def imported_test_modules(folder=TESTS):
     """{module: the test modules (test_*) it imports}, for every .py file under `folder`, counting imports
     inside functions too. tests/ is on sys.path when pytest runs, so a test module is imported by its bare
@@ -145,7 +139,7 @@ def imported_test_modules(folder=TESTS):
 
 def test_no_test_module_imports_another():
     found = imported_test_modules()
-    new = {m: sorted(t - PENDING.get(m, set())) for m, t in found.items() if t - PENDING.get(m, set())}
+    new = {m: sorted(t) for m, t in found.items() if t}
     assert not new, ("tests importing test modules (move what they share into conftest.py or a helper module "
                      f"without the test_ prefix): {new}")
 

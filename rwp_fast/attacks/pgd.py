@@ -9,12 +9,14 @@ Same semantics and same random draws as ``rwp_fast.reference.attacks`` (the test
   already skips the weight-gradient convolutions, but a ``torch.compile``'d backward is traced for
   every input that requires grad and would compute them anyway; freezing makes both modes skip them
   (SPEC.md §6: ≈ K1·2 forward units instead of K1·3);
-* no host synchronisation inside the loop.
+* no host synchronisation inside the loop;
+* one step (``ascend_``) traces as one graph, which the training step compiles and captures.
 
 ``forward`` is the (possibly compiled) model; ``autocast`` a context manager factory for AMP.
 """
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ def frozen(params):
             p.requires_grad_(True)
 
 
-def _objective(logits, y, loss):
+def objective(logits, y, loss):
     if loss == "ce":
         return F.cross_entropy(upcast(logits), y, reduction="sum")
     if loss == "cw":
@@ -45,26 +47,36 @@ def _objective(logits, y, loss):
     raise ValueError(f"loss: expected 'ce' or 'cw', got {loss!r}")
 
 
+def ascend_(forward, x_adv, x, objective, alpha, eps, norm, autocast, pgd_step_):
+    """One attack step in place: x_adv ← pgd_step(x_adv, ∇ₓ objective(forward(x_adv))).
+
+    Traceable as one graph (``torch.compile(fullgraph=True)`` with Dynamo's ``trace_autograd_ops``): the
+    training step compiles it, and captures the K1 calls of an attack. pgd_step_: the op with its backend
+    bound (``OpSet.pgd_step_``) or ``rwp_fast.ops.pgd_step_``.
+    """
+    leaf = x_adv.detach().requires_grad_(True)
+    with autocast():
+        logits = forward(leaf)
+    (grad,) = torch.autograd.grad(objective(logits), leaf)
+    pgd_step_(x_adv, grad, x, alpha, eps, norm)
+
+
 def pgd_attack(forward, x, y, eps, alpha, steps, norm="linf", random_start=True, loss="ce", generator=None,
                params=(), autocast=contextlib.nullcontext, input_only=True, backend=None):
     """PGD-`steps` on CE or the C&W margin; returns a detached x_adv (B, C, H, W) in [0, 1].
 
-    params: the model's parameters, frozen during the attack when input_only is True (pass
-    ``input_only=False`` to measure what freezing saves). backend: of the ``pgd_step`` op (None: the
-    process-wide choice, ``rwp_fast.ops.set_backend``).
+    params: the model's parameters, frozen during the attack when input_only is True. backend: of the
+    ``pgd_step`` op (None: the process-wide choice, ``rwp_fast.ops.set_backend``).
     """
     if random_start:
         noise, radius = draw_random_init_noise(x, norm, generator)
         x_adv = pgd_random_init(x, noise, eps, norm, radius, backend=backend)
     else:
         x_adv = x.clone()
+    step = functools.partial(pgd_step_, backend=backend)
     with frozen(params) if input_only else contextlib.nullcontext():
         for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with autocast():
-                logits = forward(x_adv)
-            (grad,) = torch.autograd.grad(_objective(logits, y, loss), x_adv)
-            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm, backend=backend)
+            ascend_(forward, x_adv, x, lambda logits: objective(logits, y, loss), alpha, eps, norm, autocast, step)
     return x_adv.detach()
 
 
@@ -75,11 +87,9 @@ def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, pa
         p_nat = F.softmax(upcast(forward(x)), dim=1)
     noise = draw(torch.randn, x.shape, generator, x.device)
     x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
+    step = functools.partial(pgd_step_, backend=backend)
     with frozen(params) if input_only else contextlib.nullcontext():
         for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with autocast():
-                logits = forward(x_adv)
-            (grad,) = torch.autograd.grad(trades_kl_sum(logits, p_nat), x_adv)
-            x_adv = pgd_step_(x_adv.detach(), grad, x, alpha, eps, norm, backend=backend)
+            ascend_(forward, x_adv, x, lambda logits: trades_kl_sum(logits, p_nat), alpha, eps, norm, autocast,
+                    step)
     return x_adv.detach()

@@ -13,6 +13,7 @@ Triton runs CUDA tensors, and CPU tensors only under ``TRITON_INTERPRET=1`` (tha
 kernels). The CUDA extension ``rwp_fast._C`` runs CUDA tensors only.
 """
 
+import functools
 import importlib
 import logging
 import os
@@ -133,3 +134,38 @@ def choose_backend(op, device, backend=None):
         raise ValueError(f"backend 'triton' runs {device_type} tensors only under TRITON_INTERPRET=1; "
                          f"the inputs of {op} are on {device_type}")
     return name
+
+
+class OpSet:
+    """The fused ops with their backend chosen once, for one device: what a training step holds.
+
+    Resolving here (imports included) keeps ``choose_backend`` and its environment read out of the hot
+    path, and out of compiled regions: Dynamo traces a call of a bound function as its body.
+    ``names``: {op: backend}.
+    """
+
+    def __init__(self, device, backend=None):
+        # the public op modules import this one; by module path, since rwp_fast.ops.pgd_step is also a function
+        pgd_step, lsc_loss, weight_perturb = (importlib.import_module(f"rwp_fast.ops.{op}") for op in OPS)
+        device = torch_device(device)
+        self.names = {op: choose_backend(op, device, backend) for op in OPS}
+        for op in OPS:
+            if self.names[op] != "torch":
+                _load(self.names[op], op)
+        pick = lambda fn, op: functools.partial(fn, backend=self.names[op])  # noqa: E731
+        self.pgd_step_ = pick(pgd_step.pgd_step_, "pgd_step")
+        self.pgd_random_init = pick(pgd_step.pgd_random_init, "pgd_step")
+        self.lsc_loss = pick(lsc_loss.lsc_loss, "lsc_loss")
+        self.lsc_loss_trades = pick(lsc_loss.lsc_loss_trades, "lsc_loss")
+        self.segment_sq_norm = pick(weight_perturb.segment_sq_norm, "weight_perturb")
+        self.accumulate_sq_norm_ = pick(weight_perturb.accumulate_sq_norm_, "weight_perturb")
+        self.perturb_axpy_ = pick(weight_perturb.perturb_axpy_, "weight_perturb")
+        self.perturb_scale = weight_perturb.perturb_scale
+
+    def __repr__(self):
+        return f"OpSet({self.names})"
+
+
+def torch_device(device):
+    import torch
+    return device if isinstance(device, torch.device) else torch.device(device)

@@ -1,6 +1,6 @@
-"""Fast weight perturbation: the flat weight buffer and the in-place RWP/AWP search over it."""
+"""The weight-perturbation search of the fast path: flat weight buffers and the in-place search."""
 
 from .flat import FlatWeights
-from .search import FastSearchInfo, WeightPerturbation
+from .search import WeightPerturbation
 
-__all__ = ["FlatWeights", "FastSearchInfo", "WeightPerturbation"]
+__all__ = ["FlatWeights", "WeightPerturbation"]

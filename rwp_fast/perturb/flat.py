@@ -13,9 +13,12 @@ elementwise updates over the flat buffer equal those over the tensors. Autograd 
 existing ``.grad`` in place, so a backward writes the flat gradient directly, with no concatenation.
 Addresses never change afterwards, which is what CUDA graphs need.
 
-Zero gradients with ``FlatWeights.zero_grad()`` (or ``optimizer.zero_grad(set_to_none=False)``). A
-``.grad`` set to None or replaced anyway is pointed back at its view by ``attach_grads``, which
-``FastTrainStep`` calls at every step. Convert the model's memory format (``channels_last``) *before*
+The model's other parameters (biases, norm affine) get persistent ``.grad`` tensors too, so every
+gradient a captured step writes has a fixed address. Zero them all with ``FlatWeights.zero_grad()``. A
+``.grad`` set to None or replaced anyway (``optimizer.zero_grad()``'s default) is pointed back at its
+buffer by ``attach_grads``, which ``FastTrainStep`` calls at every step: the search reads the flat
+gradient, so a ``.grad`` outside it would leave v = 0 (RWP silently becoming AT).
+Convert the model's memory format (``channels_last``) *before*
 building FlatWeights.
 """
 
@@ -36,7 +39,7 @@ class FlatWeights:
     """Flat weight and gradient buffers for the perturbed parameters of `model`.
 
     Attributes: names (L,), params (L,), w (N,) and g (N,) flat buffers in the parameters' dtype,
-    table (SegmentTable on the parameters' device).
+    table (SegmentTable on the parameters' device); other_params and their persistent other_grads.
     """
 
     def __init__(self, model):
@@ -65,26 +68,30 @@ class FlatWeights:
                 p.data = w_view
                 self.grad_views.append(self.g[start:start + n].as_strided(p.shape, p.stride()))
                 p.grad = self.grad_views[-1]
+        flat_ids = {id(p) for p in self.params}
+        self.other_params = [p for p in model.parameters() if id(p) not in flat_ids]
+        self.other_grads = [torch.zeros_like(p) for p in self.other_params]
+        for p, grad in zip(self.other_params, self.other_grads):
+            p.grad = grad
 
     def zero_grad(self):
-        """Zero the flat gradient in place (one launch), keeping every .grad a view of it."""
+        """Zero every gradient in place (two launches), keeping each .grad where it is."""
         self.g.zero_()
+        if self.other_grads:
+            torch._foreach_zero_(self.other_grads)
 
     def attach_grads(self):
-        """Point every .grad that left the flat gradient (``zero_grad(set_to_none=True)``, torch's default,
-        sets them to None; a backward then allocates new ones) back at its view, keeping its values.
-
-        One pointer comparison per tensor and no aten op while they are in place (21 for PreAct-18)."""
-        base = self.g.untyped_storage().data_ptr()
-        for p, view in zip(self.params, self.grad_views):
+        """Point every .grad that left its buffer back at it, keeping its values. One pointer comparison
+        per tensor and no aten op while they are in place (62 for PreAct-18)."""
+        for p, home in zip(self.params + self.other_params, self.grad_views + self.other_grads):
             grad = p.grad
-            if grad is None or grad.untyped_storage().data_ptr() != base:
+            if grad is not home:
                 with torch.no_grad():
                     if grad is None:
-                        view.zero_()
+                        home.zero_()
                     else:
-                        view.copy_(grad)
-                p.grad = view
+                        home.copy_(grad)
+                p.grad = home
 
     def grads_are_views(self):
         """True while every perturbed parameter's .grad still lives in the flat gradient buffer."""

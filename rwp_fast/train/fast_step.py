@@ -1,33 +1,21 @@
-"""The fast training step: the reference step's semantics, built for throughput.
+"""The fast training step: the reference step (``rwp_fast.reference.train_step_ref``) as four phases.
 
-``FastTrainStep`` is a drop-in for ``rwp_fast.reference.train_step_ref`` (same call signature, same
-StepResult fields) and computes the same thing — the equivalence tests hold it to the reference
-step by step — with:
+Same call, same results: the tests hold it to the reference in float64, step by step. The phases read
+and write persistent buffers only (the batch, x_adv, the noise, the flat weights and gradients, the
+search state, the momentum buffers), so each is a function that ``torch.compile(fullgraph=True)``
+traces and a CUDA graph can hold:
 
-* bf16 autocast (or fp16 with a GradScaler) and channels-last weights on CUDA;
-* ``torch.compile`` of the model (``cfg.compile_mode``);
-* the fused ops: ``pgd_step`` in the attack, ``lsc_loss`` for every loss, ``weight_perturb`` over the
-  flat weight buffer for the RWP/AWP search (``rwp_fast.perturb``);
-* input-only gradients in the attack (weights frozen);
-* no host synchronisation except the early-break check once per RWP iteration: losses and LSC
-  diagnostics stay on the device until the end of the epoch.
+1. attack: the random start and K1 ``ascend_`` steps, then ``WeightPerturbation.begin``;
+2. probe forward: loss at w + v, LSC mask, count (K2 times at most);
+3. probe backward: the masked mean's gradient into the flat buffer, and the update of v;
+4. train: BN restored, forward at w + v, backward, the SGD update, ‖v‖/‖w‖, v removed.
 
-The attacks and losses dispatch through ``rwp_fast.ops`` (backend from ``cfg.backend``).
+Between 2 and 3 the host reads the count: the exact early break, one sync per probe (SPEC.md §2).
 
-Training modes (``cfg.compile_mode``; the compile switch itself is ``cfg.compile``):
-
-* ``default``, ``max-autotune``, ``max-autotune-no-cudagraphs``: ``torch.compile`` modes of the model,
-  RWP early break with one host sync per probe (``WeightPerturbation`` 'sync' schedule);
-* ``reduce-overhead``: ``torch.compile(mode='reduce-overhead')`` (Inductor's CUDA-graph trees) for every
-  forward and backward: attack, probes, training step. Each call starts a new graph-tree step
-  (``torch.compiler.cudagraph_mark_step_begin``), its outputs are consumed before the next call or
-  copied (logits in the StepResult), and the early break is stall-free;
-* ``cuda-graphs``: the whole attack and one probe captured explicitly (``rwp_fast.train.graphs``),
-  stall-free early break, the training forward/backward/optimizer step as in ``default``.
-
-A graph mode that raises during its first ``TRIAL_STEPS`` steps (capture or replay) restores the model
-and optimizer state saved before the step, warns in one line and continues in ``default`` mode; so does
-one that cannot apply at all (no CUDA device for ``cuda-graphs``, fp16 with its loss-scale syncs).
+Modes, chosen once at start-up (``self.mode``): ``eager`` (CPU default), ``compiled`` (each phase body
+compiled with fullgraph) and ``captured`` (``rwp_fast.train.graphs``: the phases as CUDA graphs sharing
+one memory pool, the CUDA default). A capture that raises warns once and leaves the step compiled; the
+training state is untouched, since capturing launches nothing.
 """
 
 import contextlib
@@ -35,25 +23,24 @@ import warnings
 
 import torch
 
-from ..attacks.pgd import pgd_attack, trades_attack
+from ..attacks.pgd import ascend_, frozen, objective
 from ..config import FULL_RANGE
-from ..ops import lsc_loss, lsc_loss_trades
+from ..core import SearchInfo, StepResult, draw, draw_random_init_noise, upcast
+from ..ops import OpSet
 from ..perturb.flat import FlatWeights
-from ..perturb.search import FastSearchInfo, WeightPerturbation
-from ..core import StepResult
+from ..perturb.search import WeightPerturbation
+from ..reference.attacks import TRADES_INIT_STD, trades_kl_sum
+from .graphs import run_captured
+from .sgd import SGDUpdate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-GRAPH_MODES = ("reduce-overhead", "cuda-graphs")
-# Steps run under the fallback guard: graph trees warm up on the 1st call and record on the 2nd, and the
-# explicit capture happens on the 1st; a 3rd replays. Each guarded step clones model + optimizer state.
-TRIAL_STEPS = 3
 
 
 def resolve_fast_settings(cfg, device):
     """(precision, compile, channels_last) with 'auto'/None resolved for `device`.
 
-    On CUDA: bf16, compiled, channels-last. On CPU: fp32, eager, contiguous — the CPU path exists for
-    correctness (CI) and the demo, and inductor on CPU would add minutes of compilation for nothing.
+    On CUDA: bf16, compiled, channels-last. On CPU: fp32, eager, contiguous: the CPU path exists for
+    correctness (CI) and the demo, and Inductor's C++ compile would cost minutes (``--compile`` asks for it).
     """
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -62,236 +49,245 @@ def resolve_fast_settings(cfg, device):
     return precision, compile_model, channels_last
 
 
-def _no_mark():
-    pass
+def capture_refusal(cfg, device, precision, dist):
+    """Why the phases cannot be captured here (a sentence), or None. Decided once, at start-up."""
+    if device.type != "cuda":
+        return f"device {device} has no CUDA graphs"
+    if dist is not None:
+        return "capturing the all-reduces of a multi-process run is not supported"
+    if precision == "fp16":
+        return "fp16 reads its loss scale on the host"
+    return None
+
+
+def _autograd_tracing():
+    """Dynamo traces torch.autograd.grad in the attack step only with this config (torch >= 2.11)."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return torch._dynamo.config.patch(trace_autograd_ops=True)
+    return contextlib.nullcontext()
 
 
 class FastTrainStep:
     """Callable(model, optimizer, x, y, cfg, perturb_active, generator, x_adv) -> StepResult.
 
-    capture: cuda-graphs mode only; None captures on CUDA. False runs the static-buffer bodies eagerly
-    (CPU tests of exactly the code the graphs capture).
+    capture: None captures where ``capture_refusal`` allows (compile_mode 'auto' or 'cuda-graphs');
+    False never does.
     """
 
     def __init__(self, model, optimizer, cfg, device, capture=None, dist=None):
-        self.cfg = cfg
-        # many processes (rwp_fast.train.distributed): x, y are this process's rows of the global batch
+        self.cfg, self.device = cfg, torch.device(device)
         self.dist = dist if dist is not None and dist.enabled else None
-        self.device = torch.device(device)
-        self.precision, self.compile_model, channels_last = resolve_fast_settings(cfg, self.device)
+        self.precision, compile_phases, channels_last = resolve_fast_settings(cfg, self.device)
+        self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)  # before FlatWeights: the views keep these strides
-        self.model = model
-        self.optimizer = optimizer
-        self.params = list(model.parameters())
+        if self.device.type == "cuda" and not cfg.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): one search per conv shape
+        self.model, self.optimizer = model, optimizer
+        self.ops = OpSet(self.device, None if cfg.backend == "auto" else cfg.backend)
         self.flat = FlatWeights(model)
-        flat_ids = {id(p) for p in self.flat.params}
-        self.backend = None if cfg.backend == "auto" else cfg.backend
-        self.perturbation = WeightPerturbation(self.flat, list(model.buffers()), cfg.gamma, cfg.effective_k2,
-                                               cfg.lsc_range, cfg.rwp_update, cfg.norm_scope, self.backend,
-                                               other_params=[p for p in self.params if id(p) not in flat_ids],
-                                               comm=self.dist)
-        self.other_params = [p for p in self.params if id(p) not in flat_ids]
+        self.params = list(model.parameters())
+        self.sgd = SGDUpdate(optimizer, self.params)
+        self.perturbation = None
+        if cfg.perturb != "none" and cfg.gamma > 0 and cfg.effective_k2 > 0:
+            self.perturbation = WeightPerturbation(self.flat, list(model.buffers()), cfg.gamma, cfg.effective_k2,
+                                                   cfg.lsc_range, cfg.rwp_update, cfg.norm_scope, self.ops,
+                                                   comm=self.dist)
         amp_dtype = AMP_DTYPES.get(self.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype \
             else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.input_only = cfg.input_only_grads
         self.keep_v = False  # tests: return v (one tensor per weight) in StepResult.v; costs a copy
-        self.capture = capture
-        self.static = None  # cuda-graphs: StaticStep, built at the first step (it needs the batch shape)
-        self.trials_left = TRIAL_STEPS
-        self.mode = cfg.compile_mode
-        reason = self._unsupported_reason()
-        if reason:
-            self._warn_fallback(reason)
-        self._set_mode(self.mode if not reason else "default")
+        self.buffers = None  # x, y, x_adv, noise, radius, p_nat: shaped by the first batch
+        self.graphs = None   # rwp_fast.train.graphs.PhaseGraphs once captured
+        self.steps_run = 0
+        wants_capture = cfg.compile_mode in ("auto", "cuda-graphs") and capture is not False
+        refusal = capture_refusal(cfg, self.device, self.precision, self.dist) if wants_capture else None
+        if refusal and cfg.compile_mode == "cuda-graphs":
+            self.warn(f"{refusal}; running the compiled phases")
+        # captured phases are compiled ones unless compile is off, whose eager bodies are captured as they are
+        self.mode = "captured" if wants_capture and not refusal else ("compiled" if compile_phases else "eager")
+        mode = "default" if cfg.compile_mode in ("auto", "cuda-graphs") else cfg.compile_mode
+        wrap = (lambda fn: torch.compile(fn, fullgraph=True, mode=mode)) if compile_phases else (lambda fn: fn)
+        self.run_attack_start, self.run_search_begin = wrap(self.attack_start), wrap(self.search_begin)
+        self.run_attack_step = wrap(self.attack_step)
+        self.run_probe_forward, self.run_update = wrap(self.probe_forward), wrap(self.update)
+        self.run_train_forward, self.run_train_update = wrap(self.train_forward), wrap(self.train_update)
 
-    # ------------------------------------------------------------------------------------ modes
-    def _unsupported_reason(self):
-        if self.mode not in GRAPH_MODES:
-            return None
-        if self.dist is not None:
-            return "capturing the all-reduces of a multi-process run is not supported (unmeasured)"
-        if self.precision == "fp16":
-            return "fp16 needs host syncs for its loss scale"
-        if self.mode == "cuda-graphs" and self.capture is not False and self.device.type != "cuda":
-            return f"device {self.device} has no CUDA graphs"
-        return None
+    def warn(self, message):
+        warnings.warn(f"compile_mode={self.cfg.compile_mode!r}: {message}", RuntimeWarning, stacklevel=3)
 
-    def _warn_fallback(self, reason):
-        warnings.warn(f"compile_mode={self.cfg.compile_mode!r}: {reason}; falling back to the default "
-                      "compiled path", RuntimeWarning, stacklevel=3)
-
-    def _set_mode(self, mode):
-        self.mode = mode
-        torch_mode = {"cuda-graphs": "default"}.get(mode, mode)
-        self.forward = torch.compile(self.model, mode=torch_mode) if self.compile_model else self.model
-        # reduce-overhead: every forward starts a new CUDA-graph-tree step, so the previous step's outputs
-        # may be overwritten; the code below consumes each output before the next forward.
-        compiled_trees = mode == "reduce-overhead" and self.compile_model
-        self._mark_step = torch.compiler.cudagraph_mark_step_begin if compiled_trees else _no_mark
-        self.break_schedule = "stall-free" if mode in GRAPH_MODES else "sync"
-        self.static = None
-
-    def _attack_forward(self, inp):
-        self._mark_step()
-        return self.forward(inp)
-
-    def state_tensors(self):
-        """Tensors a failed graph capture must restore: flat weights, BN buffers, search state."""
-        return [self.flat.w, *self.model.buffers(), *self.perturbation.persistent_tensors().values()]
-
-    def persistent_tensors(self):
-        """{name: tensor} of every buffer whose address CUDA graphs rely on (the capture-safety tests)."""
-        out = {"flat.w": self.flat.w, "flat.g": self.flat.g}
-        out.update({f"perturb.{k}": t for k, t in self.perturbation.persistent_tensors().items()})
-        for i, p in enumerate(self.params):
-            for k, t in self.optimizer.state.get(p, {}).items():
-                if isinstance(t, torch.Tensor):
-                    out[f"optim.{i}.{k}"] = t
-        if self.static is not None:
-            out.update(self.static.persistent_tensors())
-        return out
-
-    # ---------------------------------------------------------------------------------------- pieces
-    def _zero_grad(self):
-        """Zero every gradient without breaking the flat-buffer views of the perturbed weights."""
-        self.flat.zero_grad()
-        flat_ids = {id(p) for p in self.flat.params}
-        for p in self.params:
-            if id(p) not in flat_ids:
-                p.grad = None
-
-    def adversarial_examples(self, x, y, generator):
-        cfg, model = self.cfg, self.model
-        if cfg.method == "at":
-            model.train()
-            return pgd_attack(self._attack_forward, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm,
-                              True, "ce", generator, self.params, self.autocast, self.input_only, self.backend)
-        model.eval()
-        x_adv = trades_attack(self._attack_forward, x, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm,
-                              generator, self.params, self.autocast, self.input_only, self.backend)
-        model.train()
-        return x_adv
-
+    # -------------------------------------------------------------- phase bodies (device code only)
     def losses(self, x, x_adv, y, lsc_range):
         """(masked_mean, loss, mask, count, logits_adv) at the current weights, train mode."""
-        cfg = self.cfg
         p, q = lsc_range
-        self._mark_step()
         with self.autocast():
-            if cfg.method == "at":
-                logits_adv = self.forward(x_adv)
-                out = lsc_loss(logits_adv, y, p, q, backend=self.backend)
+            if self.cfg.method == "at":
+                logits_adv = self.model(x_adv)
+                out = self.ops.lsc_loss(logits_adv, y, p, q)
             else:
-                logits_nat, logits_adv = self.forward(x), self.forward(x_adv)
-                out = lsc_loss_trades(logits_nat, logits_adv, y, cfg.trades_beta, p, q, backend=self.backend)
+                logits_nat, logits_adv = self.model(x), self.model(x_adv)
+                out = self.ops.lsc_loss_trades(logits_nat, logits_adv, y, self.cfg.trades_beta, p, q)
         return (*out, logits_adv)
 
-    def _backward(self, loss):
-        if self.scaler is None:
-            loss.backward()
-        else:
-            self.scaler.scale(loss).backward()
+    def attack_start(self):
+        b, cfg = self.buffers, self.cfg
+        if cfg.method == "at":
+            b["x_adv"].copy_(self.ops.pgd_random_init(b["x"], b["noise"], cfg.eps, cfg.norm, b["radius"]))
+            return None
+        with torch.no_grad(), self.autocast():
+            p_nat = torch.softmax(upcast(self.model(b["x"])), dim=1)  # TRADES' target, fixed for the attack
+        b["x_adv"].copy_((b["x"] + TRADES_INIT_STD * b["noise"]).to(b["x"].dtype))
+        return p_nat
 
-    # ------------------------------------------------------------------------------------------ step
+    def attack_step(self, p_nat):
+        b, cfg = self.buffers, self.cfg
+        if cfg.method == "at":
+            goal = lambda logits: objective(logits, b["y"], "ce")  # noqa: E731
+        else:
+            goal = lambda logits: trades_kl_sum(logits, p_nat)  # noqa: E731
+        ascend_(self.model, b["x_adv"], b["x"], goal, cfg.step_size, cfg.eps, cfg.norm, self.autocast,
+                self.ops.pgd_step_)
+
+    def search_begin(self):
+        self.perturbation.begin()
+
+    def probe_forward(self):
+        b = self.buffers
+        self.flat.g.zero_()
+        masked_mean, _, _, count, _ = self.losses(b["x"], b["x_adv"], b["y"], self.cfg.lsc_range)
+        self.perturbation.record_count(count)
+        return masked_mean
+
+    def update(self):
+        self.perturbation.update_from_grad()
+
+    def train_forward(self):
+        b = self.buffers
+        if self.perturbation is not None:
+            self.perturbation.restore_buffers()  # the probes ran in train mode
+        self.flat.zero_grad()
+        masked_mean, _, _, _, logits_adv = self.losses(b["x"], b["x_adv"], b["y"], FULL_RANGE)
+        return masked_mean.detach(), logits_adv.detach(), masked_mean
+
+    def train_update(self):
+        self.sgd.update()
+        if self.perturbation is not None:
+            self.perturbation.finish()
+
+    # --------------------------------------------------------------------- phases (host around them)
+    def attack(self):
+        model = self.model
+        model.train(self.cfg.method == "at")  # AT attacks in train mode, TRADES in eval (SPEC.md §1)
+        p_nat = self.run_attack_start()
+        with frozen(self.params) if self.cfg.input_only_grads else contextlib.nullcontext(), _autograd_tracing():
+            for _ in range(self.cfg.attack_steps):
+                self.run_attack_step(p_nat)
+        model.train()
+        if self.perturbation is not None:
+            self.run_search_begin()
+
+    def probe_backward(self, masked_mean):
+        """The probe's gradient into flat.g and the update of v; False stops the search (fp16 overflow)."""
+        if self.scaler is None:
+            masked_mean.backward()
+        else:
+            scale = self.scaler.get_scale()
+            (masked_mean * scale).backward()
+            self.flat.g.div_(scale)
+        if self.dist is not None:
+            self.dist.average_(self.flat.g)
+        if self.scaler is not None and not bool(torch.isfinite(self.flat.g).all()):
+            return False  # fp16 only: an inf in ‖a‖ would put 0·inf = NaN into the weights for good
+        self.run_update()
+        return True
+
+    def train(self):
+        loss, logits, masked_mean = self.run_train_forward()
+        if self.scaler is None:
+            masked_mean.backward()
+        else:
+            self.scaler.scale(masked_mean).backward()
+        if self.dist is not None:  # the mean of the per-process means of B/N rows is the global batch mean
+            self.dist.average_(self.flat.g)
+            self.dist.average_grads_(self.flat.other_params)
+        if self.scaler is None:
+            self.run_train_update()
+        else:
+            self.scaler.step(self.optimizer)  # torch's SGD, on the same momentum buffers
+            self.scaler.update()
+            if self.perturbation is not None:
+                self.perturbation.finish()
+        return loss, logits
+
+    # ------------------------------------------------------------------------------------- the step
+    def _load(self, x, y, generator):
+        """Copy the batch into the persistent buffers and draw the attack's random start into them."""
+        if self.buffers is None or self.buffers["x"].shape != x.shape or self.buffers["y"].shape != y.shape:
+            if self.graphs is not None and self.buffers is not None:
+                raise ValueError(f"x: the captured step was built for batches of {tuple(self.buffers['x'].shape)}"
+                                 f", got {tuple(x.shape)} (batches need drop_last)")
+            fmt = torch.channels_last if self.channels_last and x.dim() == 4 else torch.contiguous_format
+            new = lambda shape, dtype=x.dtype: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
+            self.buffers = {"x": new(x.shape).contiguous(memory_format=fmt), "y": new(y.shape, y.dtype),
+                            "x_adv": new(x.shape).contiguous(memory_format=fmt),
+                            "noise": new(x.shape, torch.float32),  # the reference's draws are fp32
+                            "radius": new(x.shape[:1], torch.float32) if self.cfg.norm == "l2" else None}
+        b = self.buffers
+        b["x"].copy_(x)
+        b["y"].copy_(y)
+        if self.cfg.method == "at":
+            noise, radius = draw_random_init_noise(x, self.cfg.norm, generator)
+            if radius is not None:
+                b["radius"].copy_(radius)
+        else:
+            noise = draw(torch.randn, x.shape, generator, x.device)
+        b["noise"].copy_(noise)
+
+    def adversarial_examples(self, x, y, generator=None):
+        """The attack phase alone, on a copy of the batch (benchmarks); returns the persistent x_adv."""
+        self._load(x, y, generator)
+        self.attack()
+        return self.buffers["x_adv"]
+
     def __call__(self, model, optimizer, x, y, cfg, perturb_active=True, generator=None, x_adv=None):
         if model is not self.model or cfg != self.cfg or optimizer is not self.optimizer:
             raise ValueError("model, optimizer, cfg: a FastTrainStep is bound to the model, optimizer and config "
                              "it was built with")
-        # The search reads the probe gradients from flat.g: a .grad set to None (zero_grad's default) or
-        # replaced since the last step would leave v = 0, RWP silently becoming AT.
-        self.flat.attach_grads()
-        if self.mode not in GRAPH_MODES or self.trials_left <= 0:
-            return self._step(x, y, perturb_active, generator, x_adv)
-        saved = _TrainingState(self, generator)
-        try:
-            result = self._step(x, y, perturb_active, generator, x_adv)
-        except Exception as exc:  # noqa: BLE001 - any capture/replay failure; KeyboardInterrupt passes
-            saved.restore()
-            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            self._warn_fallback(f"failed ({type(exc).__name__}: {detail})")
-            self._set_mode("default")
-            return self._step(x, y, perturb_active, generator, x_adv)
-        self.trials_left -= 1
+        self.flat.attach_grads()  # a .grad set to None or replaced would leave v = 0
+        self.sgd.load_lr()
+        result = None
+        if self.mode == "captured" and x_adv is None:
+            result = run_captured(self, x, y, perturb_active, generator)
+        if result is None:
+            result = self.run_uncaptured(x, y, perturb_active, generator, x_adv)
+        self.steps_run += 1
         return result
 
-    def _step(self, x, y, perturb_active, generator, x_adv):
-        if x_adv is None and self.mode == "cuda-graphs":
-            if self.static is None or not self.static.matches(x, y):
-                from .graphs import StaticStep
-                self.static = StaticStep(self, x, y, self.capture is not False)
-            return self.static(x, y, perturb_active, generator)
+    def run_uncaptured(self, x, y, perturb_active, generator, x_adv):
+        self._load(x, y, generator)
         if x_adv is None:
-            x_adv = self.adversarial_examples(x, y, generator)
-        return self.step_after_attack(x, y, x_adv, perturb_active)
-
-    def step_after_attack(self, x, y, x_adv, perturb_active, run_probe=None):
-        """The weight-perturbation search and the SGD step at w + v (steps 2–3 of the reference step).
-
-        run_probe: the stall-free schedule's probe launcher (a CUDA graph's replay); None: eager probes.
-        """
-        cfg = self.cfg
-        self.model.train()
-        info = FastSearchInfo()
-        if cfg.perturb != "none" and perturb_active and cfg.gamma > 0:
-            # fp16: the probe loss is scaled against underflow and the flat gradient unscaled after it
-            grad_scale = self.scaler.get_scale() if self.scaler is not None else None
-            # One probe (AWP): the stall-free schedule reads no count at all, and is exact (gated update)
-            schedule = "stall-free" if cfg.effective_k2 == 1 and grad_scale is None else self.break_schedule
-            global_batch = y.shape[0] * (self.dist.world_size if self.dist is not None else 1)
-            info = self.perturbation.search(lambda: self.losses(x, x_adv, y, cfg.lsc_range)[:4], global_batch,
-                                            grad_scale, schedule=schedule, run_probe=run_probe)
-
-        self._zero_grad()
-        masked_mean, _, _, _, logits_adv = self.losses(x, x_adv, y, FULL_RANGE)
-        self._backward(masked_mean)
-        if self.dist is not None:
-            # Two all-reduces: the flat weight gradient and the rest (biases, norm affine) concatenated.
-            # The mean of the per-process means of B/N rows is the global batch mean (equal shares).
-            self.dist.average_(self.flat.g)
-            self.dist.average_grads_(self.other_params)
-        if self.scaler is None:
-            self.optimizer.step()
+            self.attack()
         else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        v = self.perturbation.v_tensors() if self.keep_v else None
-        self.perturbation.remove()
-        logits_adv = logits_adv.detach()
-        if self.mode == "reduce-overhead":  # a graph-tree output: the next step's forward overwrites it
-            logits_adv = logits_adv.clone()
-        return StepResult(masked_mean.detach(), logits_adv, x_adv, v, info)
+            self.buffers["x_adv"].copy_(x_adv)
+            if self.perturbation is not None:
+                self.run_search_begin()
+        info = self.search(perturb_active, y.shape[0])
+        v = self.perturbation.v_tensors() if self.keep_v and self.perturbation is not None else None
+        loss, logits = self.train()
+        return self.result(loss, logits, v, info)
 
+    def search(self, perturb_active, batch, forward=None, backward=None):
+        """The probes (host loop in WeightPerturbation.search) when this step perturbs; SearchInfo."""
+        if self.perturbation is None or not perturb_active:
+            return SearchInfo()
+        global_batch = batch * (self.dist.world_size if self.dist is not None else 1)
+        steps, fractions = self.perturbation.search(forward or self.run_probe_forward,
+                                                    backward or self.probe_backward, global_batch)
+        return SearchInfo(steps, fractions, self.perturbation.v_norm_ratio)
 
-class _TrainingState:
-    """Copies of what one training step changes (weights, buffers, optimizer state, the generator), so a
-    graph mode that fails mid-step can be rolled back and the step rerun in default mode."""
-
-    def __init__(self, step, generator):
-        self.step = step
-        self.tensors = [(t, t.detach().clone()) for t in (*step.model.parameters(), *step.model.buffers())]
-        self.optim_state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-                            for p, st in step.optimizer.state.items()}
-        self.generator = generator
-        self.gen_state = generator.get_state() if generator is not None else None
-
-    def restore(self):
-        step = self.step
-        step.perturbation.active = False
-        with torch.no_grad():
-            for t, saved in self.tensors:
-                t.copy_(saved)
-        for p in list(step.optimizer.state):
-            if p not in self.optim_state:
-                del step.optimizer.state[p]
-        for p, st in self.optim_state.items():
-            for k, v in st.items():
-                cur = step.optimizer.state[p].get(k)
-                if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor) and cur.shape == v.shape:
-                    cur.copy_(v)
-                else:
-                    step.optimizer.state[p][k] = v
-        if self.generator is not None:
-            self.generator.set_state(self.gen_state)
+    def result(self, loss, logits, v, info):
+        """The StepResult, with copies of what the next step overwrites (3 copies: loss, logits, x_adv)."""
+        if info.mask_fractions:
+            info.v_norm_ratio = info.v_norm_ratio.clone()
+        return StepResult(loss.clone(), logits.clone(), self.buffers["x_adv"].clone(), v, info)

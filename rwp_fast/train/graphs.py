@@ -1,25 +1,20 @@
-"""Launch overhead: the ``cuda-graphs`` training mode, and the aten-op count used as its CPU proxy.
+"""The captured mode of the fast step: its four phases as CUDA graphs that share one memory pool.
 
-``StaticStep`` runs the attack and the RWP probes of a ``FastTrainStep`` over static buffers (x, y,
-x_adv, and the probe state of ``WeightPerturbation``), as two bodies:
+``PhaseGraphs`` records, once, each phase of a warmed-up ``FastTrainStep`` (rwp_fast.train.fast_step):
+the attack, the probe forward, the probe backward with its update, and the training step. A step is then
+1 + F + B + 1 replays for F probe forwards and B probe backwards (B = F, or F − 1 after an empty mask),
+with the count read between a forward and its backward, and a handful of eager ops around them: the batch
+and noise copies, the lr, and the result's copies (``test_cuda_graphs`` counts them).
 
-* ``attack_body``: the whole K1-step PGD (or TRADES) attack, random start included, from ``self.x``,
-  ``self.y`` into ``self.x_adv``, drawing from one generator (``self.generator``) whose state is set
-  from the caller's generator every step;
-* ``probe_body``: one stall-free RWP probe (forward, masked loss, backward into the flat gradient, the
-  gated ``weight_perturb`` update), replayed up to K2 times by ``WeightPerturbation.search``.
+Why capture is safe: every tensor a phase reads or writes outside its temporaries lives in a persistent
+buffer (the batch, the noise, x_adv, the flat weights and gradients, the search state, the momentum
+buffers), updated in place. The temporaries come from one pool. Graphs that share a pool must replay in the
+order they were captured, and each phase's temporaries are dead by the time a later phase runs; the probe
+forward's saved activations stay alive, held by its output, until the probe backward graph consumes them,
+and the loss, logits and count that the host reads are outputs held here, so no later graph reuses them.
 
-With ``capture=True`` (CUDA) each body is captured once into a ``torch.cuda.CUDAGraph`` and replayed;
-with ``capture=False`` the same bodies run eagerly. That is how the CPU tests hold the code that the
-graphs capture to the reference step by step: the capture itself is the thin layer ``_capture``.
-
-Why this is capture-safe: every tensor a body reads or writes outside its own temporaries has a fixed
-address. The perturbed weights and their gradients live in ``FlatWeights`` buffers updated in place; a,
-s, ‖w‖², ‖a‖², the probe counts and the BN snapshot are allocated once in ``WeightPerturbation``; the
-bodies copy into x_adv and the probe count instead of rebinding; the probes freeze every parameter
-outside the flat buffer, so their backward touches no other ``.grad``; and the random start draws from a
-generator registered with the attack graph (``CUDAGraph.register_generator_state``, torch >= 2.5), so a
-replay after ``generator.set_state`` draws what an eager step seeded the same way draws.
+``EagerPhase`` runs a body at every replay instead of recording it: the CPU tests drive the very code that
+the graphs capture through it, replay by replay.
 """
 
 import collections
@@ -27,108 +22,90 @@ import collections
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Eager iterations on a side stream before capture: cuDNN autotuning, lazy CUDA init, and (compiled
-# forward) dynamo's first compilations must not happen inside the capture.
-WARMUP_ITERS = 3
+from ..attacks.pgd import frozen
+
+# Steps run compiled before the capture: Dynamo compiles at the 1st forward and the 1st backward, cuDNN
+# benchmarks its algorithms; the 2nd runs warm. Capturing then records kernels, never compilations.
+WARMUP_STEPS = 2
 
 
-class StaticStep:
-    """Attack and probe of `fast_step` over static buffers shaped like (x, y); see the module docstring."""
+class CUDAGraphPhase:
+    """One phase recorded as a CUDA graph; ``outputs`` are the static tensors of its capture."""
 
-    def __init__(self, fast_step, x, y, capture):
-        self.fs = fast_step
-        self.x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        self.y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-        self.x_adv = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        self.generator = torch.Generator(device=x.device)
-        self.attack_graph = self.probe_graph = None
-        if capture:
-            self.x.copy_(x)
-            self.y.copy_(y)
-            self._capture()
+    def __init__(self, body, pool):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = body()
 
-    def matches(self, x, y):
-        return (x.shape, x.dtype, y.shape, y.dtype) == (self.x.shape, self.x.dtype, self.y.shape, self.y.dtype)
+    def replay(self):
+        self.graph.replay()
+        return self.outputs
 
-    def persistent_tensors(self):
-        return {"static.x": self.x, "static.y": self.y, "static.x_adv": self.x_adv}
 
-    # ------------------------------------------------------------------------------------- bodies
-    def attack_body(self):
-        self.x_adv.copy_(self.fs.adversarial_examples(self.x, self.y, self.generator))
+class EagerPhase:
+    """A phase run eagerly at each replay (CPU tests); ``replays`` counts them."""
 
-    def probe_body(self):
-        fs = self.fs
-        fs.perturbation.probe_step(lambda: fs.losses(self.x, self.x_adv, self.y, fs.cfg.lsc_range)[:4])
+    def __init__(self, body, pool=None):
+        self.body, self.replays = body, 0
 
-    def run_attack(self):
-        if self.attack_graph is not None:
-            self.attack_graph.replay()
-        else:
-            self.attack_body()
+    def replay(self):
+        self.replays += 1
+        return self.body()
 
-    def run_probe(self):
-        if self.probe_graph is not None:
-            self.probe_graph.replay()
-        else:
-            self.probe_body()
 
-    # ---------------------------------------------------------------------------------------- step
+class PhaseGraphs:
+    """The four phases of `step` captured (phase=CUDAGraphPhase) or driven eagerly (EagerPhase)."""
+
+    def __init__(self, step, phase=CUDAGraphPhase):
+        self.step = step
+        pool = torch.cuda.graph_pool_handle() if phase is CUDAGraphPhase else None
+        self.attack = phase(step.attack, pool)
+        self.probe_forward = self.probe_backward = self._masked_mean = None
+        if step.perturbation is not None:
+            with frozen(step.flat.other_params):  # as during the search: the flat gradient only
+                self.probe_forward = phase(step.run_probe_forward, pool)
+                self._masked_mean = getattr(self.probe_forward, "outputs", None)  # captured: the static output
+                self.probe_backward = phase(lambda: step.probe_backward(self._masked_mean), pool)
+        self.train = phase(step.train, pool)
+
+    def _forward(self):
+        self._masked_mean = self.probe_forward.replay()
+        return self._masked_mean
+
+    def _backward(self, masked_mean):
+        self.probe_backward.replay()
+        return True
+
     def __call__(self, x, y, perturb_active, generator):
-        """One training step through the static buffers.
+        step = self.step
+        step._load(x, y, generator)
+        self.attack.replay()
+        info = step.search(perturb_active, y.shape[0], self._forward, self._backward)
+        v = step.perturbation.v_tensors() if step.keep_v and step.perturbation is not None else None
+        loss, logits = self.train.replay()
+        return step.result(loss, logits, v, info)
 
-        The StepResult's x_adv is a copy (one 1.5 MB copy at CIFAR b128: negligible next to the step), so
-        that callers may keep it across steps like the eager step's. Without a generator the
-        random start draws from the device's default generator, as the eager step does, so
-        ``torch.manual_seed`` governs it.
-        """
-        self.x.copy_(x)
-        self.y.copy_(y)
-        if generator is None:
-            generator = (torch.cuda.default_generators[x.device.index if x.device.index is not None
-                                                       else torch.cuda.current_device()]
-                         if x.is_cuda else torch.default_generator)
-        self.generator.set_state(generator.get_state())
-        self.run_attack()
-        generator.set_state(self.generator.get_state())  # the caller's generator advances as if it drew
-        result = self.fs.step_after_attack(self.x, self.y, self.x_adv, perturb_active, run_probe=self.run_probe)
-        result.x_adv = self.x_adv.clone()
+
+def run_captured(step, x, y, perturb_active, generator):
+    """One step of a FastTrainStep in captured mode. The first WARMUP_STEPS run compiled on a side stream;
+    then the phases are captured. A capture that raises leaves the step compiled for good (one warning):
+    nothing ran, so no state needs restoring. Returns None when the caller should run the step itself."""
+    if step.graphs is None and step.steps_run < WARMUP_STEPS:
+        side = torch.cuda.Stream(device=step.device)
+        side.wait_stream(torch.cuda.current_stream(step.device))
+        with torch.cuda.stream(side):
+            result = step.run_uncaptured(x, y, perturb_active, generator, None)
+        torch.cuda.current_stream(step.device).wait_stream(side)
         return result
-
-    # ------------------------------------------------------------------------------------- capture
-    def _capture(self):
-        """Warm up on a side stream, capture both bodies, and undo what the warm-up changed."""
-        fs = self.fs
-        perturbation = fs.perturbation
-        probes = fs.cfg.effective_k2 > 0
-        saved = [t.clone() for t in fs.state_tensors()]
-        gen_state = self.generator.get_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+    if step.graphs is None:
         try:
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_ITERS):
-                    self.attack_body()
-                    if probes:
-                        perturbation.begin()
-                        self.probe_body()
-                        perturbation.restore_buffers()
-                        perturbation.a.zero_()
-            torch.cuda.current_stream().wait_stream(side)
-            self.attack_graph = torch.cuda.CUDAGraph()
-            self.attack_graph.register_generator_state(self.generator)
-            with torch.cuda.graph(self.attack_graph):
-                self.attack_body()
-            if probes:  # plain AT takes no probe: capturing one would only hold a memory pool
-                perturbation.begin()
-                self.probe_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.probe_graph):
-                    self.probe_body()
-        finally:
-            torch.cuda.synchronize()
-            for dst, src in zip(fs.state_tensors(), saved):
-                dst.copy_(src)
-            self.generator.set_state(gen_state)
+            step.graphs = PhaseGraphs(step)
+        except Exception as exc:  # noqa: BLE001 - capture errors only: the capture launches nothing
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            step.warn(f"capture failed ({type(exc).__name__}: {detail}); running the compiled phases")
+            step.mode = "compiled"
+            return None
+    return step.graphs(x, y, perturb_active, generator)
 
 
 # ------------------------------------------------------------------------------------ launch proxy

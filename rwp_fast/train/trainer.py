@@ -38,6 +38,7 @@ from . import distributed, tb_log  # tb_log: --tensorboard
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          weights_mismatch)
 from .ema import EMATracker  # weight averaging (--ema-decay)
+from .fast_step import FastTrainStep, resolve_fast_settings
 from .stats import EpochStats
 
 METRICS_FILE = "metrics.jsonl"
@@ -160,15 +161,16 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         # The whole (uint8) training set moves to the device once; batches are cut and augmented there.
+        # channels-last from load to loss where the fast step runs channels-last (no layout copy per step)
+        channels_last = cfg.backend != "reference" and resolve_fast_settings(cfg, self.device)[2]
         self.batches = BatchIterator(self.data.train_x, self.data.train_y, cfg.batch_size, seed=cfg.seed,
                                      device=self.device, augment=self.data.augment, extra=self.data.extra,
-                                     shard=(self.dist.rank, self.dist.world_size))
+                                     shard=(self.dist.rank, self.dist.world_size), channels_last=channels_last)
         self.iters_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch))
         if step_fn is None and cfg.backend != "reference":
             from ..ops import set_backend
-            from .fast_step import FastTrainStep
             set_backend(cfg.backend)
             step_fn = FastTrainStep(self.model, self.optimizer, cfg, self.device, dist=self.dist)
         self.step_fn = step_fn or train_step_ref

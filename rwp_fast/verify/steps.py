@@ -82,7 +82,8 @@ def whole_step(device, steps, model_name, batch, backend, methods=tuple(METHODS)
                          device.type == "cpu" else 10, k2=4 if device.type == "cpu" else 10, gamma=0.01,
                          c_min=2.2, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=batch, backend=backend,
                          precision=precision, compile=False, channels_last=False, device=device.type,
-                         compile_mode="default",  # uncaptured: the graph modes have their own GPU tests
+                         compile_mode="default",  # uncaptured: the captured mode has its own GPU tests
+                         deterministic=True,  # and no cudnn.benchmark: the same algorithms on both sides
                          **METHODS[method]).validate()
 
     def twin(ref, cfg, dtype):
