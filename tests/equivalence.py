@@ -87,7 +87,7 @@ def record_probe_losses(step, records):
 
 
 def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_cfg=None, before_fast=None,
-             capture=None):
+             capture=None, record=True):
     """Run `steps` reference and fast steps on the same batches; return their Records.
 
     resync: after each comparison, copy the reference's weights, buffers and momentum into the fast
@@ -108,7 +108,8 @@ def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_
     step = FastTrainStep(fast, opt_fast, cfg, "cpu", capture=capture)
     step.keep_v = True
     records = Records(cfg.lsc_range)
-    record_probe_losses(step, records)
+    if record:  # not under torch.compile: appending to a list from a compiled region recompiles it each time
+        record_probe_losses(step, records)
     if mutate:
         mutate(step)
     data = torch.Generator().manual_seed(1)

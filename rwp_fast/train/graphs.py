@@ -34,7 +34,9 @@ class CUDAGraphPhase:
 
     def __init__(self, body, pool):
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the extra-data producer thread may allocate pinned memory meanwhile; under the
+        # default 'global' mode that would abort this capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = body()
 
     def replay(self):
