@@ -31,9 +31,10 @@ demo: $(STAMP)
 # which changes how fp32 rounds on CPU (the ISA ATen and oneDNN dispatch to, MKL's kernels, the thread count
 # and so the summation order). The fp64 equivalence tests and the per-op error models must pass under all
 # of them, on an AVX2 machine and on an AVX-512 one alike. Cost: README, Tests.
-PORTABLE_TESTS := tests/test_fast_step.py tests/test_cuda_graphs.py tests/test_lsc_loss.py tests/test_pgd_step.py \
+PORTABLE_TESTS := tests/test_fast_step.py tests/test_captured_phases.py tests/test_lsc_loss.py tests/test_pgd_step.py \
 	tests/test_weight_perturb.py tests/test_zero_direction.py tests/test_reference.py \
-	tests/test_bench_e2e.py::test_released_step_matches_reference_step tests/test_verify.py::test_whole_step_check
+	tests/test_bench_e2e.py::test_released_step_matches_reference_step tests/test_verify.py::test_whole_step_check \
+	tests/test_unaligned_inputs.py tests/test_hot_path.py::test_compiled_phases_equal_the_reference_in_fp64
 PORTABILITY_ENVS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
 	OMP_NUM_THREADS=1 OMP_NUM_THREADS=3
 
