@@ -5,9 +5,12 @@ that the first one measures it:
 
     python -m bench --nproc 8 --models preact_resnet18,wrn-34-10 --batch-sizes 128 --json out/dist.json
 
-What it times: ``FastTrainStep`` with the trainer's settings (the ``fast`` variant of e2e_configs), the global
-batch B split over N processes exactly as ``rwp-fast train`` splits it, all-reduces included (one flat
-gradient per step + one per RWP probe + the 8-byte mask counts), for AT and AT-RWP with all K2 probes.
+What it times: ``FastTrainStep`` with the trainer's settings (the ``fast`` variant of e2e_configs) but never
+captured (``capture=False``): N processes cannot capture their all-reduces (``capture_refusal``), so the
+1-process run compiles its phases too and the efficiency compares like with like (the 1-process captured
+step is ``python -m bench``'s ``fast`` row; each row says its ``mode``). The global batch B is split over N
+processes exactly as ``rwp-fast train`` splits it, all-reduces included (one flat gradient per step + one
+per RWP probe + the 8-byte mask counts), for AT and AT-RWP with all K2 probes.
 Synthetic CIFAR-shaped data on the device. Each configuration runs once with 1 process and once with N,
 both launched through torchrun; the row gives global images/s for each and the scaling efficiency
 ips_N / (N · ips_1). bench/comm_model.py predicts what to expect.
@@ -58,7 +61,7 @@ def _worker(argv):
                 opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                       weight_decay=cfg.weight_decay)
                 dispatch.set_backend(cfg.backend)
-                step = FastTrainStep(model, opt, cfg, device, dist=dist)
+                step = FastTrainStep(model, opt, cfg, device, capture=False, dist=dist)  # as N processes run
                 lo, hi = dist.rows(batch)
                 batches = [(x[lo:hi], y[lo:hi]) for x, y in make_batches(batch, device)]
                 gen = torch.Generator(device=device)

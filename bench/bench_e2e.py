@@ -9,7 +9,15 @@ The parts, one module each: ``e2e_configs`` (variants, methods, plans, one row's
 weight-gradient check), ``e2e_report`` (×released, ratios, targets, the table); this module runs a plan
 (``Suite``) and holds the CLI. ``bench_dist.py`` is ``--nproc N``.
 
-CPU smoke runs use one intra-op thread (robust on a shared machine) and claim nothing.
+CPU smoke runs use one intra-op thread (robust on a shared machine) and claim nothing; they skip the
+``compiled`` variant (Inductor's C++ compile: minutes) with a row that says so.
+
+Each e2e row says how its step ran: ``mode`` ('captured', 'compiled' or 'eager', ``FastTrainStep.mode``
+after the timing), ``fallback`` and ``fallback_reason`` when a step built to capture ran the compiled
+phases instead; a captured row has ``replays_per_step``, ``replays_by_phase`` and
+``expected_replays_per_step`` (1 + F + B + 1), an eager row ``ops_per_step``; on CUDA every row has
+``host_ms_per_step``, ``gpu_ms_per_step``, ``gpu_busy_ms_per_step``, ``gpu_busy_fraction`` and
+``cudagraph_skips`` (``e2e_timing``).
 
 Output: a markdown table (variant, model, batch, method, regime, images/s, ×released, TFLOP/s, MFU),
 ``--json PATH`` (rewritten after every configuration, so a timeout keeps what was measured), and on a
@@ -18,25 +26,27 @@ versions, date, git commit, command and full config. ``--smoke`` never writes to
 """
 
 import argparse
+import collections
 import functools
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
 from rwp_fast.bench import common
-from rwp_fast.bench.e2e_configs import (CUDA_ONLY, FAST_FAMILY, METHODS, NOT_IMPLEMENTED, SMOKE_BATCH,
-                                        SMOKE_MODEL, VARIANTS, build, build_plan, expected_probes,
-                                        make_batches, make_cfg, make_step, resolved_settings)
+from rwp_fast.bench.e2e_configs import (FAST_FAMILY, METHODS, NOT_IMPLEMENTED, SMOKE_BATCH, SMOKE_MODEL,
+                                        VARIANTS, build, build_plan, expected_probes, make_batches, make_cfg,
+                                        make_step, resolved_settings, skip_reason)
 from rwp_fast.bench.e2e_flops import COUNT_BATCH, attack_check, compiled_check, count_step_flops
 from rwp_fast.bench.e2e_report import jsonable, print_table, summary_rows
 from rwp_fast.bench.e2e_timing import (cudagraph_skips, dynamo_reset, matmul_ceiling, profile_attack,
                                        profile_gpu_busy_ms, time_steps)
 from rwp_fast.ops import dispatch
-from rwp_fast.train.graphs import count_aten_ops
+from rwp_fast.train.graphs import WARMUP_STEPS, count_aten_ops
 
 RESULTS = os.path.join(common.REPO, "bench", "results", "e2e.jsonl")
 SMOKE_LABEL = "smoke, not a measurement"
@@ -133,7 +143,7 @@ class Suite:
     def run_unit(self, model_name, batch, variant, batches):
         args, device = self.args, self.device
         methods = [m for m in METHODS if m in args.methods]
-        skip = NOT_IMPLEMENTED.get(variant) or (CUDA_ONLY.get(variant) if device.type != "cuda" else None)
+        skip = skip_reason(variant, device, args.smoke)
         if skip:
             for m in methods:
                 row = self.base_row(model_name, batch, variant, m)
@@ -155,12 +165,21 @@ class Suite:
                     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     model.load_state_dict(initial)  # every method starts from the same weights
-                step, optimizer = make_step(variant, model, cfg, device)
-                skips_before = cudagraph_skips()
-                # one warm-up step is enough for eager variants; compiled ones compile in the first
-                warmup = args.warmup if resolved_settings(variant, cfg, device)["compile"] else min(args.warmup, 1)
-                timing = time_steps(step, model, optimizer, cfg, batches, device, warmup, args.steps,
-                                    args.repeats)
+                with warnings.catch_warnings(record=True) as caught:  # a failed capture's RuntimeWarning
+                    warnings.simplefilter("always")
+                    step, optimizer = make_step(variant, model, cfg, device)
+                    settings = resolved_settings(variant, cfg, device)
+                    started = getattr(step, "mode", "eager")  # FastTrainStep decides it at construction
+                    skips_before = cudagraph_skips()
+                    # eager variants need one warm-up step; compiled ones compile in the first; a captured step
+                    # runs WARMUP_STEPS uncaptured and captures at the next, all before the timed blocks
+                    warmup = args.warmup if settings["compile"] else min(args.warmup, 1)
+                    if started == "captured":
+                        warmup = max(warmup, WARMUP_STEPS + 1)
+                    timing = time_steps(step, model, optimizer, cfg, batches, device, warmup, args.steps,
+                                        args.repeats)
+                for text, n in collections.Counter(f"{w.category.__name__}: {w.message}" for w in caught).items():
+                    self.log(f"{variant} {method_key}: {text}" + (f" (x{n})" if n > 1 else ""))
                 ips = [args.steps * batch / s for s in timing["seconds"]]
                 row["images_per_s"] = statistics.median(ips)
                 row["images_per_s_repeats"] = [round(v, 2) for v in ips]
@@ -168,15 +187,31 @@ class Suite:
                 row["warmup_s"] = round(timing["warmup_s"], 3)
                 row["recompiles"] = timing["recompiles"]
                 row["host_ms_per_step"], row["gpu_ms_per_step"] = timing["host_ms"], timing["gpu_ms"]
-                if getattr(step, "mode", cfg.compile_mode) != cfg.compile_mode:  # a graph mode fell back
-                    row["fallback"] = step.mode
                 row["steps"], row["repeats"], row["warmup"] = args.steps, args.repeats, warmup
                 row["probes"] = _probes(timing["result"])
-                # the work behind those probes: the stall-free break runs up to two past the first empty mask
-                row["probes_launched"] = getattr(getattr(timing["result"], "search", None), "probes_launched", None)
                 row["expected_probes"] = expected_probes(cfg, variant)
-                row["settings"] = resolved_settings(variant, cfg, device)
+                row["settings"] = settings
+                row["mode"] = getattr(step, "mode", "eager")  # as it ran: a failed capture leaves 'compiled'
                 notes = []
+                if started != settings["mode"]:
+                    notes.append(f"started in mode {started}, the bench expected {settings['mode']}")
+                if started == "captured" and row["mode"] != "captured":  # the capture raised
+                    row["fallback"] = row["mode"]
+                    reason = next((str(w.message) for w in caught if "capture failed" in str(w.message)), "")
+                    row["fallback_reason"] = reason
+                    notes.append(f"capture failed, fell back to mode {row['mode']}"
+                                 + (f" ({reason[:200]})" if reason else ""))
+                if row["mode"] == "captured":
+                    replays = timing["replays"]
+                    row["replays_by_phase"] = replays
+                    row["replays_per_step"] = None if replays is None else sum(replays.values())
+                    search = timing["result"].search
+                    row["expected_replays_per_step"] = 2 + len(search.mask_fractions) + int(search.steps_taken)
+                    if replays is None:
+                        notes.append("the phases were not captured before the timed steps")
+                    elif row["replays_per_step"] != row["expected_replays_per_step"]:
+                        notes.append(f"replays/step {row['replays_per_step']:g} != expected "
+                                     f"{row['expected_replays_per_step']} (1 + F + B + 1)")
                 if row["probes"] != row["expected_probes"]:
                     notes.append(f"probes {row['probes']} != expected {row['expected_probes']}")
                 if timing["recompiles"]:
@@ -202,15 +237,14 @@ class Suite:
                         notes.append(f"GPU-busy profile failed: {type(exc).__name__}")
                     if skips_before is not None:
                         row["cudagraph_skips"] = cudagraph_skips() - skips_before
-                if row.get("fallback"):
-                    notes.append(f"fell back to compile_mode={row['fallback']}")
-                if not row["settings"]["compile"]:  # launch proxy: a dispatch mode sees eager ops only
+                if not row["settings"]["compile"] and row["mode"] != "captured":
+                    # launch proxy: a dispatch mode sees eager ops only (not compiled code, not a graph replay)
                     row["ops_per_step"] = count_aten_ops(step, model, optimizer, *batches[0], cfg, True,
                                                          torch.Generator(device=device).manual_seed(0))[1].total
                 row["note"] = "; ".join(notes)
                 self.add_flops(row, variant, model_name, method_key, cfg)
                 self.log(f"{model_name} b{batch} {variant:<16} {method_key:<13} "
-                         f"{row['images_per_s']:9.1f} img/s  (warm-up {row['warmup_s']:.1f}s)")
+                         f"{row['images_per_s']:9.1f} img/s  mode {row['mode']}  (warm-up {row['warmup_s']:.1f}s)")
                 del step, optimizer
             except Exception as exc:  # noqa: BLE001  one broken configuration does not stop the suite
                 row["images_per_s"] = None
@@ -268,7 +302,8 @@ def parse_args(argv=None):
                    choices=("cuda", "cpu"))
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run ({SMOKE_MODEL} b{SMOKE_BATCH}, K1=2, K2=3, 1 step): checks that every "
-                        "variant runs; claims no figure and never writes bench/results")
+                        "variant runs (on CPU 'compiled' is a skipped row); claims no figure and never writes "
+                        "bench/results")
     p.add_argument("--plan", default="issue", choices=("issue", "device"),
                    help="issue: PreAct-18 b128/b512 and WRN-34-10 b128, every variant; device: the "
                         "prioritised subset of bench/device_run.sh. --models/--batch-sizes: their product")
@@ -283,7 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats; the median is reported (default 3; smoke 2)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps first, compilation included (default 2; smoke 1)")
+                   help="untimed steps first, compilation included (default 2; smoke 1); a captured step takes "
+                        f"at least {WARMUP_STEPS + 1} (its uncaptured warm-up and the capture)")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; configurations not started by then become 'skipped' rows (0 = no limit)")
     p.add_argument("--skip", type=_csv(str, ("check",)), default=[],

@@ -2,8 +2,10 @@
 
 Standard library only, so that it works whatever state the install is in. Writes:
   results.json  one object: run metadata, the status of every part, the verify verdict and its FAIL rows,
-                the bench summary (images/s, ×released, RWP/AT time, probes, MFU), the microbenchmark rows
-                (with % of copy bandwidth), the sanitizer and tracking outcome; ready for bench/results/
+                the bench summary (images/s, ×released, RWP/AT time, probes, MFU, the step's mode and a capture
+                fallback, phase replays per step, host/GPU/GPU-busy ms per step, cudagraph skips), the
+                microbenchmark rows (with % of copy bandwidth), the sanitizer and tracking outcome; ready for
+                bench/results/
   summary.txt   the same in a few lines
   logs.txt      the last LOG_TAIL bytes of every part's log
   micro.json    the three op microbenchmarks' rows merged
@@ -93,6 +95,10 @@ def tracking_outcome(work):
     return ("cut before the summary: " + ", ".join(verdicts)) if verdicts else "no outcome (part not run or killed)"
 
 
+def _ms(value):
+    return "-" if value is None else f"{value:.1f}"
+
+
 def write_capped(path, text):
     data = text.encode()
     if len(data) > MAX_BYTES:
@@ -143,12 +149,20 @@ def main(argv=None):
     for name in ("headline", "extras"):
         b = results[name]
         for s in (b or {}).get("summary") or []:
+            if s.get("images_per_s") is None:  # skipped or failed: the reason instead of empty figures
+                lines.append(f"{name}: {s['method']:<7} {s['variant']:<16} no figure: {s.get('note') or '-'}")
+                continue
             mfu = "-" if s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"
             ratio = "-" if s.get("speedup_vs_released") is None else f"{s['speedup_vs_released']:.2f}"
             busy = "-" if s.get("gpu_busy_fraction") is None else f"{100 * s['gpu_busy_fraction']:.0f}%"
+            mode = (s.get("mode") or "-") + (" (FALLBACK from captured)" if s.get("fallback") else "")
+            replays = "-" if s.get("replays_per_step") is None else \
+                f"{s['replays_per_step']:g}/{s.get('expected_replays_per_step')}"
             lines.append(f"{name}: {s['method']:<7} {s['variant']:<16} {s['images_per_s'] or 0:9.1f} img/s  "
                          f"×released {ratio}  ÷AT {s['time_vs_at'] or 0:.2f}  "
-                         f"probes {s['probes']}  MFU {mfu}  GPU busy {busy}  "
+                         f"probes {s['probes']}  MFU {mfu}  mode {mode}  replays/step {replays}  "
+                         f"host/GPU/busy ms {_ms(s.get('host_ms_per_step'))}/{_ms(s.get('gpu_ms_per_step'))}/"
+                         f"{_ms(s.get('gpu_busy_ms_per_step'))}  GPU busy {busy}  "
                          f"skips {'-' if s.get('cudagraph_skips') is None else s['cudagraph_skips']}")
     for r in results["micro"]:
         lines.append(f"micro: {r['op']:<15}{r['case']:<32}{r['impl']:<12}"

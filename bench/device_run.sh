@@ -3,15 +3,20 @@
 # Python 3.12, no network) settles correctness and the headline ratio, in this order of priority:
 #   1 install      pip install -e . with RWP_FAST_REQUIRE_CUDA_EXT=1 (a failed build retries without _C)
 #   2 verify       rwp-fast verify: every op × {cuda, triton} × {fp32, bf16, fp16} vs the reference, + 2 steps
-#   3 headline     rwp-fast bench: released vs fast, PreAct ResNet-18 b128, AT and AT-RWP, RWP/AT time
-#   4 extras       fast again beside the launch-overhead variants (reduce-overhead, cuda-graphs) that exist
+#   3 headline     rwp-fast bench: released, fast (the phases captured as CUDA graphs, the default) and compiled
+#                  (the same phases compiled, not captured), PreAct ResNet-18 b128, AT and AT-RWP, RWP/AT time,
+#                  the mode each step ran in (a failed capture shows as a fallback), phase replays per step
+#   4 extras       no-compile (the eager phase bodies captured), same sizes
 #   5 micro        the op microbenchmarks with the fraction of copy bandwidth
-#   6 tracking     the bf16 tracking test, the graph modes against the uncaptured step, two --deterministic runs (gpu-marked
-#                  pytests; never the interpreter suite)
+#   6 tracking     the bf16 tracking test, the captured step against the uncaptured one, two --deterministic runs
+#                  (gpu-marked pytests; never the interpreter suite)
 #   7 sanitizer    compute-sanitizer memcheck on one small call of each CUDA op ("not supported" is no FAIL).
 #                  Last: on gVisor machines it refuses the device (bench/results/README.md), and the
 #                  static review found the CUDA code clean, so it must not take time from the figures.
-# Parts run in the order 1, 2, 6, 3, 4, 5, 7: the correctness parts before the figures.
+# Parts run in the order 1, 2, 6, 3, 4, 5, 7: the correctness parts before the figures. Time plan, from the
+# last full run (bench/results/2026-12-04-h200: 401 s) and estimated for the bench parts: install ~40 s,
+# verify ~65, tracking ~80, headline ~150 (three variants, two of them compiling), extras ~30, micro ~30,
+# sanitizer ~10: ~400 s of TOTAL_S, inside one 10-minute device call.
 # Each part has its own time cap and is killed alone; every part also stops at the global deadline
 # (TOTAL_S, default 540 s). $OUT receives at most 8 files, each under 16 MiB:
 #   results.json  everything, ready to copy into bench/results/ (rewritten after every part)
@@ -137,14 +142,17 @@ fi
 # Only the gpu-marked tracking test; on CPU it is collected and skipped ("needs CUDA"), which checks the name.
 # -v: one line per test as it ends, so a part cut at its limit still says which passed.
 part tracking 170 "$PYTHON" -m pytest -v -p no:cacheprovider -m gpu \
-    -k "tracks_the_fp32_reference or graph_modes_equal_the_eager or deterministic_gpu_runs" \
-    tests/test_fast_step.py tests/test_cuda_graphs.py tests/test_determinism.py
+    -k "tracks_the_fp32_reference or captured_step_equals_the_uncaptured or deterministic_gpu_runs" \
+    tests/test_fast_step.py tests/test_captured_phases.py tests/test_determinism.py
 
 # ---------------------------------------------------------------------------------------------- 3, 4 bench
-# The headline pair first; the launch-overhead variants of issue 17 next, whichever the engine has (the
-# list is data: add a name here and it runs when e2e_configs.VARIANTS knows it).
-HEADLINE_VARIANTS="${HEADLINE_VARIANTS:-released,fast}"
-EXTRA_VARIANTS="${EXTRA_VARIANTS:-no-compile,reduce-overhead,cuda-graphs}"
+# The headline first: released, fast (captured) and compiled, what capture buys over compiling alone; then the
+# extras, whichever of EXTRA_VARIANTS the engine has (the list is data: add a name here and it runs when
+# e2e_configs.VARIANTS knows it). Time plan of the two bench parts (caps 240 + 80 s): released ~10 s, fast
+# (compile, capture) and compiled (compile again, mostly from Inductor's cache) most of the rest; no-compile
+# compiles nothing. A captured row warms up 3 steps, whatever --warmup says (2 uncaptured, 1 capturing).
+HEADLINE_VARIANTS="${HEADLINE_VARIANTS:-released,fast,compiled}"
+EXTRA_VARIANTS="${EXTRA_VARIANTS:-no-compile}"
 if [ "$DRY" = 1 ]; then
     BENCH_SIZE=(--device cpu --smoke --steps 1 --repeats 1 --warmup 0)
 else
@@ -152,15 +160,15 @@ else
 fi
 # --time-budget: the engine skips configurations that would not finish, rather than being killed mid-one;
 # it is the limit this part really gets (less near the deadline) minus 30 s for start-up and the report.
-part headline 200 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
-    --variants "$HEADLINE_VARIANTS" --no-progress --time-budget $(( $(limit_for 200) - 30 )) --json "$OUT/bench.json"
+part headline 240 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
+    --variants "$HEADLINE_VARIANTS" --no-progress --time-budget $(( $(limit_for 240) - 30 )) --json "$OUT/bench.json"
 EXTRAS="$("$PYTHON" -c "import sys; from rwp_fast.bench.e2e_configs import VARIANTS, NOT_IMPLEMENTED
 print(','.join(v for v in sys.argv[1].split(',') if v in VARIANTS and v not in NOT_IMPLEMENTED))" "$EXTRA_VARIANTS" 2>/dev/null)"
 if [ -n "$EXTRAS" ]; then
-    # beside fast (compiled), per mode: eager, graph trees, captured. A graph mode becomes the CUDA default
-    # only once the tracking part's equality tests pass for it and it beats fast in the same run.
-    part extras 120 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
-        --variants "fast,$EXTRAS" --no-progress --time-budget $(( $(limit_for 120) - 20 )) --json "$OUT/extras.json"
+    # beside the headline's fast (compiled bodies, captured) and compiled (not captured): the same capture
+    # of the eager bodies, which shows what compiling adds once the launches are gone
+    part extras 80 "$PYTHON" -m rwp_fast.cli bench "${BENCH_SIZE[@]}" --methods at,at-rwp \
+        --variants "$EXTRAS" --no-progress --time-budget $(( $(limit_for 80) - 20 )) --json "$OUT/extras.json"
 else
     printf 'extras\tskipped: none of %s is implemented in e2e_configs.VARIANTS\t0\t0\n' "$EXTRA_VARIANTS" >> "$STATUS"
     echo "extras: none of $EXTRA_VARIANTS implemented"

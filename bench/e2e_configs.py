@@ -17,17 +17,22 @@ Variants, timed in the same process on the same device:
     refreshed by ``load_state_dict`` every iteration, per-layer Python loops, weight gradients in the
     attack: SPEC.md §6);
   * ``reference``: ``rwp_fast.reference.train_step_ref``, the oracle trainer (fp32, eager);
-  * ``fast``: ``FastTrainStep`` with every switch on (on CUDA: bf16 autocast, torch.compile, channels-last,
-    fused ops via backend auto, input-only attack gradients; on CPU the same class with its CPU defaults:
-    fp32, eager, contiguous, torch ops — inductor on CPU needs minutes of C++ compilation for nothing);
-  * ablations, ``fast`` with one switch off: ``no-amp`` (fp32), ``no-channels-last``, ``no-compile``,
-    ``no-fused`` (backend torch), ``no-input-only`` (weights not frozen in the attack);
-  * launch overhead (issue 17): ``reduce-overhead`` (``torch.compile`` CUDA-graph trees for every forward
-    and backward) and ``cuda-graphs`` (the attack and one RWP probe captured as ``torch.cuda.CUDAGraph``s),
-    both with the stall-free RWP early break; on CPU each is a row "skipped: …" with the reason. A mode
-    that fell back to ``default`` says so in the note.
+  * ``fast``: ``FastTrainStep`` as the trainer builds it by default (on CUDA: bf16 autocast, compiled phases
+    captured as CUDA graphs (``compile_mode='auto'``: ``step.mode == 'captured'``), channels-last, fused ops
+    via backend auto, input-only attack gradients; on CPU the same class with its CPU defaults: fp32, eager,
+    contiguous, torch ops);
+  * ``compiled``: ``fast`` with ``compile_mode='default'``: the phases compiled, not captured, the baseline
+    that shows what the capture buys. On CPU it is ``compile=True`` with Inductor's C++ backend: minutes of
+    C++ compilation, so a ``--smoke`` run on CPU gives it a row "skipped: …" (``SMOKE_SKIP``); a run
+    without ``--smoke`` measures it;
+  * ablations, ``fast`` with one switch off: ``no-amp`` (fp32), ``no-channels-last``, ``no-compile`` (on CUDA:
+    the eager phase bodies captured), ``no-fused`` (backend torch), ``no-input-only`` (weights not frozen in
+    the attack).
+A row whose step was to be captured but ran the compiled phases (a capture that raised: one RuntimeWarning,
+``step.mode == 'compiled'``) records ``fallback`` and says so in its note.
 
-``bench_dist.py`` times the ``fast`` variant of the same configs on N processes.
+``bench_dist.py`` times the ``fast`` variant of the same configs on N processes, uncaptured (N processes do
+not capture; its 1-process baseline does not either).
 """
 
 import math
@@ -40,33 +45,54 @@ from rwp_fast.data import make_synthetic
 from rwp_fast.models import build_model, dataset_stats
 from rwp_fast.ops import dispatch
 from rwp_fast.reference import train_step_ref
-from rwp_fast.train.fast_step import FastTrainStep, resolve_fast_settings
+from rwp_fast.train.fast_step import FastTrainStep, capture_refusal, resolve_fast_settings
 
-FAST = dict(backend="auto", precision="auto", compile=None, channels_last=None, input_only_grads=True)
+FAST = dict(backend="auto", precision="auto", compile=None, channels_last=None, input_only_grads=True,
+            compile_mode="auto")
 EAGER_FP32 = dict(precision="fp32", compile=False, channels_last=False)
 VARIANT_SETTINGS = {
     "released": dict(EAGER_FP32, backend="reference", input_only_grads=False),
     "reference": dict(EAGER_FP32, backend="reference", input_only_grads=True),
     "fast": FAST,
+    # the compiled phases without the capture: what capturing them buys
+    "compiled": dict(FAST, compile=True, compile_mode="default"),
     "no-amp": dict(FAST, precision="fp32"),
     "no-channels-last": dict(FAST, channels_last=False),
     "no-compile": dict(FAST, compile=False),
     "no-fused": dict(FAST, backend="torch"),
     "no-input-only": dict(FAST, input_only_grads=False),
-    # launch overhead (issue 17): Inductor's CUDA-graph trees, and explicit capture of attack + one probe
-    "reduce-overhead": dict(FAST, compile_mode="reduce-overhead"),
-    "cuda-graphs": dict(FAST, compile_mode="cuda-graphs"),
 }
 NOT_IMPLEMENTED = {}
-# Variants with nothing to measure off CUDA (on CPU they would silently fall back to 'fast'): a row with
-# the reason instead.
-CUDA_ONLY = {
-    "reduce-overhead": "skipped: CUDA-graph trees need a CUDA device",
-    "cuda-graphs": "skipped: torch.cuda.CUDAGraph capture needs a CUDA device",
+# Variants with nothing to measure off CUDA (on CPU they would silently equal another variant): a row with
+# the reason instead. None at present: the captured mode is `fast` itself, which has a CPU meaning (eager).
+CUDA_ONLY = {}
+# Variants a --smoke run on CPU does not run, with the reason (a run without --smoke does).
+SMOKE_SKIP = {
+    "compiled": "skipped: --smoke on CPU: Inductor's C++ compilation of every phase takes minutes; "
+                "run without --smoke (e.g. --variants released,compiled) to measure it",
 }
 VARIANTS = tuple(VARIANT_SETTINGS) + tuple(NOT_IMPLEMENTED)
-FAST_FAMILY = ("fast", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only", "reduce-overhead",
-               "cuda-graphs")
+FAST_FAMILY = ("fast", "compiled", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only")
+
+
+def skip_reason(variant, device, smoke):
+    """Why a variant gets no measurement on `device` ("skipped: ..." / "not implemented: ..."), or None."""
+    cpu = torch.device(device).type != "cuda"
+    return NOT_IMPLEMENTED.get(variant) or (CUDA_ONLY.get(variant) if cpu else None) \
+        or (SMOKE_SKIP.get(variant) if cpu and smoke else None)
+
+
+def planned_mode(variant, cfg, device):
+    """How the step of a variant runs on `device`: 'captured', 'compiled' or 'eager' (FastTrainStep.mode as
+    decided at construction, in one process); released and reference are eager."""
+    if variant in ("released", "reference"):
+        return "eager"
+    device = torch.device(device)
+    precision, compile_model, _ = resolve_fast_settings(cfg, device)
+    if cfg.compile_mode in ("auto", "cuda-graphs") and capture_refusal(cfg, device, precision, None) is None:
+        return "captured"
+    return "compiled" if compile_model else "eager"
+
 
 # method key → (method label, regime label, config fields). Order = measurement priority in a unit.
 METHODS = {
@@ -81,7 +107,7 @@ ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10
 # The one-shot GPU script's subset, most important first: a time budget cuts from the end.
 DEVICE_PLAN = (
     ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
-    ("preact_resnet18", 128, "reduce-overhead"), ("preact_resnet18", 128, "cuda-graphs"),
+    ("preact_resnet18", 128, "compiled"),
     ("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast"),
     ("preact_resnet18", 512, "released"), ("preact_resnet18", 512, "fast"),
     ("preact_resnet18", 128, "reference"), ("wrn-34-10", 128, "reference"),
@@ -90,7 +116,6 @@ DEVICE_PLAN = (
     ("preact_resnet18", 128, "no-fused"),
 )
 SMOKE_MODEL, SMOKE_BATCH = "small_cnn", 8
-
 
 
 def make_cfg(model, batch, method_key, variant, device, smoke=False):
@@ -147,16 +172,17 @@ def make_step(variant, model, cfg, device):
 
 
 def resolved_settings(variant, cfg, device):
-    """What actually runs: precision, compile, channels-last, input-only, backend per fused op."""
+    """What actually runs: precision, compile, channels-last, input-only, backend per fused op, step mode."""
     if variant in ("released", "reference"):
         return dict(precision="fp32", compile=False, channels_last=False,
-                    input_only=variant == "reference", backends="none (plain torch)")
+                    input_only=variant == "reference", backends="none (plain torch)", mode="eager")
     device = torch.device(device)
     precision, compile_model, channels_last = resolve_fast_settings(cfg, device)
     # make_step sets the process-wide backend to cfg.backend, as the Trainer does
     backends = {op: dispatch.choose_backend(op, device, cfg.backend) for op in dispatch.OPS}
     return dict(precision=precision, compile=compile_model, channels_last=channels_last,
-                input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode)
+                input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode,
+                mode=planned_mode(variant, cfg, device))
 
 
 def build_plan(args):

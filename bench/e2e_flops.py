@@ -74,7 +74,8 @@ def count_step_flops(family, model_name, method_key, device, smoke=False):
     variant = "no-compile" if family == "fast" else family
     cfg = make_cfg(model_name, batch, method_key, variant, device, smoke)
     if family == "fast":
-        cfg = cfg.replace(precision="fp32", channels_last=False, backend="torch").validate()
+        # eager, never captured: a dispatch mode sees no op inside a graph replay
+        cfg = cfg.replace(precision="fp32", channels_last=False, backend="torch", compile_mode="default").validate()
     model = build(model_name, device)
     step, optimizer = make_step(variant, model, cfg, device)
     (x, y), = make_batches(batch, device, n_batches=1, seed=1)

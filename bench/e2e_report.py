@@ -4,7 +4,8 @@ Targets (TARGET_SPEEDUP, TARGET_RATIO; reported "met"/"missed", never asserted):
 PreAct ResNet-18, batch 128, AT-RWP all probes; fast-path AT-RWP ÷ AT step time ≤ 2.3 (the all-probes regime,
 the worst case; the break regime is listed too).
 
-Output: a markdown table (variant, model, batch, method, regime, images/s, ×released, TFLOP/s, MFU).
+Output: a markdown table (variant, model, batch, method, regime, images/s, ×released, TFLOP/s, MFU, the mode
+the step ran in, ops/step of eager rows, phase replays/step of captured rows, host/GPU/GPU-busy ms per step).
 """
 
 import math
@@ -128,16 +129,18 @@ def print_table(rows, file=None):
               f"CUDA {r0.get('cuda')}, commit {r0.get('git_commit')}", file=file)
         print(f"ceiling: {_fmt(r0.get('ceiling_tflops'), '.1f')} TFLOP/s ({r0.get('ceiling_op')}); "
               f"regimes: {'; '.join(f'{k} = {v}' for k, v in REGIME_HELP.items())}", file=file)
-    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | ops/step "
-          "| host/GPU ms per step | note |", file=file)
-    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|", file=file)
+    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | mode | ops/step "
+          "| replays/step | host/GPU/busy ms per step | note |", file=file)
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---|", file=file)
     for r in e2e:
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
+        mode = (r.get("mode") or "-") + (" (fell back from captured)" if r.get("fallback") else "")
         print(f"| {r['variant']} | {r['model']} | {r['batch']} | {r['method']} | {r['regime']} | "
               f"{_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('speedup_vs_released'), '.2f')} | "
-              f"{_fmt(r.get('tflops'), '.2f')} | {_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | "
-              f"{_fmt(r.get('ops_per_step'), 'd')} | {_fmt(r.get('host_ms_per_step'), '.2f')}/"
-              f"{_fmt(r.get('gpu_ms_per_step'), '.2f')} | {r.get('note', '')} |", file=file)
+              f"{_fmt(r.get('tflops'), '.2f')} | {_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {mode} | "
+              f"{_fmt(r.get('ops_per_step'), 'd')} | {_fmt(r.get('replays_per_step'), 'g')} | "
+              f"{_fmt(r.get('host_ms_per_step'), '.2f')}/{_fmt(r.get('gpu_ms_per_step'), '.2f')}/"
+              f"{_fmt(r.get('gpu_busy_ms_per_step'), '.2f')} | {r.get('note', '')} |", file=file)
     ratios = [r for r in rows if r.get("kind") == "ratio"]
     if ratios:
         print("\nstep time ÷ AT step time (same variant, model, batch):", file=file)

@@ -1,24 +1,37 @@
-"""How long a step takes: timed blocks, host vs GPU time, GPU-busy and attack profiles, the matmul ceiling.
+"""How long a step takes: timed blocks, host vs GPU time, phase replays, GPU-busy and attack profiles, the
+matmul ceiling.
 
 Launch proxy and host-boundness: ``ops/step`` is the number of aten ops one step dispatches, counted with
 a ``TorchDispatchMode`` (``rwp_fast.train.graphs.count_aten_ops``) for every eager row (a CUDA build
-launches roughly one kernel per aten op in eager mode; a dispatch mode does not see inside compiled code).
-On CUDA each row also has ``host_ms_per_step`` (wall clock until the block's last launch returned) and
-``gpu_ms_per_step`` (CUDA events around the block): host ≈ GPU time means the GPU waited for the host.
-Neither says how long the GPU worked, so one more step runs under ``torch.profiler``: ``gpu_busy_ms_per_step``
-is the sum of its kernels' and copies' device time, and ``gpu_busy_fraction`` = busy / wall step time (1.0:
-GPU-bound; 0.1: the GPU idles 90% of the step). ``cudagraph_skips`` counts Inductor's skipped cudagraph
-trees during the row (``reduce-overhead`` only logs a skip, so a row labelled captured may not be).
+launches roughly one kernel per aten op in eager mode; a dispatch mode sees neither inside compiled code
+nor inside a graph replay). A captured row (``step.mode == 'captured'``: ``fast`` and ``no-compile`` on
+CUDA) has ``replays_per_step`` instead: the replays of its four phases (``step.graphs``: attack, probe
+forward, probe backward, train) during the timed steps ÷ the timed steps, counted by wrapping each phase's
+``replay`` here (``graphs.CUDAGraphPhase`` keeps no count), beside ``expected_replays_per_step`` = 1 + F + B
++ 1 of the last step (F probe forwards, B probe backwards). On CUDA each row also has ``host_ms_per_step``
+(wall clock until the block's last launch returned) and ``gpu_ms_per_step`` (CUDA events around the
+block): host ≈ GPU time means the GPU waited for the host. Neither says how long the GPU worked, so one
+more step runs under ``torch.profiler``: ``gpu_busy_ms_per_step`` is the sum of its kernels' and copies'
+device time, and ``gpu_busy_fraction`` = busy / wall step time (1.0: GPU-bound; 0.1: the GPU idles 90% of
+the step). ``cudagraph_skips`` counts Inductor's skipped cudagraph trees during the row: the phases are
+captured by ``rwp_fast.train.graphs``, not by Inductor, so it should stay 0 (a non-zero count means some
+compiled code asked Inductor for graph trees).
 
-Timing: ``warmup`` untimed steps first (the first compiled step compiles), then ``repeats`` blocks of
-``steps`` steps, each block between two ``torch.cuda.synchronize()``; images/s is the median over the
-blocks. Rows record whether dynamo compiled new graphs during the timed blocks (``recompiles``).
+Timing: ``warmup`` untimed steps first (the first compiled step compiles; a captured step runs
+``graphs.WARMUP_STEPS`` steps uncaptured and captures at the next, so its rows warm up one step longer),
+then ``repeats`` blocks of ``steps`` steps, each block between two ``torch.cuda.synchronize()``; images/s
+is the median over the blocks. Rows record whether dynamo compiled new graphs during the timed blocks
+(``recompiles``).
+
+The attack profile (``attack_ms``, its kernels) runs ``step.adversarial_examples``: the attack phase
+uncaptured (compiled where the step compiles), also for a captured row.
 
 The ceiling is measured in the same run: a bf16 8192×8192 matmul (``triton.testing.do_bench`` through
 ``common.time_us``); MFU = useful TFLOP/s ÷ that ceiling (``e2e_flops``). On CPU no ceiling and no MFU
 are given (an fp32 512² matmul gave "MFU" above 100%).
 """
 
+import contextlib
 import statistics
 import time
 
@@ -97,8 +110,40 @@ def _compiled_graphs():
         return None
 
 
+PHASES = ("attack", "probe_forward", "probe_backward", "train")  # the phases of a PhaseGraphs
+
+
+@contextlib.contextmanager
+def counting_replays(graphs):
+    """{phase: replays while active} of a ``PhaseGraphs`` (None: yields None). Each phase object's ``replay``
+    is shadowed by a counting wrapper (an instance attribute) and the class's method restored on exit."""
+    if graphs is None:
+        yield None
+        return
+    counts, wrapped = {}, []
+    for name in PHASES:
+        phase = getattr(graphs, name, None)
+        if phase is None:  # AT: no probe phases
+            continue
+        counts[name] = 0
+
+        def replay(*args, _name=name, _replay=phase.replay, **kwargs):
+            counts[_name] += 1
+            return _replay(*args, **kwargs)
+        phase.replay = replay
+        wrapped.append(phase)
+    try:
+        yield counts
+    finally:
+        for phase in wrapped:
+            del phase.replay
+
+
 def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repeats):
-    """Run `warmup` steps, then `repeats` synchronised blocks of `steps` steps; returns a dict."""
+    """Run `warmup` steps, then `repeats` synchronised blocks of `steps` steps; returns a dict.
+
+    ``replays``: {phase: replays per timed step} when the step had its phase graphs (``step.graphs``) by the
+    end of the warm-up, else None."""
     generator = torch.Generator(device=device).manual_seed(0)
     counter = iter(range(1 << 30))
     cuda = torch.device(device).type == "cuda"
@@ -115,26 +160,28 @@ def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repe
     warmup_s = time.perf_counter() - t0
     graphs_before = _compiled_graphs()
     seconds, host_s, gpu_ms = [], [], []
-    for _ in range(repeats):
-        common.sync(device)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t = time.perf_counter()
-        for _ in range(steps):
-            result = one()
-        # host time: until the last launch returned (any sync inside a step is included); GPU time: the
-        # events around the block. host ≈ GPU time means the GPU waited for the host (host-bound).
-        host_s.append(time.perf_counter() - t)
-        if cuda:
-            end.record()
-        common.sync(device)
-        seconds.append(time.perf_counter() - t)
-        if cuda:
-            gpu_ms.append(start.elapsed_time(end))
+    with counting_replays(getattr(step, "graphs", None)) as counts:
+        for _ in range(repeats):
+            common.sync(device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t = time.perf_counter()
+            for _ in range(steps):
+                result = one()
+            # host time: until the last launch returned (any sync inside a step is included); GPU time: the
+            # events around the block. host ≈ GPU time means the GPU waited for the host (host-bound).
+            host_s.append(time.perf_counter() - t)
+            if cuda:
+                end.record()
+            common.sync(device)
+            seconds.append(time.perf_counter() - t)
+            if cuda:
+                gpu_ms.append(start.elapsed_time(end))
     graphs_after = _compiled_graphs()
     recompiles = None if graphs_before is None else graphs_after - graphs_before
     return {"seconds": seconds, "warmup_s": warmup_s, "result": result, "recompiles": recompiles,
             "host_ms": 1e3 * statistics.median(host_s) / steps,
-            "gpu_ms": statistics.median(gpu_ms) / steps if gpu_ms else None}
+            "gpu_ms": statistics.median(gpu_ms) / steps if gpu_ms else None,
+            "replays": None if counts is None else {k: n / (steps * repeats) for k, n in counts.items()}}
 

@@ -1,9 +1,12 @@
 """``rwp-fast bench``: training throughput on this machine, released-code structure vs the fast path.
 
 The same engine as ``python -m bench`` (``bench_e2e.py``; this folder ships as ``rwp_fast.bench``), with a
-user's defaults: PreAct ResNet-18 at batch 128, AT, AT-AWP and AT-RWP, variants ``released`` and ``fast``.
-It prints images/s, the speed-up over the released structure, AT-RWP/AT step time, the RWP probes taken and
-MFU against a bf16 matmul measured in the same run; ``--json`` and ``--plot`` write the figures down.
+user's defaults: PreAct ResNet-18 at batch 128, AT, AT-AWP and AT-RWP, variants ``released`` and ``fast``
+(the trainer's default step: on CUDA its phases captured as CUDA graphs; ``--variants released,fast,compiled``
+adds the same phases compiled but not captured). It prints images/s, the speed-up over the released
+structure, AT-RWP/AT step time, the RWP probes taken, MFU against a bf16 matmul measured in the same run and
+the mode each step ran in; ``--json`` and ``--plot`` write the figures down (the JSON summary also has the
+phase replays per step of captured rows and the host, GPU and GPU-busy ms per step).
 
 On CPU the figures show only the algorithmic savings (input-only attack gradients, no proxy copies, the
 early break): there is no bf16 autocast, no compile, no fused kernel and no MFU there, and it runs small.
@@ -41,7 +44,8 @@ def add_arguments(p):
     # for every `rwp-fast` command
     p.add_argument("--variants", type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
                    default=list(DEFAULT_VARIANTS),
-                   help="comma-separated subset of e2e_configs.VARIANTS (released, reference, fast, no-amp, ...)")
+                   help="comma-separated subset of e2e_configs.VARIANTS (released, reference, fast, compiled, "
+                        "no-compile, ...)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 5; smoke 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included")
@@ -79,7 +83,8 @@ def engine_args(args, device):
 
 
 def summarise(rows, methods):
-    """One line per (variant, method): images/s, ×released, step ms, time vs AT, probes, MFU."""
+    """One line per (variant, method): images/s, ×released, step ms, time vs AT, probes, MFU, the step's mode,
+    replays per step (captured rows), host/GPU/GPU-busy ms per step (CUDA)."""
     e2e = [r for r in rows if r.get("kind") == "e2e"]
     ratio = {(r["variant"], r["method_key"]): r["time_ratio_vs_at"] for r in rows if r.get("kind") == "ratio"}
     key_to_user = {v: k for k, v in METHODS.items()}
@@ -91,6 +96,10 @@ def summarise(rows, methods):
                         time_vs_at=1.0 if r["method_key"] == "at" and r.get("images_per_s") else
                         ratio.get((r["variant"], r["method_key"])),
                         probes=r.get("probes"), expected_probes=r.get("expected_probes"), mfu=r.get("mfu"),
+                        mode=r.get("mode"), fallback=r.get("fallback"), replays_per_step=r.get("replays_per_step"),
+                        expected_replays_per_step=r.get("expected_replays_per_step"),
+                        host_ms_per_step=r.get("host_ms_per_step"), gpu_ms_per_step=r.get("gpu_ms_per_step"),
+                        gpu_busy_ms_per_step=r.get("gpu_busy_ms_per_step"),
                         gpu_busy_fraction=r.get("gpu_busy_fraction"), cudagraph_skips=r.get("cudagraph_skips"),
                         note=r.get("note", "")))
     order = {m: i for i, m in enumerate(methods)}
@@ -108,14 +117,15 @@ def print_summary(summary, meta, file=None):
           f"CUDA {meta.get('cuda')}; MFU ceiling: {_f(meta.get('ceiling_tflops'), '.0f')} TFLOP/s "
           f"({meta.get('ceiling_op')})", file=file)
     head = f"{'method':<14}{'variant':<18}{'images/s':>10}{'×released':>11}{'step ms':>10}{'÷AT time':>10}" \
-           f"{'probes':>8}{'MFU':>7}  note"
+           f"{'probes':>8}{'MFU':>7}  {'mode':<10}note"
     print(head, file=file)
     print("-" * (len(head) + 10), file=file)
     for s in summary:
         mfu = None if s["mfu"] is None else 100 * s["mfu"]
         print(f"{s['method']:<14}{s['variant']:<18}{_f(s['images_per_s'], '.1f'):>10}"
               f"{_f(s['speedup_vs_released'], '.2f'):>11}{_f(s['step_ms'], '.1f'):>10}{_f(s['time_vs_at'], '.2f'):>10}"
-              f"{_f(s['probes'], 'd'):>8}{(_f(mfu, '.1f') + '%') if mfu is not None else '-':>7}  {s['note']}",
+              f"{_f(s['probes'], 'd'):>8}{(_f(mfu, '.1f') + '%') if mfu is not None else '-':>7}  "
+              f"{s.get('mode') or '-':<10}{s['note']}",
               file=file)
     if meta.get("device_type") == "cpu":
         print(CPU_NOTE, file=file)

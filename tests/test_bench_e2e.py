@@ -5,10 +5,12 @@
     released code's own rounding, SPEC.md §2) and leaves the model's BN buffers alone; its full step and
     its attack match the reference; (c) the FLOP counter sees the attack's weight-gradient convolutions
     exactly when they are computed: eager ``autograd.grad`` prunes them, ``backward()`` does not, and a
-    compiled backward computes them unless the weights are frozen.
+    compiled backward computes them unless the weights are frozen; (d) each row says the mode its step ran
+    in: a captured row counts its phase replays (1 + F + B + 1 per step), a failed capture is a fallback row.
 """
 
 import copy
+import io
 import json
 import math
 import os
@@ -79,17 +81,21 @@ def test_smoke_suite_runs_every_variant(tmp_path):
     e2e = [r for r in rows if r["kind"] == "e2e"]
     assert {(r["variant"], r["method_key"]) for r in e2e} == \
         {(v, m) for v in e2e_configs.VARIANTS for m in e2e_configs.METHODS}
+    skipped = {v for v in e2e_configs.VARIANTS if e2e_configs.skip_reason(v, "cpu", smoke=True)}
+    assert "compiled" in skipped  # Inductor's C++ compile: minutes; a run without --smoke measures it
     for r in e2e:
         assert bench_e2e.SMOKE_LABEL in r["note"]
         if r["variant"] in e2e_configs.NOT_IMPLEMENTED:
             assert r["images_per_s"] is None and "not implemented" in r["note"]
             continue
-        if r["variant"] in e2e_configs.CUDA_ONLY:  # reduce-overhead, cuda-graphs: a reason, not a CPU figure
-            assert r["images_per_s"] is None and "skipped: " in r["note"] and "CUDA" in r["note"], r
+        if r["variant"] in skipped:  # CUDA-only variants, and compiled in a CPU smoke run: a reason, no figure
+            assert r["images_per_s"] is None and e2e_configs.skip_reason(r["variant"], "cpu", True) in r["note"], r
             continue
         assert r["images_per_s"] > 0, r
-        if r["variant"] in ("released", "reference", "fast"):  # eager on CPU: the launch proxy is counted
-            assert r["ops_per_step"] > 0, r
+        # CPU: nothing captures, nothing falls back; every measured variant runs eager here
+        assert r["mode"] == r["settings"]["mode"] == "eager" and "fallback" not in r, r
+        assert "replays_per_step" not in r and r["ops_per_step"] > 0, r  # the launch proxy of eager rows
+        assert "probes_launched" not in r
         assert r["probes"] == r["expected_probes"], r
         assert r["flops_per_step_useful"] > 0 and r["flops_per_step_own"] >= r["flops_per_step_useful"]
         assert r["tflops"] > 0 and r["device"] and r["git_commit"] and r["config"]["batch_size"] == r["batch"]
@@ -260,12 +266,108 @@ def test_summary_reports_targets_met_and_missed():
 def test_device_plan_puts_the_target_rows_first():
     args = bench_e2e.parse_args(["--device", "cpu", "--plan", "device"])
     plan = e2e_configs.build_plan(args)
-    assert plan[:2] == [("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast")]
-    assert {v for _, _, v in plan} == set(e2e_configs.VARIANTS)  # every variant appears, cuda-graphs included
+    assert plan[:3] == [("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
+                        ("preact_resnet18", 128, "compiled")]  # captured vs compiled, right after the target
+    assert {v for _, _, v in plan} == set(e2e_configs.VARIANTS)  # every variant appears
     assert list(e2e_configs.METHODS)[:2] == ["at-rwp-all", "at"]
     args = bench_e2e.parse_args(["--device", "cpu", "--models", "wrn-34-10", "--batch-sizes", "128",
                                  "--variants", "fast,released"])
     assert e2e_configs.build_plan(args) == [("wrn-34-10", 128, "released"), ("wrn-34-10", 128, "fast")]
+
+
+def test_variant_modes_and_skips_on_each_device():
+    """fast is the trainer's default (captured on CUDA), compiled its uncaptured baseline; on CPU nothing
+    captures, and only a --smoke run skips compiled (Inductor's C++ compile), with the reason."""
+    want = {"cuda": {"released": "eager", "reference": "eager", "fast": "captured", "compiled": "compiled",
+                     "no-amp": "captured", "no-channels-last": "captured", "no-compile": "captured",
+                     "no-fused": "captured", "no-input-only": "captured"},
+            "cpu": {"released": "eager", "reference": "eager", "fast": "eager", "compiled": "compiled",
+                    "no-amp": "eager", "no-channels-last": "eager", "no-compile": "eager", "no-fused": "eager",
+                    "no-input-only": "eager"}}
+    assert set(want["cuda"]) == set(e2e_configs.VARIANTS)
+    assert not {"reduce-overhead", "cuda-graphs"} & set(e2e_configs.VARIANTS)
+    for device, modes in want.items():
+        for variant, mode in modes.items():
+            cfg = e2e_configs.make_cfg("small_cnn", 8, "at-rwp-all", variant, device)
+            assert e2e_configs.planned_mode(variant, cfg, device) == mode, (device, variant)
+            assert e2e_configs.resolved_settings(variant, cfg, device)["mode"] == mode
+    assert e2e_configs.make_cfg("small_cnn", 8, "at", "fast", "cuda").compile_mode == "auto"  # the default
+    assert e2e_configs.make_cfg("small_cnn", 8, "at", "compiled", "cpu").compile is True
+    for variant in e2e_configs.VARIANTS:
+        assert e2e_configs.skip_reason(variant, "cuda", smoke=True) is None
+        assert e2e_configs.skip_reason(variant, "cpu", smoke=False) is None  # a CPU run without --smoke runs it
+    reason = e2e_configs.skip_reason("compiled", "cpu", smoke=True)
+    assert reason.startswith("skipped: ") and "--smoke" in reason
+    assert set(e2e_configs.FAST_FAMILY) == set(e2e_configs.VARIANTS) - {"released", "reference"}
+
+
+def _suite(methods):
+    args = bench_e2e.parse_args(["--device", "cpu", "--smoke", "--methods", ",".join(methods), "--skip", "check",
+                                 "--no-results"])
+    suite = bench_e2e.Suite(args, {"device_type": "cpu"}, "cpu")
+    suite.add_flops = lambda *a: None  # FLOPs are test_smoke_suite's; these tests look at the modes
+    suite.log = lambda msg: None
+    return suite
+
+
+def test_captured_rows_count_phase_replays(monkeypatch):
+    """A captured row (here: the very phases driven eagerly through graphs.EagerPhase, as the CPU tests of
+    the captured mode do) gets replays_per_step = 1 + F + B + 1, counted over the timed steps by wrapping
+    each phase's replay; the wrappers are gone afterwards, and no launch proxy is counted for it."""
+    from rwp_fast.train.graphs import EagerPhase, PhaseGraphs
+    built = []
+
+    def make_step(variant, model, cfg, device):
+        step, optimizer = e2e_configs.make_step(variant, model, cfg, device)
+        step.graphs, step.mode = PhaseGraphs(step, phase=EagerPhase), "captured"
+        built.append(step)
+        return step, optimizer
+    monkeypatch.setattr(bench_e2e, "make_step", make_step)
+    methods = list(e2e_configs.METHODS)
+    suite = _suite(methods)
+    suite.run_unit("small_cnn", 8, "fast", e2e_configs.make_batches(8, "cpu"))
+    rows = {r["method_key"]: r for r in suite.rows}
+    # smoke: K2 = 3; all: 3 forwards and 3 backwards; AT: no probe phases; break: one forward, no backward
+    expected = {"at-rwp-all": 8, "at": 2, "at-rwp-break": 3, "at-awp": 4}
+    assert set(rows) == set(expected)
+    for key, n in expected.items():
+        r = rows[key]
+        assert r["images_per_s"] > 0 and r["mode"] == "captured" and "fallback" not in r, r
+        assert r["replays_per_step"] == r["expected_replays_per_step"] == n, r
+        assert "replays/step" not in r["note"] and "ops_per_step" not in r, r
+        assert r["warmup"] >= bench_e2e.WARMUP_STEPS + 1
+    assert rows["at"]["replays_by_phase"] == {"attack": 1, "train": 1}
+    assert rows["at-rwp-all"]["replays_by_phase"] == {"attack": 1, "probe_forward": 3, "probe_backward": 3,
+                                                       "train": 1}
+    for step in built:  # the counting wrappers were removed
+        for name in ("attack", "probe_forward", "probe_backward", "train"):
+            phase = getattr(step.graphs, name)
+            assert phase is None or "replay" not in vars(phase)
+
+
+def test_a_capture_that_fails_is_a_fallback_row(monkeypatch):
+    """A step built to capture whose capture raises runs the compiled phases: the row says fallback, why,
+    and has no replay count."""
+    from rwp_fast.train import graphs
+
+    def make_step(variant, model, cfg, device):
+        step, optimizer = e2e_configs.make_step(variant, model, cfg, device)
+        step.mode, step.steps_run = "captured", graphs.WARMUP_STEPS  # as after the warm-up on a GPU
+        return step, optimizer
+
+    def failing(step, phase=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(bench_e2e, "make_step", make_step)
+    monkeypatch.setattr(graphs, "PhaseGraphs", failing)
+    suite = _suite(["at-rwp-all"])
+    suite.run_unit("small_cnn", 8, "fast", e2e_configs.make_batches(8, "cpu"))
+    (r,) = suite.rows
+    assert r["images_per_s"] > 0 and r["mode"] == "compiled" and r["fallback"] == "compiled", r
+    assert "capture failed" in r["fallback_reason"] and "not permitted" in r["fallback_reason"]
+    assert "capture failed, fell back to mode compiled" in r["note"] and "replays_per_step" not in r
+    buf = io.StringIO()
+    e2e_report.print_table(suite.rows, file=buf)
+    assert "| compiled (fell back from captured) |" in buf.getvalue()
 
 
 # ------------------------------------------------------------------------------- rwp-fast bench (user)
@@ -345,6 +447,20 @@ def test_device_run_dry_run_on_cpu(tmp_path):
         assert parts.get(name) == "ok", (name, parts, proc.stdout[-3000:])
     assert "extras" in parts  # run, or skipped with the reason
     assert results["verify"]["verdict"] == "PASS" and results["headline"]["summary"]
+    # released, fast and compiled in the headline, no-compile in the extras; compiled skipped in a CPU smoke run
+    headline = {(s["variant"], s["method"]): s for s in results["headline"]["summary"]}
+    assert set(headline) == {(v, m) for v in ("released", "fast", "compiled") for m in ("at", "at-rwp")}
+    assert {s["variant"] for s in results["extras"]["summary"]} == {"no-compile"}
+    for (variant, _), s in headline.items():
+        if variant == "compiled":
+            assert s["images_per_s"] is None and "skipped: --smoke on CPU" in s["note"], s
+        else:
+            assert s["images_per_s"] > 0 and s["mode"] == "eager" and s["fallback"] is None, s
+    with open(tmp_path / "summary.txt") as f:
+        summary = f.read()
+    assert "mode eager" in summary and "replays/step" in summary and "host/GPU/busy ms" in summary
+    assert any(" compiled " in line and "no figure: skipped" in line.replace("smoke, not a measurement; ", "")
+               for line in summary.splitlines() if line.startswith("headline: ")), summary
     assert results["sanitizer"].startswith("not supported")
     assert any(r["impl"] == "triton" and r["us_p50"] for r in results["micro"])
     assert "skipped" in results["tracking"]  # collected by name and skipped without CUDA
