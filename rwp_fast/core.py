@@ -1,5 +1,6 @@
 """What the oracle (``rwp_fast.reference``), the kernels and the fast path share: the constants of the
-method, the accumulator dtype, the result types, which weights are perturbed, and the random draws.
+method, the accumulator dtype, the attack objectives, the result types, which weights are perturbed, and
+the random draws.
 
 It imports nothing from rwp_fast, so every layer may import it (docs/ARCHITECTURE.md). The semantics
 behind each name are in SPEC.md (§1 the attack, §2 the perturbation search).
@@ -8,6 +9,7 @@ behind each name are in SPEC.md (§1 the attack, §2 the perturbation search).
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------- constants
 NORMS = ("linf", "l2")                  # threat models (SPEC.md §1)
@@ -30,6 +32,23 @@ def accumulate_dtype(dtype):
 def upcast(t):
     """`t` in its accumulator dtype (no copy when it already is)."""
     return t.to(accumulate_dtype(t.dtype))
+
+
+# ------------------------------------------------------------------------------- attack objectives
+TRADES_INIT_STD = 0.001  # the TRADES attack starts at x + 0.001·N(0, 1) (SPEC.md §1)
+
+
+def margin_loss(logits, target):
+    """C&W margin max_{j≠y} z_j − z_y per example, in the accumulator dtype, shape (B,)."""
+    z = upcast(logits)
+    z_y = z.gather(1, target[:, None]).squeeze(1)
+    others = z.scatter(1, target[:, None], float("-inf"))
+    return others.amax(dim=1) - z_y
+
+
+def trades_kl_sum(logits_adv, p_nat):
+    """Σ_i Σ_c p_nat (log p_nat − log p_adv): the TRADES KL, summed over the batch."""
+    return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), p_nat, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------- results

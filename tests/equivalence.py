@@ -87,7 +87,7 @@ def record_probe_losses(step, records):
 
 
 def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_cfg=None, before_fast=None,
-             capture=None, record=True):
+             capture=None, record=True, active=None, x_adv_of=None):
     """Run `steps` reference and fast steps on the same batches; return their Records.
 
     resync: after each comparison, copy the reference's weights, buffers and momentum into the fast
@@ -95,16 +95,18 @@ def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_
     compared from identical states (the fp32 check; in fp64 the free-running trajectories agree).
     ref_cfg: run a FastTrainStep with this config as the reference side instead of train_step_ref.
     before_fast(optimizer): called before every fast step, as a user's callback would be.
+    active(i): perturb_active of step i (None: always). x_adv_of(x): an x_adv to pass both steps (None: attack).
     """
     ref, fast = twin_models(in_ch, dtype)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov)
     if ref_cfg is None:
         ref_step, ref_cfg = train_step_ref, cfg
     else:
         ref_step = FastTrainStep(ref, opt_ref, ref_cfg, "cpu")
         ref_step.keep_v = True
     opt_fast = torch.optim.SGD(fast.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     step = FastTrainStep(fast, opt_fast, cfg, "cpu", capture=capture)
     step.keep_v = True
     records = Records(cfg.lsc_range)
@@ -116,10 +118,14 @@ def run_pair(cfg, steps=5, mutate=None, resync=False, in_ch=1, dtype=DTYPE, ref_
     for i in range(steps):
         x = torch.rand(24, in_ch, 8, 8, generator=data).to(dtype)
         y = torch.randint(0, 10, (24,), generator=data)
-        r = ref_step(ref, opt_ref, x, y, ref_cfg, generator=torch.Generator().manual_seed(100 + i))
+        on = True if active is None else active(i)
+        x_adv = None if x_adv_of is None else x_adv_of(x)
+        r = ref_step(ref, opt_ref, x, y, ref_cfg, perturb_active=on, generator=torch.Generator().manual_seed(100 + i),
+                     x_adv=x_adv)
         if before_fast:
             before_fast(opt_fast)
-        f = step(fast, opt_fast, x, y, cfg, generator=torch.Generator().manual_seed(100 + i))
+        f = step(fast, opt_fast, x, y, cfg, perturb_active=on, generator=torch.Generator().manual_seed(100 + i),
+                 x_adv=x_adv)
         records.append((r, f, {k: t.clone() for k, t in ref.state_dict().items()},
                         {k: t.clone() for k, t in fast.state_dict().items()}))
         if resync:
@@ -139,11 +145,12 @@ def assert_clear_of_thresholds(records, margin=THRESHOLD_MARGIN):
                 "case does not depend on rounding")
 
 
-def assert_equivalent(records, rtol=RTOL):
+def assert_equivalent(records, rtol=RTOL, x_adv_rtol=0.0):
+    """x_adv_rtol: 0 compares x_adv bit for bit (L∞: sign steps); L2's per-example norm rounds by ~1e-16."""
     assert_clear_of_thresholds(records)
     partial_masks = 0
     for i, (r, f, sd_ref, sd_fast) in enumerate(records):
-        assert torch.equal(r.x_adv, f.x_adv), f"step {i}: x_adv"
+        assert torch.equal(r.x_adv, f.x_adv) if x_adv_rtol == 0 else close(f.x_adv, r.x_adv, x_adv_rtol), i
         assert float(f.loss) == pytest.approx(r.loss, rel=rtol), f"step {i}: loss"
         assert f.search.steps_taken == r.search.steps_taken, f"step {i}: RWP steps before the break"
         assert [float(m) for m in f.search.mask_fractions] == pytest.approx(r.search.mask_fractions), i

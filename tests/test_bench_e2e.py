@@ -319,7 +319,7 @@ def test_captured_rows_count_phase_replays(monkeypatch):
 
     def make_step(variant, model, cfg, device):
         step, optimizer = e2e_configs.make_step(variant, model, cfg, device)
-        step.graphs, step.mode = PhaseGraphs(step, phase=EagerPhase), "captured"
+        step.graphs, step.mode = PhaseGraphs(step, phase=EagerPhase, warmup=0), "captured"
         built.append(step)
         return step, optimizer
     monkeypatch.setattr(bench_e2e, "make_step", make_step)
@@ -352,7 +352,8 @@ def test_a_capture_that_fails_is_a_fallback_row(monkeypatch):
 
     def make_step(variant, model, cfg, device):
         step, optimizer = e2e_configs.make_step(variant, model, cfg, device)
-        step.mode, step.steps_run = "captured", graphs.WARMUP_STEPS  # as after the warm-up on a GPU
+        step.mode = "captured"
+        step.phase_runs.update(attack=graphs.WARMUP_STEPS, train=graphs.WARMUP_STEPS)  # as after the warm-up
         return step, optimizer
 
     def failing(step, phase=None):

@@ -12,13 +12,14 @@ records, replay by replay:
   and the step compiled (here: uncaptured).
 """
 
+import copy
+
 import pytest
 import torch
 
 from equivalence import CASES, assert_equivalent, make_cfg, run_pair, twin_models
 from rwp_fast.models import build_model
 from rwp_fast.perturb import FlatWeights, WeightPerturbation
-from rwp_fast.train import graphs
 from rwp_fast.train.fast_step import FastTrainStep
 from rwp_fast.train.graphs import EagerPhase, PhaseGraphs
 
@@ -30,7 +31,7 @@ OUTSIDE_OPS = 11
 
 def drive_eagerly(step):
     """Put `step` in captured mode with EagerPhase graphs (the run_pair mutate hook)."""
-    step.graphs = PhaseGraphs(step, phase=EagerPhase)
+    step.graphs = PhaseGraphs(step, phase=EagerPhase, warmup=0)  # every unit "captured" from the first step
     step.mode = "captured"
 
 
@@ -71,7 +72,7 @@ def test_phase_calls_per_step_and_ops_outside_them(c_min):
     _, model = twin_models()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step = FastTrainStep(model, opt, cfg, "cpu", capture=False)
-    step.graphs, step.mode = PhaseGraphs(step, phase=_CountedPhase), "captured"
+    step.graphs, step.mode = PhaseGraphs(step, phase=_CountedPhase, warmup=0), "captured"
     phases = step.graphs
     data = torch.Generator().manual_seed(1)
     batches = [(torch.rand(24, 1, 8, 8, generator=data), torch.randint(0, 10, (24,), generator=data))
@@ -117,7 +118,7 @@ def test_phase_buffers_keep_their_addresses_across_steps():
     first = addresses()
     for i in range(3):
         opt.zero_grad(set_to_none=True)
-        opt.load_state_dict(opt.state_dict() | {})  # new momentum tensors, same values
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new momentum tensors, same values (a resume)
         step(model, opt, x, y, cfg, generator=torch.Generator().manual_seed(i))
         assert addresses() == first
         assert all(opt.state[p]["momentum_buffer"] is b for p, b in zip(step.params, step.sgd.buffers))
@@ -162,35 +163,75 @@ def test_cuda_graphs_without_cuda_warns_once_at_start_up():
     assert FastTrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), auto, "cpu").mode == "eager"
 
 
+class _FailingProbeCapture(EagerPhase):
+    """Captures the attack, then raises when the probe unit is captured (the 2nd capture)."""
+
+    def __init__(self, body, pool=None):
+        if getattr(body, "__name__", "") == "probe_forward":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        super().__init__(body, pool)
+
+
 def test_a_capture_that_raises_warns_once_and_changes_nothing(monkeypatch):
-    """Capturing launches nothing, so a failed capture leaves the state as it was: the run equals one that
-    never tried."""
+    """The attack unit is captured, the probe unit's capture raises: capturing launches nothing, so the run
+    then equals one that never tried, and it stays uncaptured."""
     cfg = make_cfg("torch", **CASES["at-rwp-accumulate-layer"])
     data = torch.Generator().manual_seed(1)
     batches = [(torch.rand(24, 1, 8, 8, generator=data), torch.randint(0, 10, (24,), generator=data))
-               for _ in range(2)]
-
-    def failing(step, phase=None):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+               for _ in range(4)]
 
     def run(try_capture):
         _, model = twin_models()
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         step = FastTrainStep(model, opt, cfg, "cpu")
-        if try_capture:
-            step.mode, step.steps_run = "captured", graphs.WARMUP_STEPS  # as after the warm-up on a GPU
+        if try_capture:  # as after the warm-up on a GPU
+            step.mode = "captured"
+            step.graphs = PhaseGraphs(step, phase=_FailingProbeCapture, warmup=0)
         gen = torch.Generator().manual_seed(5)
         for x, y in batches:
             step(model, opt, x, y, cfg, generator=gen)
         return step, model
 
-    monkeypatch.setattr(graphs, "PhaseGraphs", failing)
     with pytest.warns(RuntimeWarning, match="capture failed \\(RuntimeError: CUDA error") as caught:
         failed, failed_model = run(True)
     assert len(caught) == 1 and failed.mode == "compiled" and failed.graphs is None
     _, plain_model = run(False)
     for (name, a), b in zip(failed_model.state_dict().items(), plain_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+class _CompileFreeCapture(EagerPhase):
+    """Runs its body once at construction, as a capture does, where Dynamo must not compile anything: a
+    compile inside a real capture is refused ('cannot JIT compile during CUDA graph capture')."""
+
+    def __init__(self, body, pool=None):
+        super().__init__(body, pool)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            self.outputs = body()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regime", ["masks-empty", "warm-up-epochs", "partial-masks"])
+def test_no_unit_is_captured_before_its_compilations(regime, monkeypatch):
+    """Compiled phases (aot_eager) in captured mode: a unit is captured only after it ran warm, whatever the
+    masks do (empty masks never run the probe backward; warm-up epochs run no probe at all)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    c_min = {"masks-empty": 0.0}.get(regime, 2.33)
+    cfg = make_cfg("torch", **dict(CASES["at-rwp-accumulate-layer"], c_min=c_min), compile=True)
+    _, model = twin_models(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    step = FastTrainStep(model, opt, cfg, "cpu")
+    step.mode, step.graphs = "captured", PhaseGraphs(step, phase=_CompileFreeCapture)
+    data = torch.Generator().manual_seed(1)
+    for i in range(6):
+        x, y = torch.rand(24, 1, 8, 8, generator=data), torch.randint(0, 10, (24,), generator=data)
+        step(model, opt, x, y, cfg, perturb_active=regime != "warm-up-epochs" or i >= 3,
+             generator=torch.Generator().manual_seed(i))
+    assert step.mode == "captured" and step.graphs.attack is not None and step.graphs.train is not None
+    assert (step.graphs.probe_forward is None) == (regime == "masks-empty")
+    torch._dynamo.reset()
 
 
 # -------------------------------------------------------------------------------------------- on a GPU
@@ -212,10 +253,12 @@ def test_gpu_mode_configs_build_on_cpu(mode, comp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("active_from", [0, 3], ids=["search-from-step-0", "warm-up-epochs"])
 @pytest.mark.parametrize("mode,comp", MODES)
-def test_captured_step_equals_the_uncaptured_step_on_gpu(mode, comp):
+def test_captured_step_equals_the_uncaptured_step_on_gpu(mode, comp, active_from):
     """fp32, TF32 off (conftest): the captured step against the uncaptured one with the same compile flag,
-    6 steps (2 warm-up, then 4 replayed), AT-RWP with a partial mask."""
+    8 steps (2 warm-up, then captured unit by unit), AT-RWP with a partial mask; with warm-up epochs the
+    search starts at step 3, so the probe unit is captured later than the others."""
     device = torch.device("cuda")
     results = []
     for m, cfg in gpu_mode_configs(comp).items():
@@ -225,13 +268,14 @@ def test_captured_step_equals_the_uncaptured_step_on_gpu(mode, comp):
         step = FastTrainStep(model, opt, cfg, device)
         data = torch.Generator().manual_seed(1)
         out = []
-        for i in range(6):
+        for i in range(8):
             x = torch.rand(24, 1, 8, 8, generator=data).to(device)
             y = torch.randint(0, 10, (24,), generator=data).to(device)
-            r = step(model, opt, x, y, cfg, generator=torch.Generator(device).manual_seed(100 + i))
+            r = step(model, opt, x, y, cfg, perturb_active=i >= active_from,
+                     generator=torch.Generator(device).manual_seed(100 + i))
             out.append((r.x_adv, float(r.loss), r.search.steps_taken))
         assert step.mode == ("captured" if m == "cuda-graphs" else "compiled" if comp else "eager"), m
-        assert m == "default" or step.graphs is not None, "never captured"
+        assert m == "default" or None not in (step.graphs.attack, step.graphs.probe_forward, step.graphs.train), m
         results.append((out, [t.clone() for t in model.state_dict().values()]))
     (eager, sd_e), (graphed, sd_g) = results
     for (xa, la, sa), (xb, lb, sb) in zip(eager, graphed):

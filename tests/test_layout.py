@@ -156,3 +156,20 @@ def test_no_source_file_over_500_lines(path):
     with open(path, encoding="utf-8") as f:
         n = sum(1 for _ in f)
     assert n <= MAX_LINES, f"{os.path.relpath(path, REPO)}: {n} lines; split it by what its parts do"
+
+
+# Who may import the oracle: the torch backend of each op (it *is* the reference), the trainer's
+# `--backend reference`, the verification and the benchmarks' baselines. The fast path takes what it shares
+# with the oracle from rwp_fast.core, so that a bug planted in the oracle cannot hide in both sides.
+ORACLE_USERS = {"rwp_fast.ops.pgd_step", "rwp_fast.ops.lsc_loss", "rwp_fast.ops.weight_perturb",
+                "rwp_fast.train.trainer"}
+ORACLE_USER_PACKAGES = ("rwp_fast.reference", "rwp_fast.verify", "bench")
+
+
+def test_only_the_torch_backend_and_the_checkers_import_the_oracle():
+    graph = import_graph()
+    users = {m for m, deps in graph.items() if "rwp_fast.reference" in deps}
+    stray = sorted(m for m in users - ORACLE_USERS
+                   if not any(m == p or m.startswith(p + ".") for p in ORACLE_USER_PACKAGES))
+    assert not stray, f"modules importing rwp_fast.reference outside the allowed ones: {stray}"
+    assert "rwp_fast.ops.pgd_step" in users  # the scan sees the torch backend's import

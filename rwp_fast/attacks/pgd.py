@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import pgd_random_init, pgd_step_
-from ..reference.attacks import TRADES_INIT_STD, margin_loss, trades_kl_sum
-from ..core import draw, draw_random_init_noise, upcast
+from ..core import TRADES_INIT_STD, draw, draw_random_init_noise, margin_loss, trades_kl_sum, upcast
 
 
 @contextlib.contextmanager

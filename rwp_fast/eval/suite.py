@@ -31,7 +31,6 @@ import time
 import torch
 
 from ..attacks import pgd_attack
-from ..reference import fgm_ref, fgsm_ref
 
 ATTACKS = ("natural", "fgsm", "fgm", "pgd20", "pgd100", "cw", "autoattack")
 # The default list per threat model: every attack in the checkpoint's own norm. FGSM is an L∞ attack;
@@ -77,15 +76,13 @@ def parse_attacks(text):
 def _adversarial(name, model, x, y, eps, alpha, norm, gen):
     if name == "natural":
         return x
-    if name == "fgsm":
-        if norm != "linf":
-            raise ValueError("attacks: fgsm is defined for norm 'linf' only; for an L2 checkpoint use fgm")
-        return fgsm_ref(model, x, y, eps)
-    if name == "fgm":
-        if norm != "l2":
-            raise ValueError("attacks: fgm is defined for norm 'l2' only; for an L∞ checkpoint use fgsm")
-        return fgm_ref(model, x, y, eps)
     params = list(model.parameters())  # frozen during the attack: input gradients only
+    if name == "fgsm" and norm != "linf":
+        raise ValueError("attacks: fgsm is defined for norm 'linf' only; for an L2 checkpoint use fgm")
+    if name == "fgm" and norm != "l2":
+        raise ValueError("attacks: fgm is defined for norm 'l2' only; for an L∞ checkpoint use fgsm")
+    if name in ("fgsm", "fgm"):  # one step of length ε from x itself, no random start (SPEC.md §4)
+        return pgd_attack(model, x, y, eps, eps, 1, norm, False, "ce", None, params)
     if name in ("pgd20", "pgd100"):
         return pgd_attack(model, x, y, eps, alpha, int(name[3:]), norm, True, "ce", gen, params)
     if name == "cw":

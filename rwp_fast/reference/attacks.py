@@ -14,18 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .pgd_step import draw, draw_random_init_noise, pgd_random_init_ref, pgd_step_ref
-from ..core import upcast
-
-# The TRADES attack starts from x + 0.001·N(0, 1) (TRADES code; SPEC.md §3), not from a uniform draw.
-TRADES_INIT_STD = 0.001
-
-
-def margin_loss(logits, target):
-    """C&W margin max_{j≠y} z_j − z_y per example, fp32, shape (B,)."""
-    z = upcast(logits)
-    z_y = z.gather(1, target[:, None]).squeeze(1)
-    others = z.scatter(1, target[:, None], float("-inf"))
-    return others.amax(dim=1) - z_y
+from ..core import TRADES_INIT_STD, margin_loss, trades_kl_sum, upcast  # noqa: F401 (also the oracle's names)
 
 
 def _input_grad(loss, x):
@@ -72,11 +61,6 @@ def fgm_ref(model, x, y, eps):
     grad = _input_grad(F.cross_entropy(upcast(model(x_req)), y, reduction="sum"), x_req)
     # One L2 step of length ε from x itself: the projection onto the ε-ball cannot bind.
     return pgd_step_ref(x, grad, x, eps, eps, "l2").detach()
-
-
-def trades_kl_sum(logits_adv, p_nat):
-    """Σ_i Σ_c p_nat (log p_nat − log p_adv): the TRADES KL, summed over the batch."""
-    return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), p_nat, reduction="sum")
 
 
 def trades_attack_ref(model, x, eps, alpha, steps, norm="linf", generator=None):

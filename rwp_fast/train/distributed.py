@@ -24,8 +24,8 @@ What an N-process run computes (README, "Many GPUs"):
   at most that gap, and for RWP 10 of the 11 all-reduces are probe gradients, which DDP could only overlap
   by running (and reducing) the probe backward through DDP as well. If a measurement shows the gap
   matters, per-segment hooks on FlatWeights can bucket and overlap the same all-reduce without DDP.
-* RWP probes: the count of the LSC mask is all-reduced (one 8-byte sum per probe, on the device: the
-  stall-free schedule still reads it without a stall) and so is each probe's flat gradient; the probe
+* RWP probes: the count of the LSC mask is all-reduced (one 8-byte sum per probe, on the device, before
+  the host reads it for the early break) and so is each probe's flat gradient; the probe
   gradient is then (1/B_global)·Σ_ranks Σ_i V_i ∇ℓ_i, and every process breaks at the same probe.
 * BatchNorm: local batch statistics (``--sync-bn``: SyncBatchNorm, CUDA only). The running statistics
   are broadcast from rank 0 after every step (as DDP's broadcast_buffers does), so every process holds

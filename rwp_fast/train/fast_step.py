@@ -18,6 +18,7 @@ one memory pool, the CUDA default). A capture that raises warns once and leaves 
 training state is untouched, since capturing launches nothing.
 """
 
+import collections
 import contextlib
 import warnings
 
@@ -25,11 +26,10 @@ import torch
 
 from ..attacks.pgd import ascend_, frozen, objective
 from ..config import FULL_RANGE
-from ..core import SearchInfo, StepResult, draw, draw_random_init_noise, upcast
+from ..core import TRADES_INIT_STD, SearchInfo, StepResult, draw, draw_random_init_noise, trades_kl_sum, upcast
 from ..ops import OpSet
 from ..perturb.flat import FlatWeights
 from ..perturb.search import WeightPerturbation
-from ..reference.attacks import TRADES_INIT_STD, trades_kl_sum
 from .graphs import run_captured
 from .sgd import SGDUpdate
 
@@ -98,9 +98,10 @@ class FastTrainStep:
             else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.keep_v = False  # tests: return v (one tensor per weight) in StepResult.v; costs a copy
-        self.buffers = None  # x, y, x_adv, noise, radius, p_nat: shaped by the first batch
-        self.graphs = None   # rwp_fast.train.graphs.PhaseGraphs once captured
-        self.steps_run = 0
+        self.buffers = None  # x, y, x_adv, noise, radius: shaped by the first batch
+        self.graphs = None   # rwp_fast.train.graphs.PhaseGraphs once the warm-up is done
+        self.phase_runs = collections.Counter()  # attack, probe (forward + backward), train: the warm-up
+        self.grad_scale = None  # fp16: the loss scale, read once per step
         wants_capture = cfg.compile_mode in ("auto", "cuda-graphs") and capture is not False
         refusal = capture_refusal(cfg, self.device, self.precision, self.dist) if wants_capture else None
         if refusal and cfg.compile_mode == "cuda-graphs":
@@ -108,9 +109,16 @@ class FastTrainStep:
         # captured phases are compiled ones unless compile is off, whose eager bodies are captured as they are
         self.mode = "captured" if wants_capture and not refusal else ("compiled" if compile_phases else "eager")
         mode = "default" if cfg.compile_mode in ("auto", "cuda-graphs") else cfg.compile_mode
-        wrap = (lambda fn: torch.compile(fn, fullgraph=True, mode=mode)) if compile_phases else (lambda fn: fn)
+        # fullgraph: a graph break is an error, not a slow path. Many processes: SyncBatchNorm's collectives
+        # inside a phase are untested, so there Dynamo may break the graph around them.
+        full = self.dist is None
+        wrap = (lambda fn: torch.compile(fn, fullgraph=full, mode=mode)) if compile_phases else (lambda fn: fn)
         self.run_attack_start, self.run_search_begin = wrap(self.attack_start), wrap(self.search_begin)
-        self.run_attack_step = wrap(self.attack_step)
+        if compile_phases and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            # torch < 2.11 cannot trace the input gradient: the attack step compiles around it (2 graphs)
+            self.run_attack_step = torch.compile(self.attack_step, mode=mode)
+        else:
+            self.run_attack_step = wrap(self.attack_step)
         self.run_probe_forward, self.run_update = wrap(self.probe_forward), wrap(self.update)
         self.run_train_forward, self.run_train_update = wrap(self.train_forward), wrap(self.train_update)
 
@@ -177,6 +185,7 @@ class FastTrainStep:
 
     # --------------------------------------------------------------------- phases (host around them)
     def attack(self):
+        self.phase_runs["attack"] += 1
         model = self.model
         model.train(self.cfg.method == "at")  # AT attacks in train mode, TRADES in eval (SPEC.md §1)
         p_nat = self.run_attack_start()
@@ -189,10 +198,11 @@ class FastTrainStep:
 
     def probe_backward(self, masked_mean):
         """The probe's gradient into flat.g and the update of v; False stops the search (fp16 overflow)."""
+        self.phase_runs["probe"] += 1
         if self.scaler is None:
             masked_mean.backward()
         else:
-            scale = self.scaler.get_scale()
+            scale = self.grad_scale if self.grad_scale is not None else self.scaler.get_scale()
             (masked_mean * scale).backward()
             self.flat.g.div_(scale)
         if self.dist is not None:
@@ -203,6 +213,7 @@ class FastTrainStep:
         return True
 
     def train(self):
+        self.phase_runs["train"] += 1
         loss, logits, masked_mean = self.run_train_forward()
         if self.scaler is None:
             masked_mean.backward()
@@ -231,7 +242,7 @@ class FastTrainStep:
             new = lambda shape, dtype=x.dtype: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
             self.buffers = {"x": new(x.shape).contiguous(memory_format=fmt), "y": new(y.shape, y.dtype),
                             "x_adv": new(x.shape).contiguous(memory_format=fmt),
-                            "noise": new(x.shape, torch.float32),  # the reference's draws are fp32
+                            "noise": new(x.shape, torch.float32).contiguous(memory_format=fmt),  # fp32 draws
                             "radius": new(x.shape[:1], torch.float32) if self.cfg.norm == "l2" else None}
         b = self.buffers
         b["x"].copy_(x)
@@ -256,12 +267,13 @@ class FastTrainStep:
                              "it was built with")
         self.flat.attach_grads()  # a .grad set to None or replaced would leave v = 0
         self.sgd.load_lr()
+        if self.scaler is not None:
+            self.grad_scale = self.scaler.get_scale()  # one sync per step, as the scaler's own step has
         result = None
         if self.mode == "captured" and x_adv is None:
             result = run_captured(self, x, y, perturb_active, generator)
         if result is None:
             result = self.run_uncaptured(x, y, perturb_active, generator, x_adv)
-        self.steps_run += 1
         return result
 
     def run_uncaptured(self, x, y, perturb_active, generator, x_adv):

@@ -1,17 +1,17 @@
 """The captured mode of the fast step: its four phases as CUDA graphs that share one memory pool.
 
-``PhaseGraphs`` records, once, each phase of a warmed-up ``FastTrainStep`` (rwp_fast.train.fast_step):
+``PhaseGraphs`` records, once each, the phases of a warmed-up ``FastTrainStep`` (rwp_fast.train.fast_step):
 the attack, the probe forward, the probe backward with its update, and the training step. A step is then
 1 + F + B + 1 replays for F probe forwards and B probe backwards (B = F, or F − 1 after an empty mask),
 with the count read between a forward and its backward, and a handful of eager ops around them: the batch
-and noise copies, the lr, and the result's copies (``test_cuda_graphs`` counts them).
+and noise copies, the lr, and the result's copies (``tests/test_captured_phases.py`` counts them).
 
 Why capture is safe: every tensor a phase reads or writes outside its temporaries lives in a persistent
 buffer (the batch, the noise, x_adv, the flat weights and gradients, the search state, the momentum
-buffers), updated in place. The temporaries come from one pool. Graphs that share a pool must replay in the
-order they were captured, and each phase's temporaries are dead by the time a later phase runs; the probe
-forward's saved activations stay alive, held by its output, until the probe backward graph consumes them,
-and the loss, logits and count that the host reads are outputs held here, so no later graph reuses them.
+buffers), updated in place. The temporaries come from one pool, which graphs may share in any capture order
+as long as no graph's live data spans another graph's replay: each phase's temporaries are dead when it
+ends; the probe forward's saved activations live only until the probe backward, and nothing replays between
+the two; and the loss, logits and masked mean that outlive their graph are outputs held here, never freed.
 
 ``EagerPhase`` runs a body at every replay instead of recording it: the CPU tests drive the very code that
 the graphs capture through it, replay by replay.
@@ -56,19 +56,31 @@ class EagerPhase:
 
 
 class PhaseGraphs:
-    """The four phases of `step` captured (phase=CUDAGraphPhase) or driven eagerly (EagerPhase)."""
+    """The phases of `step` as graphs (phase=CUDAGraphPhase) or driven eagerly (EagerPhase), captured unit by
+    unit once warm: the attack, the probe (forward and backward together: the backward graph replays what the
+    forward's capture recorded for autograd) and the training step. A unit is warm after `warmup` uncaptured
+    runs (``step.phase_runs``), so its compilations are behind it: Dynamo refuses to compile during a capture.
+    Until then it runs uncaptured. A run whose masks stay empty never warms the probe backward, and its probes
+    stay uncaptured (and cost a forward each)."""
 
-    def __init__(self, step, phase=CUDAGraphPhase):
-        self.step = step
-        pool = torch.cuda.graph_pool_handle() if phase is CUDAGraphPhase else None
-        self.attack = phase(step.attack, pool)
-        self.probe_forward = self.probe_backward = self._masked_mean = None
-        if step.perturbation is not None:
+    def __init__(self, step, phase=CUDAGraphPhase, warmup=WARMUP_STEPS):
+        self.step, self.phase, self.warmup = step, phase, warmup
+        self.pool = torch.cuda.graph_pool_handle() if phase is CUDAGraphPhase else None
+        self.attack = self.probe_forward = self.probe_backward = self.train = self._masked_mean = None
+
+    def capture_warm(self):
+        """Capture every unit that is warm and not yet captured. Capturing launches nothing."""
+        step, runs, phase = self.step, self.step.phase_runs, self.phase
+        if self.attack is None and runs["attack"] >= self.warmup:
+            self.attack = phase(step.attack, self.pool)
+        if step.perturbation is not None and self.probe_forward is None and runs["probe"] >= self.warmup:
             with frozen(step.flat.other_params):  # as during the search: the flat gradient only
-                self.probe_forward = phase(step.run_probe_forward, pool)
-                self._masked_mean = getattr(self.probe_forward, "outputs", None)  # captured: the static output
-                self.probe_backward = phase(lambda: step.probe_backward(self._masked_mean), pool)
-        self.train = phase(step.train, pool)
+                forward = phase(step.run_probe_forward, self.pool)
+                self._masked_mean = getattr(forward, "outputs", None)  # captured: the static output
+                self.probe_backward = phase(lambda: step.probe_backward(self._masked_mean), self.pool)
+                self.probe_forward = forward
+        if self.train is None and runs["train"] >= self.warmup:
+            self.train = phase(step.train, self.pool)
 
     def _forward(self):
         self._masked_mean = self.probe_forward.replay()
@@ -81,32 +93,36 @@ class PhaseGraphs:
     def __call__(self, x, y, perturb_active, generator):
         step = self.step
         step._load(x, y, generator)
-        self.attack.replay()
-        info = step.search(perturb_active, y.shape[0], self._forward, self._backward)
+        self.attack.replay() if self.attack is not None else step.attack()
+        captured = self.probe_forward is not None
+        info = step.search(perturb_active, y.shape[0], self._forward if captured else None,
+                           self._backward if captured else None)
         v = step.perturbation.v_tensors() if step.keep_v and step.perturbation is not None else None
-        loss, logits = self.train.replay()
+        loss, logits = self.train.replay() if self.train is not None else step.train()
         return step.result(loss, logits, v, info)
 
 
 def run_captured(step, x, y, perturb_active, generator):
-    """One step of a FastTrainStep in captured mode. The first WARMUP_STEPS run compiled on a side stream;
-    then the phases are captured. A capture that raises leaves the step compiled for good (one warning):
-    nothing ran, so no state needs restoring. Returns None when the caller should run the step itself."""
-    if step.graphs is None and step.steps_run < WARMUP_STEPS:
+    """One step of a FastTrainStep in captured mode. Until the attack and the training step are warm, whole
+    steps run compiled on a side stream; then each warm unit is captured (``PhaseGraphs``). A capture that
+    raises leaves the step compiled for good (one warning): nothing ran, so no state needs restoring.
+    Returns None when the caller should run the step itself."""
+    if step.graphs is None and min(step.phase_runs["attack"], step.phase_runs["train"]) < WARMUP_STEPS:
         side = torch.cuda.Stream(device=step.device)
         side.wait_stream(torch.cuda.current_stream(step.device))
         with torch.cuda.stream(side):
             result = step.run_uncaptured(x, y, perturb_active, generator, None)
         torch.cuda.current_stream(step.device).wait_stream(side)
         return result
-    if step.graphs is None:
-        try:
+    try:
+        if step.graphs is None:
             step.graphs = PhaseGraphs(step)
-        except Exception as exc:  # noqa: BLE001 - capture errors only: the capture launches nothing
-            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            step.warn(f"capture failed ({type(exc).__name__}: {detail}); running the compiled phases")
-            step.mode = "compiled"
-            return None
+        step.graphs.capture_warm()
+    except Exception as exc:  # noqa: BLE001 - capture errors only: the capture launches nothing
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        step.warn(f"capture failed ({type(exc).__name__}: {detail}); running the compiled phases")
+        step.mode, step.graphs = "compiled", None
+        return None
     return step.graphs(x, y, perturb_active, generator)
 
 

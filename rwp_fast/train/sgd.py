@@ -49,7 +49,12 @@ class SGDUpdate:
     def load_lr(self):
         """Before each step, outside the phases: the lr the schedule set, and the momentum buffers back in
         place if ``optimizer.load_state_dict`` replaced them (identity checks; a copy only then)."""
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        settings = (group["momentum"], group["weight_decay"], group["nesterov"])
+        if settings != (self.momentum, self.weight_decay, self.nesterov):  # e.g. a load_state_dict of another run
+            raise ValueError(f"optimizer: momentum, weight_decay, nesterov changed to {settings} from "
+                             f"{(self.momentum, self.weight_decay, self.nesterov)} since the fast step was built")
+        lr = group["lr"]
         self.optimizer._opt_called = True  # what optimizer.step() sets: the lr scheduler checks it was stepped
         if isinstance(lr, torch.Tensor):
             self.lr.copy_(lr)
