@@ -43,7 +43,8 @@ def _worker(argv):
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     from rwp_fast.core import BatchSlice
-    from rwp_fast.models import build_model, dataset_stats
+    from rwp_fast.data import dataset_stats
+    from rwp_fast.models import build_model
     from rwp_fast.ops import dispatch
     from rwp_fast.train import distributed
     from rwp_fast.train.fast_step import FastTrainStep

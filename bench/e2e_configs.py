@@ -42,7 +42,8 @@ import torch
 from rwp_fast.bench.released_baseline import ReleasedTrainStep
 from rwp_fast.config import RunConfig
 from rwp_fast.data import make_synthetic
-from rwp_fast.models import build_model, dataset_stats
+from rwp_fast.data import dataset_stats
+from rwp_fast.models import build_model
 from rwp_fast.ops import dispatch
 from rwp_fast.reference import train_step_ref
 from rwp_fast.train.fast_step import FastTrainStep, capture_refusal, resolve_fast_settings

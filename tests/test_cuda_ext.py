@@ -45,7 +45,7 @@ def gpu(fn):
 
 
 @pytest.fixture(scope="module")
-def c():
+def cuda_ops():
     """The cuda backend module. The test is skipped when the extension was not built;
     test_extension_is_built_when_nvcc_is_present is the one that fails in that case."""
     try:
@@ -159,18 +159,18 @@ MUTATED = {"pgd_step": "out", "pgd_step_": "x_adv", "pgd_random_init": "out", "a
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
-def test_op_is_registered_with_its_schema(c, name):
+def test_op_is_registered_with_its_schema(cuda_ops, name):
     schema = getattr(torch.ops.rwp_fast, name).default._schema
     assert str(schema) == SCHEMAS[name]
     written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert written == ([MUTATED[name]] if name in MUTATED else [])
 
 
-def test_backend_module_has_the_triton_contract(c):
+def test_backend_module_has_the_triton_contract(cuda_ops):
     """rwp_fast.ops calls this module and the Triton modules by the same names."""
     for name in ("pgd_step", "pgd_step_", "pgd_random_init", "lsc_loss_fwd", "lsc_loss_bwd", "lsc_loss_trades_fwd",
                  "lsc_loss_trades_bwd", "segment_sq_norm", "accumulate_sq_norm_", "perturb_axpy_"):
-        assert callable(getattr(c, name))
+        assert callable(getattr(cuda_ops, name))
 
 
 # ============================================================================= fake / meta (CPU)
@@ -178,68 +178,68 @@ META = torch.device("meta")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fake_pgd_ops_return_out(c, dtype):
+def test_fake_pgd_ops_return_out(cuda_ops, dtype):
     x = torch.empty(7, 3, 5, 5, device=META, dtype=dtype)
     out = torch.empty_like(x)
-    assert c.pgd_step(x, torch.empty_like(x), torch.empty_like(x), 0.1, 0.2, "l2", out) is out
+    assert cuda_ops.pgd_step(x, torch.empty_like(x), torch.empty_like(x), 0.1, 0.2, "l2", out) is out
     radius = torch.empty(7, device=META)
-    assert c.pgd_random_init(x, torch.empty(x.shape, device=META), 0.2, "l2", radius, out) is out
+    assert cuda_ops.pgd_random_init(x, torch.empty(x.shape, device=META), 0.2, "l2", radius, out) is out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,classes", [(1, 10), (129, 1000)])
-def test_fake_lsc_ops_shapes_and_dtypes(c, dtype, batch, classes):
+def test_fake_lsc_ops_shapes_and_dtypes(cuda_ops, dtype, batch, classes):
     logits = torch.empty(batch, classes, device=META, dtype=dtype)
     target = torch.empty(batch, device=META, dtype=torch.long)
     f32, b = torch.float32, (batch,)
-    outs = c.lsc_loss_fwd(logits, target, 0.0, math.inf)
+    outs = cuda_ops.lsc_loss_fwd(logits, target, 0.0, math.inf)
     mask, lse = outs[1], outs[4]
     assert [(t.shape, t.dtype) for t in outs] == \
         [(b, f32), (b, torch.bool), ((1,), torch.int64), ((1,), f32), (b, f32)]
     grad_out = torch.empty((), device=META)
-    d = c.lsc_loss_bwd(grad_out, logits, target, lse, mask)
+    d = cuda_ops.lsc_loss_bwd(grad_out, logits, target, lse, mask)
     assert (d.shape, d.dtype) == (logits.shape, dtype)
-    out = c.lsc_loss_trades_fwd(logits, torch.empty_like(logits), target, TRADES_BETA, 0.0, 1.7)
+    out = cuda_ops.lsc_loss_trades_fwd(logits, torch.empty_like(logits), target, TRADES_BETA, 0.0, 1.7)
     assert [(t.shape, t.dtype) for t in out] == \
         [(b, f32), (b, torch.bool), ((1,), torch.int64), ((1,), f32), (b, f32), (b, f32), (b, f32)]
-    d_nat, d_adv = c.lsc_loss_trades_bwd(grad_out, logits, logits, target, *out[4:], out[1], TRADES_BETA)
+    d_nat, d_adv = cuda_ops.lsc_loss_trades_bwd(grad_out, logits, logits, target, *out[4:], out[1], TRADES_BETA)
     assert (d_nat.shape, d_nat.dtype, d_adv.shape, d_adv.dtype) == (logits.shape, dtype, logits.shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fake_weight_ops_shapes_and_dtypes(c, dtype):
+def test_fake_weight_ops_shapes_and_dtypes(cuda_ops, dtype):
     table = SegmentTable.from_numels([1, 37, 4101], 4096).to(META)
     w = torch.empty(table.numel, device=META, dtype=dtype)
-    sq = c.segment_sq_norm(w, table)
+    sq = cuda_ops.segment_sq_norm(w, table)
     assert (sq.shape, sq.dtype) == ((3,), torch.float32)
-    sq = c.accumulate_sq_norm_(w, torch.empty_like(w), table, torch.empty(3, device=META))
+    sq = cuda_ops.accumulate_sq_norm_(w, torch.empty_like(w), table, torch.empty(3, device=META))
     assert (sq.shape, sq.dtype) == ((3,), torch.float32)
-    assert c.perturb_axpy_(w, torch.empty_like(w), sq, table, -1) is w
+    assert cuda_ops.perturb_axpy_(w, torch.empty_like(w), sq, table, -1) is w
 
 
-def test_fake_tensor_mode_traces_every_op(c):
+def test_fake_tensor_mode_traces_every_op(cuda_ops):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         logits = torch.empty(5, 100, dtype=torch.float16)
         target = torch.empty(5, dtype=torch.long)
-        out = c.lsc_loss_trades_fwd(logits, logits.clone(), target, TRADES_BETA, 0.0, 1.7)
+        out = cuda_ops.lsc_loss_trades_fwd(logits, logits.clone(), target, TRADES_BETA, 0.0, 1.7)
         assert [t.shape for t in out] == [(5,), (5,), (1,), (1,), (5,), (5,), (5,)]
         x = torch.empty(4, 3, 8, 8)
-        assert c.pgd_step(x, x.clone(), x.clone(), 0.1, 0.1, "linf", x).shape == x.shape
+        assert cuda_ops.pgd_step(x, x.clone(), x.clone(), 0.1, 0.1, "linf", x).shape == x.shape
 
 
-def test_compile_fullgraph_over_meta_tensors(c):
+def test_compile_fullgraph_over_meta_tensors(cuda_ops):
     """torch.compile(fullgraph=True) traces the custom ops with their fake implementations, with no
     graph break. That includes the auto-functionalization of the in-place ops. aot_eager then runs
     the graph on meta tensors, so this needs no GPU."""
     table = SegmentTable.from_numels([5, 1, 9000], 4096).to(META)
 
     def step(x_adv, grad, x_nat, logits, target, w, a, g):
-        c.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", x_adv)  # in place
-        _loss, mask, count, masked_mean, lse = c.lsc_loss_fwd(logits, target, 0.0, 1.7)
-        dlogits = c.lsc_loss_bwd(masked_mean.view(()), logits, target, lse, mask)
-        a_sq = c.accumulate_sq_norm_(a, g, table, None)
-        c.perturb_axpy_(w, a, c.segment_sq_norm(w, table) / a_sq, table, 1)
+        cuda_ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", x_adv)  # in place
+        _loss, mask, count, masked_mean, lse = cuda_ops.lsc_loss_fwd(logits, target, 0.0, 1.7)
+        dlogits = cuda_ops.lsc_loss_bwd(masked_mean.view(()), logits, target, lse, mask)
+        a_sq = cuda_ops.accumulate_sq_norm_(a, g, table, None)
+        cuda_ops.perturb_axpy_(w, a, cuda_ops.segment_sq_norm(w, table) / a_sq, table, 1)
         return x_adv * 1, dlogits, count, w
 
     torch._dynamo.reset()
@@ -281,7 +281,7 @@ def _opcheck_cases():
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
-def test_opcheck_on_meta_tensors(c, name):
+def test_opcheck_on_meta_tensors(cuda_ops, name):
     """torch.library.opcheck on every op, on meta tensors (the ops have no CPU kernel, and the CPU
     registration only rejects CPU tensors): the schema (mutations and aliasing declared), the autograd
     registration, the fake impl under FakeTensorMode, and AOT dispatch with dynamic shapes
@@ -309,19 +309,19 @@ def test_loading_the_extension_alone_registers_the_fakes():
     assert proc.stdout.strip() == "[(3,), (3,), (1,), (1,), (3,)]"
 
 
-def test_cpu_tensors_get_a_message_naming_the_argument(c):
+def test_cpu_tensors_get_a_message_naming_the_argument(cuda_ops):
     """The ops are also registered for CPU, only to fail with a message that names the argument.
     Without that, the dispatcher's generic "Could not run ... 'CPU' backend" would be the error."""
     x = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match=re.escape("pgd_step: x_adv must be a CUDA tensor, got device cpu")):
-        c.pgd_step(x, x, x, 0.1, 0.1, "linf", x.clone())
+        cuda_ops.pgd_step(x, x, x, 0.1, 0.1, "linf", x.clone())
     with pytest.raises(RuntimeError, match=re.escape("pgd_step_: x_adv must be a CUDA tensor, got device cpu")):
-        c.pgd_step_(x, x, x, 0.1, 0.1, "linf")
+        cuda_ops.pgd_step_(x, x, x, 0.1, 0.1, "linf")
     with pytest.raises(RuntimeError, match=re.escape("lsc_loss_fwd: logits must be a CUDA tensor")):
-        c.lsc_loss_fwd(x, torch.zeros(2, dtype=torch.long), 0.0, 1.0)
+        cuda_ops.lsc_loss_fwd(x, torch.zeros(2, dtype=torch.long), 0.0, 1.0)
     table = SegmentTable.from_numels([2, 4], 4)
     with pytest.raises(RuntimeError, match=re.escape("segment_sq_norm: x must be a CUDA tensor")):
-        c.segment_sq_norm(torch.zeros(6), table)
+        cuda_ops.segment_sq_norm(torch.zeros(6), table)
 
 
 # ============================================================================= GPU
@@ -339,25 +339,25 @@ def _pgd_inputs(shape, dtype=torch.float32):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_random_init_takes_noise_in_the_inputs_dtype(c, dtype):
+def test_random_init_takes_noise_in_the_inputs_dtype(cuda_ops, dtype):
     """The extension also reads noise stored in x_nat's dtype (the Triton backend and rwp_fast.ops take fp32
     noise only): the same result as the reference on that noise, bit-exact for L∞."""
     shape = (7, 3, 32, 32)
     x_nat = torch.rand(shape, device="cuda").to(dtype)
     uniform = (torch.rand(shape, device="cuda") * 2 - 1).to(dtype)
     out = torch.full_like(x_nat, math.nan)
-    c.pgd_random_init(x_nat, uniform, EPS_LINF, "linf", None, out)
+    cuda_ops.pgd_random_init(x_nat, uniform, EPS_LINF, "linf", None, out)
     assert torch.equal(out, pgd_random_init_ref(x_nat, uniform, EPS_LINF, "linf"))
     gauss, radius = torch.randn(shape, device="cuda").to(dtype), torch.rand(shape[0], device="cuda")
     out = torch.full_like(x_nat, math.nan)
-    c.pgd_random_init(x_nat, gauss, EPS_L2, "l2", radius, out)
+    cuda_ops.pgd_random_init(x_nat, gauss, EPS_L2, "l2", radius, out)
     # one ulp of the dtype: the norm's fp32 sum in another order may round the output the other way
     torch.testing.assert_close(out, pgd_random_init_ref(x_nat, gauss, EPS_L2, "l2", radius), rtol=0,
                                atol=torch.finfo(dtype).eps)
 
 
 @gpu
-def test_compile_fullgraph_runs_the_kernels(c):
+def test_compile_fullgraph_runs_the_kernels(cuda_ops):
     """torch.compile(fullgraph=True) with Inductor: no graph break around the custom ops, and the
     compiled graph gives the eager results, including the in-place step written back."""
     x_adv, grad, x_nat = _pgd_inputs((7, 3, 32, 32))
@@ -365,8 +365,8 @@ def test_compile_fullgraph_runs_the_kernels(c):
     target = torch.randint(0, 100, (7,), device="cuda")
 
     def step(x_adv, grad, x_nat, logits, target):
-        c.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", x_adv)
-        loss, _mask, count, masked_mean, _lse = c.lsc_loss_fwd(logits, target, 0.0, 1.7)
+        cuda_ops.pgd_step(x_adv, grad, x_nat, ALPHA_LINF, EPS_LINF, "linf", x_adv)
+        loss, _mask, count, masked_mean, _lse = cuda_ops.lsc_loss_fwd(logits, target, 0.0, 1.7)
         return loss, count, masked_mean * 2
 
     torch._dynamo.reset()
@@ -389,7 +389,7 @@ def _compute_sanitizer():
 
 
 @gpu
-def test_compute_sanitizer_memcheck_is_clean(c):
+def test_compute_sanitizer_memcheck_is_clean(cuda_ops):
     exe = _compute_sanitizer()
     if exe is None:
         pytest.skip("compute-sanitizer is not on PATH (nor in $CUDA_HOME/bin)")

@@ -12,14 +12,12 @@ from collections import OrderedDict
 from torch import nn
 
 from ..config import MODELS
-from ..data.stats import DATASET_STATS, dataset_stats  # re-exported for bench/, which imports them from here
 from .normalize import Normalize
 from .preact_resnet import PreActBlock, PreActResNet, preact_resnet18
 from .small_cnn import SmallCNN
 from .wide_resnet import WideResNet
 
 __all__ = [
-    "DATASET_STATS",
     "MODELS",
     "Normalize",
     "PreActBlock",
@@ -29,7 +27,6 @@ __all__ = [
     "build_model",
     "build_network",
     "count_parameters",
-    "dataset_stats",
     "model_for",
     "preact_resnet18",
 ]
