@@ -211,6 +211,22 @@ def test_resume_may_extend_epochs_and_equals_the_longer_run(tmp_path):
         Trainer.resume(cos.out_dir, epochs=2, log=lambda *_: None)
 
 
+def test_resuming_a_run_from_before_the_stratified_subsets_says_its_metrics_mix_two(tmp_path):
+    kw = dict(epochs=1, attack_steps=1, eval_attack_steps=1, train_examples=64, eval_examples=32, k2=1)
+    cfg = tiny_cfg(tmp_path / "old", **kw)
+    Trainer(cfg, log=lambda *_: None).fit()
+    lines = []
+    Trainer.resume(cfg.out_dir, epochs=2, log=lines.append)
+    assert not any("warning" in str(x) for x in lines)  # same subsets: nothing to say
+    path = os.path.join(cfg.out_dir, "config.json")
+    info = json.load(open(path))
+    del info["eval_subsets"]  # what an rwp-fast before the stratified subsets wrote
+    json.dump(info, open(path, "w"))
+    Trainer.resume(cfg.out_dir, epochs=2, log=lines.append)
+    (warning,) = [x for x in lines if "warning" in str(x)]
+    assert "unrecorded subset" in warning and "mixes two evaluation subsets" in warning
+
+
 def test_plot_draws_masks_only_for_masked_runs_with_legends_title_and_visible_markers(tmp_path, monkeypatch):
     """Three runs whose best points coincide (as in the demo): the right panel holds only the RWP run (AT
     and AWP have no mask and are named as such), both panels have legends, the title names data, model

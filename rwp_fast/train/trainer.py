@@ -282,7 +282,22 @@ class Trainer:
         trainer = cls(cfg, log=log)
         state["config"] = cfg.to_dict()  # overrides (quiet, device, epochs) are checked above
         trainer.load_state_dict(state, source=f"checkpoint {path}")
+        trainer._warn_on_other_eval_subsets(run_dir, state["epoch"])
         return trainer
+
+    def _warn_on_other_eval_subsets(self, run_dir, epochs_done):
+        """A run begun before the seeded, stratified evaluation subsets (or with other data) evaluated its
+        first epochs on other images: its metrics.jsonl then mixes two subsets. Said once, not refused."""
+        try:
+            with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+                previous = json.load(f).get("eval_subsets")
+        except (OSError, ValueError):
+            return
+        if epochs_done > 0 and previous != self.eval_subsets:
+            before = "on an unrecorded subset (the first N images: an rwp-fast older than the stratified " \
+                     "subsets)" if previous is None else f"on {previous}"
+            self.log(f"warning: {run_dir} evaluated its first {epochs_done} epoch(s) {before}; the epochs from "
+                     f"here on use {self.eval_subsets['test']}, so metrics.jsonl mixes two evaluation subsets")
 
     def _truncate_metrics(self):
         """Keep only the metrics lines that belong to the current state (0 for a fresh run): drops an
