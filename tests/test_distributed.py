@@ -45,7 +45,8 @@ TIMEOUT_S = 240
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
        "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "RWP_FAST_DIST_TIMEOUT_S": "60",
-       # an abort at process exit was seen once in CI: if it comes back, name the thread and the C++ frame
+       # an abort at process exit (a gloo thread alive into interpreter shutdown, distributed.setup) would
+       # name its thread and C++ frame here; dist_worker's trace now checks that no gloo thread survives close
        "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
 
 

@@ -36,6 +36,7 @@ What an N-process run computes (README, "Many GPUs"):
 """
 
 import datetime
+import importlib
 import os
 import signal
 import subprocess
@@ -133,12 +134,26 @@ class DistContext:
         if self.enabled:
             import torch.distributed as dist
             if dist.is_initialized():
-                # Every process reaches this point before any tears its connections down: a gloo peer that
-                # is still finishing its last collective when the other closes its sockets aborted once in
-                # CI (SIGABRT, "terminate called without an active exception", after the run had finished).
+                # Every process reaches this point before any tears its connections down, so no peer is
+                # mid-collective when the other closes its sockets. (The SIGABRT at exit once blamed on this
+                # was the default group outliving destroy_process_group: see setup.)
                 dist.barrier()
                 dist.destroy_process_group()
             self.world_size = 1
+            self.control_group = None  # the last reference of ours: the groups' threads end with them
+
+    @staticmethod
+    def collective_threads():
+        """Names of this process's gloo threads (Linux /proc; [] where unreadable). Empty after close()
+        unless something outside still holds a process group (see setup)."""
+        names = []
+        try:
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/comm") as f:
+                    names.append(f.read().strip())
+        except OSError:
+            return []
+        return [n for n in names if n.startswith(("pt_gloo", "gloo_"))]
 
 
 def setup(cfg, device):
@@ -174,6 +189,14 @@ def setup(cfg, device):
         raise ConfigError("sync_bn: SyncBatchNorm runs on CUDA only; on CPU drop --sync-bn (local batch "
                           "statistics)")
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    # Imported before the group exists, on purpose: torch.distributed.nn.functional binds
+    # ``group=group.WORLD`` as a default argument when first imported. torch._dynamo imports it (through
+    # fsdp and _shard), and we import dynamo after init, so its ten functions would hold the default group
+    # for the life of the process: destroy_process_group could not free it, gloo's worker threads would
+    # live into interpreter shutdown, and one that releases its last collective there needs the GIL, gets
+    # killed by the finalizing interpreter mid-destructor, and aborts the process ("terminate called without
+    # an active exception", SIGABRT after the run had finished: 1 run in ~20 in CI, gdb core 2026-12-07).
+    importlib.import_module("torch.distributed.nn.functional")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
