@@ -73,7 +73,9 @@ def _eval_report(checkpoint, eval_json):
 
 
 # RobustBench's model_info/<dataset>/<threat>/<Name>.json (e.g. cifar10/Linf/Wu2020Adversarial.json):
-# accuracies are strings in percent with 2 decimals, eps a string "8/255".
+# accuracies are strings in percent with 2 decimals; eps a string, "8/255" under Linf and a decimal under
+# L2 ("0.5", e.g. cifar10/L2/Augustin2020Adversarial.json), whose leaderboard is evaluated at ε = 0.5.
+ROBUSTBENCH_L2_EPS = 0.5
 MODEL_INFO_DIR = "model_info"
 ARCHITECTURE_NAMES = {"preact_resnet18": "PreActResNet-18", "wrn-34-10": "WideResNet-34-10",
                       "wrn-28-10": "WideResNet-28-10"}
@@ -106,12 +108,17 @@ def model_info(cfg, results, subset, user=None, reported=None):
         "dataset": cfg.dataset,
         "venue": user.get("venue") or placeholder(USER_FIELDS["venue"]),
         "architecture": ARCHITECTURE_NAMES.get(cfg.model, cfg.model),
-        "eps": f"{cfg.epsilon_255:g}/255",
+        "eps": f"{cfg.epsilon_255:g}/255" if cfg.norm == "linf" else f"{cfg.eps:.3g}",
         "clean_acc": measured["clean_acc"] or "TODO: not measured",
         "reported": f"{reported:.2f}" if reported is not None else (measured["autoattack_acc"] or "TODO: not measured"),
         "autoattack_acc": measured["autoattack_acc"] or "TODO: not measured",
         "unreliable": False,
     })
+    if cfg.norm == "l2" and f"{cfg.eps:.3g}" != f"{ROBUSTBENCH_L2_EPS:g}":
+        # the paper's L2 radius, 128/255 = 0.502, is not the leaderboard's 0.5; rwp-fast eval measures at the
+        # training radius, so the accuracies here are at this run's ε
+        todo.append(("eps", f"measured at L2 ε = {cfg.eps:.4g} ({cfg.epsilon_255:g}/255); RobustBench's L2 "
+                     f"leaderboard evaluates at ε = {ROBUSTBENCH_L2_EPS:g}"))
     if subset and subset.get("stratified"):
         todo.append(("clean_acc/autoattack_acc", f"measured on {subset['n']} of {subset['of']} test images; "
                      "RobustBench reports the whole test set: rwp-fast eval without --n-examples"))

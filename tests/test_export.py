@@ -82,3 +82,17 @@ def test_a_checkpoint_chosen_by_its_ema_exports_the_ema_weights(tmp_path):
     (tmp_path / "run" / "best_eval.json").write_text(json.dumps({"weights": "raw", "results": {"n": 8}}))
     assert main(["export", str(path), "--out", str(tmp_path / "raw")]) == 0
     assert json.loads((tmp_path / "raw" / "model_card.json").read_text())["weights"] == "raw"
+
+
+@pytest.mark.parametrize("epsilon_255, eps, flagged", [(128, "0.502", True), (127.5, "0.5", False)])
+def test_l2_model_info_writes_eps_as_robustbench_does(epsilon_255, eps, flagged):
+    """Under L2 RobustBench's model-info eps is a decimal ("0.5"), not "x/255"; a radius other than its 0.5
+    (the paper's 128/255) is flagged, since rwp-fast eval measured the accuracies at the training radius."""
+    from rwp_fast.config import RunConfig
+    from rwp_fast.export import model_info
+    cfg = RunConfig(norm="l2", epsilon_255=epsilon_255, alpha_255=15.0)
+    info, todo = model_info(cfg, {"natural": 0.7, "autoattack": 0.4}, None)
+    assert info["eps"] == eps and info["clean_acc"] == "70.00"
+    assert any(field == "eps" for field, _ in todo) == flagged
+    linf, _ = model_info(RunConfig(), None, None)
+    assert linf["eps"] == "8/255"
