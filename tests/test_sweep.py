@@ -108,6 +108,19 @@ def test_seeds_in_parallel_children_and_mean_std_summary(tmp_path):
     os.remove(out / "summary.csv")
     assert cli.main(["sweep", "--summarize", str(out)]) == 0
     assert read_csv(out / "summary.csv") == [row]
+    # one seed's run as an rwp-fast before the stratified subsets wrote it: the summary says the two seeds
+    # were evaluated on different images (the same subsets say nothing)
+    said = []
+    sweep.summarize(str(out), log=said.append)
+    assert not any("different test subsets" in s for s in said)
+    path = out / names[1] / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "eval_subsets"}))
+    said = []
+    sweep.summarize(str(out), log=said.append)
+    (warning,) = [s for s in said if "different test subsets" in s]
+    assert names[0] in warning and f"unrecorded (an rwp-fast older than the stratified subsets: the first N " \
+        f"images): {names[1]}" in warning
 
 
 def test_points_zip_lsc_ranges_and_names(tmp_path):

@@ -44,13 +44,14 @@ def summarize(sweep_dir, log=print):
         sweep = _infer_sweep(sweep_dir)
     if not sweep.points:
         raise ConfigError(f"summarize: {sweep_dir} holds no sweep.json and no run directories with metrics.jsonl")
-    rows = []
+    rows, subsets = [], {}
     for point in sweep.points:
         per_run = []
         for run in point["runs"]:
             metrics = read_rows(os.path.join(sweep_dir, run["dir"]))
             if metrics:
                 per_run.append(run_stats(metrics))
+                subsets.setdefault(_test_subset(os.path.join(sweep_dir, run["dir"])), []).append(run["dir"])
         row = {"point": point["label"], **{k: format_value(v) for k, v in point["values"].items()},
                "seeds": len(per_run), "runs": len(point["runs"])}
         for col in STAT_COLUMNS:
@@ -59,12 +60,29 @@ def summarize(sweep_dir, log=print):
             row[col + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         row["epochs"] = min((r["epochs"] for r in per_run), default=0)
         rows.append(row)
+    if len(subsets) > 1:  # the table still comes: the user decides, but is told what it compares
+        groups = "; ".join(f"{subset}: {', '.join(dirs)}" for subset, dirs in subsets.items())
+        log(f"warning: {sweep_dir}: its runs were evaluated on different test subsets, so the rows compare "
+            f"accuracies on different images ({groups})")
     _write_csv(os.path.join(sweep_dir, SUMMARY_CSV), rows, sweep.keys)
     log(summary_table(rows, seeds=any(len(p["runs"]) > 1 for p in sweep.points)))
     if any(r["seeds"] for r in rows):
         png = plot_summary(sweep, os.path.join(sweep_dir, SUMMARY_PNG))
         log(f"\nwrote {os.path.join(sweep_dir, SUMMARY_CSV)} and {png}")
     return rows
+
+
+def _test_subset(run_dir):
+    """The test subset a run's config.json records, as text; a run from before the stratified subsets
+    (the first N images) records none."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            record = json.load(f).get("eval_subsets")
+    except (OSError, ValueError):
+        return "unreadable config.json"
+    if not isinstance(record, dict) or "test" not in record:
+        return "unrecorded (an rwp-fast older than the stratified subsets: the first N images)"
+    return json.dumps(record["test"], sort_keys=True)
 
 
 def _write_csv(path, rows, keys):
