@@ -53,7 +53,11 @@ def cmd_train(args):
         resolve_device(cfg.device)  # a missing CUDA device is reported before anything is written
         check_writable_dir(cfg.out_dir, "out_dir")
         trainer = Trainer(cfg)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        trainer.dist.close(orderly=False)  # no gloo thread into shutdown (distributed.setup), and no barrier
+        raise
     trainer.dist.close()
     if trainer.preempted or not trainer.dist.is_main:  # only rank 0 writes; a stopped run has no final plot
         return

@@ -186,3 +186,34 @@ def test_a_grid_over_a_renamed_field_takes_the_flag_name_and_keeps_the_directory
     assert sweep.parse_grid("alpha_255=1") == ("alpha_255", [1.0])
     assert sweep.run_name({"epsilon_255": 4.0}, seed=1) == "epsilon=4.0_seed=1"
     assert sweep.value_label("epsilon_255", 4.0) == "epsilon=4.0"
+
+
+def test_mixed_subset_warning_only_where_the_sweep_did_not_ask_for_other_images(tmp_path):
+    """An old run (no eval_subsets) with eval_examples 0 saw the whole test set, as a new whole-set run
+    did: no warning. A grid over eval_examples compares other subsets on purpose: only its seeds must agree."""
+    from rwp_fast.sweep import summary
+
+    def run(name, eval_examples, record):
+        os.makedirs(tmp_path / name)
+        saved = {"config": {"eval_examples": eval_examples}}
+        if record is not None:
+            saved["eval_subsets"] = {"test": record}
+        (tmp_path / name / "config.json").write_text(json.dumps(saved))
+        return summary._test_subset(str(tmp_path / name))
+
+    whole_old = run("a", 0, None)
+    whole_new = run("b", 0, {"n": 10000, "of": 10000, "seed": None, "stratified": False})
+    first_n = run("c", 100, None)
+    strat = run("d", 100, {"n": 100, "of": 10000, "seed": 0, "stratified": True})
+    assert whole_old == whole_new == summary.WHOLE_TEST_SET and first_n == summary.UNRECORDED != strat
+    said = []
+    summary._warn_on_mixed_subsets("s", [], [{whole_old: ["a"]}, {whole_new: ["b"]}], said.append)
+    assert said == []
+    # swept eval_examples: points may differ, the seeds of one point may not
+    summary._warn_on_mixed_subsets("s", ["eval_examples"], [{whole_new: ["b"]}, {strat: ["d"]}], said.append)
+    assert said == []
+    summary._warn_on_mixed_subsets("s", ["eval_examples"], [{whole_new: ["b"]}, {strat: ["d"], first_n: ["c"]}],
+                                   said.append)
+    assert len(said) == 1 and "d" in said[0] and "c" in said[0]
+    summary._warn_on_mixed_subsets("s", ["gamma"], [{whole_new: ["b"]}, {strat: ["d"]}], said.append)
+    assert len(said) == 2

@@ -44,14 +44,15 @@ def summarize(sweep_dir, log=print):
         sweep = _infer_sweep(sweep_dir)
     if not sweep.points:
         raise ConfigError(f"summarize: {sweep_dir} holds no sweep.json and no run directories with metrics.jsonl")
-    rows, subsets = [], {}
+    rows, subsets = [], []
     for point in sweep.points:
-        per_run = []
+        per_run, subsets_here = [], {}
         for run in point["runs"]:
             metrics = read_rows(os.path.join(sweep_dir, run["dir"]))
             if metrics:
                 per_run.append(run_stats(metrics))
-                subsets.setdefault(_test_subset(os.path.join(sweep_dir, run["dir"])), []).append(run["dir"])
+                subsets_here.setdefault(_test_subset(os.path.join(sweep_dir, run["dir"])), []).append(run["dir"])
+        subsets.append(subsets_here)
         row = {"point": point["label"], **{k: format_value(v) for k, v in point["values"].items()},
                "seeds": len(per_run), "runs": len(point["runs"])}
         for col in STAT_COLUMNS:
@@ -60,10 +61,7 @@ def summarize(sweep_dir, log=print):
             row[col + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         row["epochs"] = min((r["epochs"] for r in per_run), default=0)
         rows.append(row)
-    if len(subsets) > 1:  # the table still comes: the user decides, but is told what it compares
-        groups = "; ".join(f"{subset}: {', '.join(dirs)}" for subset, dirs in subsets.items())
-        log(f"warning: {sweep_dir}: its runs were evaluated on different test subsets, so the rows compare "
-            f"accuracies on different images ({groups})")
+    _warn_on_mixed_subsets(sweep_dir, sweep.keys, subsets, log)
     _write_csv(os.path.join(sweep_dir, SUMMARY_CSV), rows, sweep.keys)
     log(summary_table(rows, seeds=any(len(p["runs"]) > 1 for p in sweep.points)))
     if any(r["seeds"] for r in rows):
@@ -72,17 +70,43 @@ def summarize(sweep_dir, log=print):
     return rows
 
 
+# Swept fields that choose the test images themselves: across such points other subsets are what was asked.
+SUBSET_FIELDS = ("dataset", "eval_examples", "subset_seed")
+WHOLE_TEST_SET = "the whole test set"
+UNRECORDED = "unrecorded (an rwp-fast older than the stratified subsets: the first N images)"
+
+
 def _test_subset(run_dir):
     """The test subset a run's config.json records, as text; a run from before the stratified subsets
-    (the first N images) records none."""
+    records none (it evaluated the first N images, or the whole set with eval_examples 0)."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            record = json.load(f).get("eval_subsets")
+            saved = json.load(f)
     except (OSError, ValueError):
         return "unreadable config.json"
-    if not isinstance(record, dict) or "test" not in record:
-        return "unrecorded (an rwp-fast older than the stratified subsets: the first N images)"
-    return json.dumps(record["test"], sort_keys=True)
+    record = (saved.get("eval_subsets") or {}).get("test") if isinstance(saved, dict) else None
+    if not isinstance(record, dict):
+        whole = ((saved.get("config") or {}).get("eval_examples", 1) or 0) <= 0 if isinstance(saved, dict) else False
+        return WHOLE_TEST_SET if whole else UNRECORDED
+    return WHOLE_TEST_SET if not record.get("stratified") else json.dumps(record, sort_keys=True)
+
+
+def _warn_on_mixed_subsets(sweep_dir, keys, subsets, log):
+    """subsets: per point, {subset: [run dirs]}. The seeds of one point must share one; so must all
+    points unless the sweep varies a SUBSET_FIELDS field. The table still comes: the user is told what
+    its rows compare, not refused."""
+    if any(k in SUBSET_FIELDS for k in keys):
+        groups = [g for g in subsets if len(g) > 1]
+    else:
+        merged = {}
+        for g in subsets:
+            for subset, dirs in g.items():
+                merged.setdefault(subset, []).extend(dirs)
+        groups = [merged] if len(merged) > 1 else []
+    for g in groups:
+        text = "; ".join(f"{subset}: {', '.join(dirs)}" for subset, dirs in g.items())
+        log(f"warning: {sweep_dir}: runs evaluated on different test subsets, so their accuracies are on "
+            f"different images ({text})")
 
 
 def _write_csv(path, rows, keys):

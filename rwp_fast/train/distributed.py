@@ -36,6 +36,7 @@ What an N-process run computes (README, "Many GPUs"):
 """
 
 import datetime
+import gc
 import importlib
 import os
 import signal
@@ -130,29 +131,40 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
-    def close(self):
+    def close(self, orderly=True):
+        """Destroy the process groups. orderly: every process got here (a run that ended, not one that
+        raised: then a barrier would wait for peers that never come, for the whole timeout)."""
+        global _control_group
         if self.enabled:
             import torch.distributed as dist
             if dist.is_initialized():
                 # Every process reaches this point before any tears its connections down, so no peer is
                 # mid-collective when the other closes its sockets. (The SIGABRT at exit once blamed on this
                 # was the default group outliving destroy_process_group: see setup.)
-                dist.barrier()
+                if orderly:
+                    dist.barrier()
+                # Contexts left in unreachable reference cycles (a FastTrainStep holds wrappers of its own
+                # bound methods; bench_dist makes one per row) still hold the control group: free them first.
+                gc.collect()
                 dist.destroy_process_group()
             self.world_size = 1
-            self.control_group = None  # the last reference of ours: the groups' threads end with them
+            self.control_group = _control_group = None  # our last references: the groups' threads end
 
     @staticmethod
     def collective_threads():
         """Names of this process's gloo threads (Linux /proc; [] where unreadable). Empty after close()
         unless something outside still holds a process group (see setup)."""
-        names = []
         try:
-            for task in os.listdir("/proc/self/task"):
-                with open(f"/proc/self/task/{task}/comm") as f:
-                    names.append(f.read().strip())
+            tasks = os.listdir("/proc/self/task")
         except OSError:
             return []
+        names = []
+        for task in tasks:
+            try:
+                with open(f"/proc/self/task/{task}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:  # a thread that ended since the listing
+                pass
         return [n for n in names if n.startswith(("pt_gloo", "gloo_"))]
 
 
@@ -200,8 +212,13 @@ def setup(cfg, device):
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return DistContext(rank, world, local_rank, backend, control), device
+    global _control_group
+    if _control_group is None and backend != "gloo":  # one per process: a setup per benchmark row reuses it
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
+    return DistContext(rank, world, local_rank, backend, _control_group), device
+
+
+_control_group = None  # the gloo group of a NCCL run's host-side flags, made by the first setup
 
 
 def check_batch(cfg, world):
