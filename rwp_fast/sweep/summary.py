@@ -83,11 +83,13 @@ def _test_subset(run_dir):
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
         return "unreadable config.json"
-    record = (saved.get("eval_subsets") or {}).get("test") if isinstance(saved, dict) else None
+    record = (saved.get("eval_subsets") or {}).get("test")
     if not isinstance(record, dict):
-        whole = ((saved.get("config") or {}).get("eval_examples", 1) or 0) <= 0 if isinstance(saved, dict) else False
-        return WHOLE_TEST_SET if whole else UNRECORDED
+        old_n = (saved.get("config") or {}).get("eval_examples", 1) or 0
+        return WHOLE_TEST_SET if old_n <= 0 else UNRECORDED
     return WHOLE_TEST_SET if not record.get("stratified") else json.dumps(record, sort_keys=True)
 
 
