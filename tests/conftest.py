@@ -83,6 +83,9 @@ def _backend_available(name):
         importlib.import_module(module)
     except ImportError as exc:
         return f"{name} backend not importable: {exc}"
+    if name == "triton":  # on CPU: the interpreter, where it runs our kernels (kernels/_interpreter.py)
+        from rwp_fast.ops import dispatch
+        return dispatch.triton_cpu_refusal(DEVICE.type)
     return None
 
 

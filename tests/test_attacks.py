@@ -12,9 +12,8 @@ from rwp_fast.verify import tolerances
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("norm,loss", [("linf", "ce"), ("linf", "cw"), ("l2", "ce")])
-def test_pgd_attack_matches_reference(backend, norm, loss):
-    if backend == "triton" and not dispatch.triton_interpreting():
-        pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
+def test_pgd_attack_matches_reference(backend, norm, loss, require_backend):
+    require_backend(backend)
     model = build_model("small_cnn", 10, 1, (0.3,), (0.37,)).eval()
     x, y = torch.rand(7, 1, 8, 8), torch.randint(0, 10, (7,))
     eps, alpha = (32 / 255, 8 / 255) if norm == "linf" else (0.5, 0.1)

@@ -12,6 +12,8 @@ from rwp_fast import ops
 from rwp_fast.ops.weight_perturb import SegmentTable
 
 pytest.importorskip("triton")
+if not torch.cuda.is_available() and ops.dispatch.triton_cpu_refusal("cpu"):
+    pytest.skip(ops.dispatch.triton_cpu_refusal("cpu"), allow_module_level=True)
 for _module in ("pgd_step", "lsc_loss", "weight_perturb"):  # importing a kernel module registers its ops
     pytest.importorskip(f"rwp_fast.kernels.{_module}")
 lib = torch.ops.rwp_triton

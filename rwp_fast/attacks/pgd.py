@@ -46,14 +46,23 @@ def objective(logits, y, loss):
     raise ValueError(f"loss: expected 'ce' or 'cw', got {loss!r}")
 
 
-def ascend_(forward, x_adv, x, objective, alpha, eps, norm, autocast, pgd_step_):
+def input_leaf(x):
+    """The persistent leaf ``ascend_`` differentiates at: x's shape and strides, requires_grad, refilled each step."""
+    return torch.empty_like(x).requires_grad_(True)
+
+
+def ascend_(forward, x_adv, leaf, x, objective, alpha, eps, norm, autocast, pgd_step_):
     """One attack step in place: x_adv ← pgd_step(x_adv, ∇ₓ objective(forward(x_adv))).
 
     Traceable as one graph (``torch.compile(fullgraph=True)`` with Dynamo's ``trace_autograd_ops``): the
-    training step compiles it, and captures the K1 calls of an attack. pgd_step_: the op with its backend
-    bound (``OpSet.pgd_step_``) or ``rwp_fast.ops.pgd_step_``.
+    training step compiles it, and captures the K1 calls of an attack. The gradient is taken at `leaf`
+    (``input_leaf``), a persistent tensor that requires grad and is refilled from x_adv in place: Dynamo on
+    torch 2.11 refuses ``x_adv.detach().requires_grad_()`` inside a graph (2.14 accepts it), and a leaf that
+    is a graph input traces on both. pgd_step_: the op with its backend bound (``OpSet.pgd_step_``) or
+    ``rwp_fast.ops.pgd_step_``.
     """
-    leaf = x_adv.detach().requires_grad_(True)
+    with torch.no_grad():
+        leaf.copy_(x_adv)
     with autocast():
         logits = forward(leaf)
     (grad,) = torch.autograd.grad(objective(logits), leaf)
@@ -72,10 +81,11 @@ def pgd_attack(forward, x, y, eps, alpha, steps, norm="linf", random_start=True,
         x_adv = pgd_random_init(x, noise, eps, norm, radius, backend=backend)
     else:
         x_adv = x.clone()
-    step = functools.partial(pgd_step_, backend=backend)
+    step, leaf = functools.partial(pgd_step_, backend=backend), input_leaf(x_adv)
     with frozen(params) if input_only else contextlib.nullcontext():
         for _ in range(steps):
-            ascend_(forward, x_adv, x, lambda logits: objective(logits, y, loss), alpha, eps, norm, autocast, step)
+            ascend_(forward, x_adv, leaf, x, lambda logits: objective(logits, y, loss), alpha, eps, norm, autocast,
+                    step)
     return x_adv.detach()
 
 
@@ -86,9 +96,9 @@ def trades_attack(forward, x, eps, alpha, steps, norm="linf", generator=None, pa
         p_nat = F.softmax(upcast(forward(x)), dim=1)
     noise = draw(torch.randn, x.shape, generator, x.device)
     x_adv = (x + TRADES_INIT_STD * noise).to(x.dtype)
-    step = functools.partial(pgd_step_, backend=backend)
+    step, leaf = functools.partial(pgd_step_, backend=backend), input_leaf(x_adv)
     with frozen(params) if input_only else contextlib.nullcontext():
         for _ in range(steps):
-            ascend_(forward, x_adv, x, lambda logits: trades_kl_sum(logits, p_nat), alpha, eps, norm, autocast,
+            ascend_(forward, x_adv, leaf, x, lambda logits: trades_kl_sum(logits, p_nat), alpha, eps, norm, autocast,
                     step)
     return x_adv.detach()

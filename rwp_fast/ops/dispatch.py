@@ -60,10 +60,26 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_cpu_refusal(device_type):
+    """None if the triton backend can run tensors of `device_type`, else why not (a sentence). On CUDA always
+    None; elsewhere only the interpreter runs them, and only where it can (``kernels._interpreter``)."""
+    if device_type == "cuda":
+        return None
+    if not triton_interpreting():
+        return f"backend 'triton' runs {device_type} tensors only under TRITON_INTERPRET=1"
+    if "interpreter" not in _TRITON_CPU:  # cached in a plain dict, as _MODULES: a compiled caller traces a lookup
+        try:
+            _TRITON_CPU["interpreter"] = importlib.import_module("rwp_fast.kernels._interpreter").interpreter_refusal()
+        except ImportError as exc:
+            _TRITON_CPU["interpreter"] = f"backend 'triton' is not importable: {exc}"
+    return _TRITON_CPU["interpreter"]
+
+
 # Plain dicts, not functools.cache: torch.compile traces a dict lookup (a constant under a guard) but
 # not a cached function, so a compiled region that calls an op after its first eager call does not break.
 _MODULES = {}
 _AUTO = {}
+_TRITON_CPU = {}
 
 
 def _load(backend, op):
@@ -90,7 +106,7 @@ def _can_run(backend, op, device_type):
         return True
     if backend == "cuda" and device_type != "cuda":
         return False
-    if backend == "triton" and device_type != "cuda" and not triton_interpreting():
+    if backend == "triton" and triton_cpu_refusal(device_type):
         return False
     try:
         _load(backend, op)
@@ -130,9 +146,9 @@ def choose_backend(op, device, backend=None):
     _load(name, op)  # an explicit backend that is not installed raises its own ImportError
     if name == "cuda" and device_type != "cuda":
         raise ValueError(f"backend 'cuda' runs CUDA tensors only; the inputs of {op} are on {device_type}")
-    if name == "triton" and device_type != "cuda" and not triton_interpreting():
-        raise ValueError(f"backend 'triton' runs {device_type} tensors only under TRITON_INTERPRET=1; "
-                         f"the inputs of {op} are on {device_type}")
+    refusal = triton_cpu_refusal(device_type) if name == "triton" else None
+    if refusal:
+        raise ValueError(f"{refusal}; the inputs of {op} are on {device_type}")
     return name
 
 

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from ..attacks.pgd import ascend_, frozen, objective
+from ..attacks.pgd import ascend_, frozen, input_leaf, objective
 from ..config import FULL_RANGE
 from ..core import TRADES_INIT_STD, SearchInfo, StepResult, draw, draw_random_init_noise, trades_kl_sum, upcast
 from ..ops import OpSet
@@ -61,10 +61,9 @@ def capture_refusal(cfg, device, precision, dist):
 
 
 def _autograd_tracing():
-    """Dynamo traces torch.autograd.grad in the attack step only with this config (torch >= 2.11)."""
-    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        return torch._dynamo.config.patch(trace_autograd_ops=True)
-    return contextlib.nullcontext()
+    """Dynamo traces torch.autograd.grad in the attack step only with this config (off by default on 2.11 to
+    2.14, the range setup.py accepts)."""
+    return torch._dynamo.config.patch(trace_autograd_ops=True)
 
 
 class FastTrainStep:
@@ -114,11 +113,7 @@ class FastTrainStep:
         full = self.dist is None
         wrap = (lambda fn: torch.compile(fn, fullgraph=full, mode=mode)) if compile_phases else (lambda fn: fn)
         self.run_attack_start, self.run_search_begin = wrap(self.attack_start), wrap(self.search_begin)
-        if compile_phases and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-            # torch < 2.11 cannot trace the input gradient: the attack step compiles around it (2 graphs)
-            self.run_attack_step = torch.compile(self.attack_step, mode=mode)
-        else:
-            self.run_attack_step = wrap(self.attack_step)
+        self.run_attack_step = wrap(self.attack_step)
         self.run_probe_forward, self.run_update = wrap(self.probe_forward), wrap(self.update)
         self.run_train_forward, self.run_train_update = wrap(self.train_forward), wrap(self.train_update)
 
@@ -154,7 +149,7 @@ class FastTrainStep:
             goal = lambda logits: objective(logits, b["y"], "ce")  # noqa: E731
         else:
             goal = lambda logits: trades_kl_sum(logits, p_nat)  # noqa: E731
-        ascend_(self.model, b["x_adv"], b["x"], goal, cfg.step_size, cfg.eps, cfg.norm, self.autocast,
+        ascend_(self.model, b["x_adv"], b["leaf"], b["x"], goal, cfg.step_size, cfg.eps, cfg.norm, self.autocast,
                 self.ops.pgd_step_)
 
     def search_begin(self):
@@ -244,6 +239,7 @@ class FastTrainStep:
                             "x_adv": new(x.shape).contiguous(memory_format=fmt),
                             "noise": new(x.shape, torch.float32).contiguous(memory_format=fmt),  # fp32 draws
                             "radius": new(x.shape[:1], torch.float32) if self.cfg.norm == "l2" else None}
+            self.buffers["leaf"] = input_leaf(self.buffers["x_adv"])  # the attack's gradient is taken here
         b = self.buffers
         b["x"].copy_(x)
         b["y"].copy_(y)
