@@ -217,6 +217,10 @@ def run(args):
 
 def main(args):
     """Entry of ``rwp-fast bench``; returns the exit status (1 if no configuration produced a figure)."""
+    from rwp_fast._fs import check_output_file  # every output checked before the first timed step
+    for path, flag, kind in ((args.json, "json", "bench"), (args.plot, "plot", "figure")):
+        if path:
+            check_output_file(path, flag, kind)
     meta, rows, summary = run(args)
     print_summary(summary, meta)
     if args.json:

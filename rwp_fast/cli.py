@@ -2,8 +2,10 @@
 
 ``train`` mirrors RunConfig field for field (``--field-name``); ``--preset NAME`` loads a paper preset
 and explicit flags override it. Errors a user can fix (missing data, bad values, corrupt checkpoints,
-missing optional packages) print one clear message and exit with status 2, without a traceback
-(set RWP_FAST_DEBUG=1 to see it).
+missing optional packages, unusable output paths) print one clear message and exit with status 2
+(EXIT_USER_ERROR), without a traceback (set RWP_FAST_DEBUG=1 to see it), before any work starts; a bad
+argument is one line too, with a pointer to --help. A run stopped by SIGTERM / SIGUSR1 exits with
+EXIT_PREEMPTED (75) once last.pt is written.
 """
 
 import argparse
@@ -11,8 +13,12 @@ import dataclasses
 import os
 import sys
 
-from .cli_args import add_config_flags, check_int, check_writable_dir, check_writable_file, config_from_args
-from .config import FLAGS, PRESETS, ConfigError, RunConfig
+from ._fs import check_output_dir, check_output_file
+from .cli_args import add_config_flags, check_int, config_from_args
+from .config import EXIT_PREEMPTED, EXIT_USER_ERROR, FLAGS, PRESETS, ConfigError, RunConfig
+from .readers import METRICS_FILE, read_metrics, read_run_config
+
+CURVES = [("curves.png", "figure")]  # what a run directory gets besides the run's own files
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -39,7 +45,10 @@ def cmd_train(args):
         if not os.path.isdir(args.resume):
             raise ConfigError(f"resume: {args.resume!r} is not a directory; allowed: a run directory "
                               "holding last.pt")
-        check_writable_dir(args.resume, "resume")
+        check_output_dir(args.resume, "resume", CURVES)
+        info = read_run_config(args.resume)  # its shape checked; last.pt is checked against it on resume
+        if info and info["config"]["tensorboard"]:
+            check_output_dir(os.path.join(args.resume, "tb"), "tensorboard")
         overrides = {k: getattr(args, k) for k in allowed if getattr(args, k) is not None}
         trainer = Trainer.resume(args.resume, **overrides)
         if trainer.dist.is_main:
@@ -47,11 +56,10 @@ def cmd_train(args):
                   f"of {trainer.cfg.epochs}")
     else:
         cfg = config_from_args(args)
-        if os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
-            raise ConfigError(f"out_dir: {cfg.out_dir} already holds a run (last.pt); continue it with "
-                              f"--resume {cfg.out_dir} or choose another --out-dir")
+        check_new_run_dir(cfg.out_dir)
+        if cfg.tensorboard:
+            check_output_dir(os.path.join(cfg.out_dir, "tb"), "tensorboard")
         resolve_device(cfg.device)  # a missing CUDA device is reported before anything is written
-        check_writable_dir(cfg.out_dir, "out_dir")
         trainer = Trainer(cfg)
     try:
         trainer.fit()
@@ -59,7 +67,10 @@ def cmd_train(args):
         trainer.dist.close(orderly=False)  # no gloo thread into shutdown (distributed.setup), and no barrier
         raise
     trainer.dist.close()
-    if trainer.preempted or not trainer.dist.is_main:  # only rank 0 writes; a stopped run has no final plot
+    if trainer.preempted:  # last.pt holds the position: a job chain resubmits on this status, not on 0
+        from .train.distributed import preempted_status
+        return preempted_status(trainer.dist.is_main)
+    if not trainer.dist.is_main:  # only rank 0 writes
         return
     plot = plot_runs([trainer.out_dir], os.path.join(trainer.out_dir, "curves.png"))
     print(f"best test PGD-{trainer.cfg.eval_attack_steps} {100 * trainer.best_metric:.2f}% "
@@ -71,19 +82,24 @@ def cmd_eval(args):
 
     from .data import load_dataset
     from .data.subset import stratified_subset, subset_record
-    from .eval import markdown_table, run_eval_suite, write_json
-    from .eval.suite import default_attacks
+    from .eval import markdown_table, require_autoattack, run_eval_suite, write_json
+    from .eval.suite import check_attacks, default_attacks
     from .models import build_model
     from .train import load_checkpoint, resolve_device
     from .train.checkpoint import weights_mismatch
     check_int(args.n_examples, "n_examples", 0)
     check_int(args.batch_size, "batch_size", 1)
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
+    check_output_file(out, "out", "eval")  # before minutes of attacks, not after
     state = load_checkpoint(args.checkpoint)
     from .train.ema import select_weights
     weights, which = select_weights(state, args.weights, args.checkpoint)  # --weights ema|raw
-    check_writable_file(out, "out")  # before minutes of attacks, not after
     cfg = RunConfig.from_dict(state["config"])
+    # the attacks fit the checkpoint's norm, and AutoAttack is installed, before any attack runs
+    attacks, note = (args.attacks, None) if args.attacks is not None else default_attacks(cfg.norm)
+    attacks = check_attacks(attacks, cfg.norm)
+    if "autoattack" in attacks:
+        require_autoattack(cfg.norm)
     if args.data_dir:
         cfg = cfg.replace(data_dir=args.data_dir)
     if args.subset_seed is not None:  # validated as the config field is
@@ -104,11 +120,8 @@ def cmd_eval(args):
     subset = subset_record(data.test_y, args.n_examples, cfg.subset_seed)
     if subset["stratified"]:
         print(f"test subset: {subset['n']} of {subset['of']} images, class-stratified, seed {cfg.subset_seed}")
-    attacks = args.attacks
-    if attacks is None:
-        attacks, note = default_attacks(cfg.norm)
-        if note:
-            print(f"note: {note}")
+    if note:
+        print(f"note: {note}")
     torch.manual_seed(args.seed)
     results = run_eval_suite(model, data.test_x[idx], data.test_y[idx], cfg.eps, cfg.step_size, cfg.norm,
                              attacks, args.batch_size, device, args.seed, log=print)
@@ -123,7 +136,7 @@ def cmd_eval(args):
 
 def cmd_plot(args):
     from .train.plots import plot_runs
-    check_writable_file(args.out, "out")
+    check_output_file(args.out, "out", "figure")
     print(plot_runs(args.run_dirs, args.out))
 
 
@@ -131,16 +144,36 @@ def cmd_demo(args):
     """The README's main job: AT, AT-AWP and AT-RWP on the built-in digits data, then a Table-1 summary."""
     from .demo import digits_demo, lsc_demo
     check_int(args.epochs, "epochs", 1)
-    check_writable_dir(args.out_dir, "out_dir")
+    check_output_dir(args.out_dir, "out_dir", CURVES)
     if getattr(args, "lsc_analysis", False):  # rwp_fast/demo.py: the LSC-range analysis as a sweep
         return lsc_demo(os.path.join(args.out_dir, "lsc-analysis"), args.epochs, args.quiet, args.device)
     return digits_demo(args.out_dir, args.epochs, args.quiet, args.device)
 
 
 
+def check_new_run_dir(out_dir):
+    """A new run may start in `out_dir`: a usable directory holding no run's checkpoint or metrics (the
+    new run would truncate metrics.jsonl and overwrite config.json)."""
+    if os.path.exists(os.path.join(out_dir, "last.pt")):
+        raise ConfigError(f"out_dir: {out_dir} already holds a run (last.pt); continue it with "
+                          f"--resume {out_dir} or choose another --out-dir")
+    check_output_dir(out_dir, "out_dir", CURVES)
+    if os.path.lexists(os.path.join(out_dir, METRICS_FILE)) and read_metrics(out_dir):
+        raise ConfigError(f"out_dir: {out_dir} holds a run's metrics.jsonl but no last.pt to continue it from; "
+                          "a new run there would erase those epochs; choose another --out-dir")
+
+
 # ------------------------------------------------------------------------------------------ parser
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad argument is one line, `PROG: error: ... (see PROG --help)`, instead of
+    the whole usage (36 lines for train). Subcommands' parsers are of this class too (add_subparsers)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="rwp-fast", description=__doc__.splitlines()[0])
+    p = Parser(prog="rwp-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (AT, TRADES, RST × none/AWP/RWP)")
@@ -205,6 +238,7 @@ def build_parser():
     s = sub.add_parser("sweep", help="run a grid of runs (any field, seeds, LSC ranges) and summarise it",
                        description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_arguments(s).set_defaults(func=sweep.main)
+    p.commands = sub.choices  # main: an unknown flag is reported by its subcommand's parser
     return p
 
 
@@ -212,7 +246,10 @@ def main(argv=None):
     from .data import DatasetNotFoundError
     from .eval import AutoAttackUnavailable
     from .train import CheckpointError
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report these as the top-level parser's, pointing at `rwp-fast --help`
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # train --nproc passes it on to torchrun
     try:
         status = args.func(args)  # verify and bench return their exit status; the others None
@@ -221,7 +258,7 @@ def main(argv=None):
         if os.environ.get("RWP_FAST_DEBUG") == "1":
             raise
         print(f"rwp-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return status or 0
 
 

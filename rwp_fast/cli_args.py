@@ -1,15 +1,17 @@
 """The command line's RunConfig flags (one per field, help from config.py's comments) and the checks on
-paths and integers that every subcommand shares (rwp-fast train, sweep, export, ...)."""
+integers that every subcommand shares (rwp-fast train, sweep, export, ...). Output paths are checked by
+rwp_fast._fs (check_output_file, check_output_dir)."""
 
 import argparse
 import dataclasses
 import inspect
 import os
 import re
-import tempfile
 
 from . import config as config_module
-from .config import FLAGS, ConfigError, RunConfig, preset
+from .config import BACKENDS, FLAGS, ConfigError, RunConfig, preset
+
+BACKEND_ENV = "RWP_FAST_BACKEND"  # the environment's --backend (rwp_fast.ops.dispatch reads it too)
 
 
 def _allowed_values(match):
@@ -47,48 +49,20 @@ def add_config_flags(parser):
 
 
 def config_from_args(args):
+    """The RunConfig of the flags (over --preset where given), validated. The backend is the flag's, else
+    $RWP_FAST_BACKEND's, else the default: the environment fills in only a flag that was not given."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(args, f.name, None) is not None}
+    env_backend = os.environ.get(BACKEND_ENV, "").strip()
+    if "backend" not in given and env_backend:
+        if env_backend not in BACKENDS:
+            raise ConfigError(f"backend: {BACKEND_ENV}={env_backend!r} is not one of {', '.join(BACKENDS)}")
+        given["backend"] = env_backend
     if "lr_milestones" in given:
         given["lr_milestones"] = tuple(given["lr_milestones"])
     if args.preset:
         return preset(args.preset, **given)
     return RunConfig(**given).validate()
-
-
-# ------------------------------------------------------------------------------------------ outputs
-def _write_probe(directory):
-    """Create and remove a file in `directory`: the one sure test that it is writable (OSError if not)."""
-    fd, probe = tempfile.mkstemp(dir=directory, prefix=".rwp-fast-write-probe.")
-    os.close(fd)
-    os.unlink(probe)
-
-
-def check_writable_dir(path, flag):
-    """Create directory `path` (and its parents) if missing and write a probe file there; a ConfigError
-    naming `flag` if that fails (a parent that is a file, no permission, read-only file system)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        _write_probe(path)
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot create or write directory {path!r} ({exc.strerror or exc}); "
-                          "allowed: a writable directory (created if missing)") from None
-
-
-def check_writable_file(path, flag):
-    """An output file may be written at `path`: its directory exists and is writable, and `path` is not a
-    directory. Nothing is created. A ConfigError naming `flag` otherwise."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag}: {path!r} is a directory; allowed: a file path in a writable directory")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"{flag}: the directory {directory!r} of {path!r} does not exist; allowed: a file "
-                          "path in an existing, writable directory")
-    try:
-        _write_probe(directory)
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot write in {directory!r} ({exc.strerror or exc}); allowed: a file "
-                          "path in an existing, writable directory") from None
 
 
 def check_int(value, flag, minimum):

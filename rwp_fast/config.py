@@ -20,6 +20,8 @@ LR_SCHEDULES = ("piecewise", "cosine")
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+# rwp-fast eval's attacks (rwp_fast/eval/suite.py runs them; rwp_fast/readers.py reads their reports)
+EVAL_ATTACKS = ("natural", "fgsm", "fgm", "pgd20", "pgd100", "cw", "autoattack")
 # How the fast step runs its phases (rwp_fast.train.fast_step): 'auto' captures them as CUDA graphs where it
 # can (CUDA, one process, not fp16) and compiles them otherwise; 'cuda-graphs' asks for the capture and warns
 # where it cannot; the others are torch.compile modes without capture. The captured mode is the CUDA default
@@ -45,6 +47,11 @@ FULL_RANGE = (-math.inf, math.inf)
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the allowed values."""
+
+
+# Exit statuses of the command line (README, "Exit status"). 2 is argparse's own for a bad argument.
+EXIT_USER_ERROR = 2     # bad input, refused before any work: one line on stderr naming the argument
+EXIT_PREEMPTED = 75     # stopped by SIGTERM / SIGUSR1 with last.pt written: resume it (sysexits' EX_TEMPFAIL)
 
 
 @dataclass
@@ -81,7 +88,7 @@ class RunConfig:
     epochs: int = 200
     batch_size: int = 128              # global batch: examples per step over all processes (RST: half extra)
     lr: float = 0.1                    # peak SGD learning rate, per step
-    momentum: float = 0.9
+    momentum: float = 0.9              # SGD momentum, in [0, 1)
     nesterov: bool = False
     weight_decay: float = 5e-4         # L2 coefficient, applied at w + v
     lr_schedule: str = "piecewise"     # one of LR_SCHEDULES; set per iteration
@@ -165,6 +172,11 @@ class RunConfig:
         if self.norm == "linf" and self.epsilon_255 > 255:
             raise ConfigError(f"epsilon_255 (--epsilon): {self.epsilon_255:g} is over 255; it is in 1/255 units "
                               "(8 means 8/255), allowed: 0 to 255")
+        # a momentum of 1 or more never decays the velocity: the weights run off and the run trains to chance
+        if not self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov: Nesterov momentum needs --momentum in (0, 1), got 0")
         at_least_one = ("k2", "epochs", "batch_size", "lr_decay")
         for name in at_least_one:
             value = getattr(self, name)
@@ -212,12 +224,18 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """A RunConfig from a saved dict (config.json, a checkpoint), each value checked against its field's
+        type; not validated (a run saved under older rules still loads). ConfigError names what is wrong."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: holds {type(d).__name__}, expected an object of RunConfig fields")
         names = {f.name for f in dataclasses.fields(cls)}
         # Fields that existed once and did nothing: dropped, so that older checkpoints still load.
         d = upgrade_dict({k: v for k, v in d.items() if k not in RETIRED_FIELDS})
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"config: unknown field(s) {unknown}")
+        for name, value in d.items():
+            _check_type(name, value)
         d = dict(d)
         d["compile_mode"] = OLD_COMPILE_MODES.get(d.get("compile_mode"), d.get("compile_mode", "auto"))
         if "lr_milestones" in d:
@@ -226,6 +244,27 @@ class RunConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def _check_type(name, value):
+    """A ConfigError unless `value` has the JSON type of RunConfig field `name` (typed by its default)."""
+    default = {f.name: f.default for f in dataclasses.fields(RunConfig)}[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if default is None:        # bool | None: on / off / auto
+        ok, kind = value is None or isinstance(value, bool), "true, false or null"
+    elif isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = number, "a number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        kind = "a list of integers"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise ConfigError(f"config: field {name} is {value!r}, expected {kind}")
 
 
 def upgrade_dict(d):

@@ -1,10 +1,10 @@
 """``rwp-fast demo``: AT, AT-AWP and AT-RWP on the built-in digits data with a Table-1 summary, and
 ``--lsc-analysis``, the same AT-RWP run once per LSC range (the paper's Fig. 1) as a sweep."""
 
-import json
 import os
 
-from .config import RunConfig
+from .config import EXIT_PREEMPTED, RunConfig
+from .readers import read_metrics
 from .sweep import DEMO_LSC_RANGES, build_sweep, parse_lsc_ranges, run_sweep
 
 DEMO_RUNS = ("at", "at-awp", "at-rwp")
@@ -40,9 +40,8 @@ def digits_demo(out_dir, epochs, quiet=False, device=None):
             trainer = Trainer(cfg)
         trainer.fit()
         if trainer.preempted:  # SIGTERM / SIGUSR1: last.pt holds the position; `rwp-fast demo` again resumes
-            return
-        with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f]
+            return EXIT_PREEMPTED
+        metrics = read_metrics(cfg.out_dir)
         rows.append((name.upper(), 100 * trainer.best_metric, 100 * metrics[-1]["test_robust_acc"],
                      100 * metrics[-1]["test_natural_acc"], metrics[-1]["rwp_steps_mean"]))
         dirs.append(cfg.out_dir)

@@ -26,7 +26,9 @@ import re
 
 import torch
 
+from ._fs import atomic_write, check_output_dir
 from .config import ConfigError, RunConfig
+from .readers import read_eval_report, read_run_config
 
 FORMATS = ("robustbench",)
 WEIGHTS_FILE = "model.pt"
@@ -63,13 +65,24 @@ def _ours(state, arch):
     return out
 
 
-def _eval_report(checkpoint, eval_json):
-    """(the eval JSON's contents or None, its path)."""
+def _eval_report(checkpoint, eval_json, cfg):
+    """(the eval report or None, its path): --eval-json must be an rwp-fast eval report of this model; the
+    default CHECKPOINT_eval.json is optional (the card then lists what is not measured)."""
     path = eval_json or os.path.splitext(checkpoint)[0] + "_eval.json"
-    if not os.path.isfile(path):
+    if eval_json is None and not os.path.lexists(path):
         return None, path
-    with open(path) as f:
-        return json.load(f), path
+    try:
+        report = read_eval_report(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"eval_json: {exc}") from None
+    # a report of another model's evaluation would put its accuracies on this one's card
+    theirs = report.get("config") or {}
+    differ = [k for k in ("dataset", "model", "norm", "epsilon_255") if k in theirs and theirs[k] != getattr(cfg, k)]
+    if differ:
+        raise ConfigError(f"eval_json: {path} reports an evaluation of "
+                          + ", ".join(f"{k} {theirs[k]!r}" for k in differ) + f", but {checkpoint} is of "
+                          + ", ".join(f"{k} {getattr(cfg, k)!r}" for k in differ))
+    return report, path
 
 
 # RobustBench's model_info/<dataset>/<threat>/<Name>.json (e.g. cifar10/Linf/Wu2020Adversarial.json):
@@ -126,18 +139,15 @@ def model_info(cfg, results, subset, user=None, reported=None):
 
 
 def _run_commit(checkpoint):
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f).get("git_commit", "unknown")
-    except (OSError, ValueError):
+    info = read_run_config(os.path.dirname(os.path.abspath(checkpoint)))
+    if info is None:
         return "unknown (no config.json next to the checkpoint)"
+    return info.get("git_commit", "unknown")
 
 
 def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=None, user=None, reported=None):
     """Write DIR/model.pt, DIR/model_card.json and RobustBench's DIR/model_info/<dataset>/<threat>/<Name>.json;
     returns the card (a dict), with 'model_info' (its path) and 'placeholders' ([(field, flag)])."""
-    from .cli_args import check_writable_dir
     from .models import build_model
     from .train import load_checkpoint
     from .train.ema import select_weights
@@ -149,9 +159,13 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
         raise ConfigError(f"model_name: {model_name!r} is not a RobustBench name; allowed: letters, digits, "
                           "- and _, e.g. Yu2022Robust")
     state = load_checkpoint(checkpoint)
-    check_writable_dir(out_dir, "out")  # a parent that is a file, no permission: one line, before any work
     cfg = RunConfig.from_dict(state["config"])
-    report, eval_path = _eval_report(checkpoint, eval_json)
+    name = model_name or default_model_name(checkpoint)
+    info_path = os.path.join(MODEL_INFO_DIR, cfg.dataset, {"linf": "Linf", "l2": "L2"}[cfg.norm], f"{name}.json")
+    # every output, before any work: a file there that an earlier export did not write is not replaced
+    check_output_dir(out_dir, "out", [(WEIGHTS_FILE, "export_weights"), (CARD_FILE, "export_card"),
+                                      (info_path, "model_info")])
+    report, eval_path = _eval_report(checkpoint, eval_json, cfg)
     # The weights the accuracies were measured on: the eval JSON's, else what `rwp-fast eval` takes by
     # default (the EMA weights of best_ema.pt). Shipping the raw weights of best_ema.pt beside the EMA's
     # accuracy would submit one model's numbers for another.
@@ -201,15 +215,10 @@ def export(checkpoint, out_dir, fmt="robustbench", eval_json=None, model_name=No
                            f"to the checkpoint); run: rwp-fast eval {checkpoint} --attacks "
                            f"natural,pgd20,autoattack, then export again")
     info, todo = model_info(cfg, results, (report or {}).get("test_subset"), user, reported)
-    name = model_name or default_model_name(checkpoint)
-    info_path = os.path.join(MODEL_INFO_DIR, cfg.dataset, card["threat_model"], f"{name}.json")
-    os.makedirs(os.path.join(out_dir, os.path.dirname(info_path)), exist_ok=True)
-    for rel, write in ((WEIGHTS_FILE, lambda p: torch.save(sd, p)),
-                       (CARD_FILE, lambda p: open(p, "w").write(json.dumps(card, indent=2) + "\n")),
-                       (info_path, lambda p: open(p, "w").write(json.dumps(info, indent=2) + "\n"))):
-        path = os.path.join(out_dir, rel)
-        write(path + ".tmp")
-        os.replace(path + ".tmp", path)
+    # the card first: model.pt is recognised as an export's by the card beside it
+    atomic_write(os.path.join(out_dir, CARD_FILE), lambda f: f.write(json.dumps(card, indent=2) + "\n"), mode="w")
+    atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda f: torch.save(sd, f))
+    atomic_write(os.path.join(out_dir, info_path), lambda f: f.write(json.dumps(info, indent=2) + "\n"), mode="w")
     if not model_name:
         todo.insert(0, ("<Name>", f"--model-name (RobustBench's Surname2022Word; used: {name})"))
     return {**card, "model_info": os.path.join(out_dir, info_path), "placeholders": todo}

@@ -205,6 +205,17 @@ def make_synthetic(n_train=SYNTHETIC_TRAIN, n_test=SYNTHETIC_TEST, num_classes=1
 
 
 # ------------------------------------------------------------------------------------------ loading
+def check_classes(name, data_dir, train_y, num_classes):
+    """A DataFormatError unless the training labels hold two classes or more: with one, every prediction
+    is right, and a run would report 100% robust accuracy for a model that learned nothing."""
+    present = torch.unique(train_y).numel()
+    if num_classes < 2 or present < 2:
+        where = f" at --data-dir {os.path.abspath(data_dir)}" if name in ("folder", "npz") else ""
+        raise DataFormatError(f"dataset {name!r}{where}: the training images hold {present} class(es) of "
+                              f"{num_classes}; a classifier needs 2 or more (with one, every prediction is "
+                              "right and every accuracy is 100%)")
+
+
 def load_dataset(cfg):
     """The dataset of ``cfg`` (fields dataset, data_dir, download, train_examples, image_size,
     skip_bad_images, method, extra_data, extra_fraction, rst_extra).
@@ -245,6 +256,7 @@ def load_dataset(cfg):
         raise ValueError(f"dataset: {name!r} is not one of {', '.join(DATASETS)}")
     if cfg.train_examples > 0:
         train = (train[0][:cfg.train_examples], train[1][:cfg.train_examples])
+    check_classes(name, cfg.data_dir, train[1], num_classes)
     if name in ("folder", "npz"):
         stats = channel_stats(train[0])   # after train_examples: the statistics of what is trained on
     if cfg.extra_file:

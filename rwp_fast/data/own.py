@@ -40,9 +40,12 @@ from .errors import DataFormatError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 # Pillow modes that hold one grey channel; everything else (RGB, RGBA, P, CMYK, YCbCr, ...) becomes RGB.
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# Grey modes wider than 8 bits, with the value of full white: 16-bit PNGs open as I;16 (or as I, 32-bit, in
+# older Pillow), and Pillow's convert("L") clips them at 255 instead of scaling (99% of pixels white).
+WIDE_GREY_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
 CACHE_PREFIX = ".rwp-fast-cache-"
-CACHE_VERSION = 1   # bump when the decoding changes, so old caches are not reused
+CACHE_VERSION = 2   # bump when the decoding changes, so old caches are not reused (2: 16-bit grey scaled)
 
 
 @dataclass
@@ -124,6 +127,10 @@ def _decode(path, image_size):
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode in WIDE_GREY_MODES:   # 0..65535 → 0..255, rounded: a 16-bit image is a valid image
+            wide = np.asarray(im, dtype=np.float64)   # decodes: errors surface here
+            im = Image.fromarray(np.clip(np.round(wide * (255.0 / WIDE_GREY_MODES[im.mode])), 0, 255)
+                                 .astype(np.uint8), mode="L")
         im = im.convert("L" if im.mode in GREY_MODES else "RGB")   # convert() decodes: errors surface here
         if image_size and im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)

@@ -30,9 +30,11 @@ import time
 
 import torch
 
+from .._fs import atomic_write
 from ..attacks import pgd_attack
+from ..config import EVAL_ATTACKS
 
-ATTACKS = ("natural", "fgsm", "fgm", "pgd20", "pgd100", "cw", "autoattack")
+ATTACKS = EVAL_ATTACKS  # natural, fgsm, fgm, pgd20, pgd100, cw, autoattack (config.py: readers read it too)
 # The default list per threat model: every attack in the checkpoint's own norm. FGSM is an L∞ attack;
 # an L2 checkpoint gets FGM, its one-step L2 counterpart, in that place.
 DEFAULT_ATTACKS = {"linf": ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"),
@@ -73,14 +75,26 @@ def parse_attacks(text):
     return names
 
 
+# The attacks defined for one threat model only: FGSM is the L∞ sign step, FGM its L2 counterpart.
+SINGLE_NORM = {"fgsm": "linf", "fgm": "l2"}
+
+
+def check_attacks(text, norm):
+    """The attack names of `text` (names or a comma-separated string), refused as a whole, before any
+    attack runs, when one does not fit the threat model `norm`: an L2 eval with FGSM, an L∞ one with FGM."""
+    names = parse_attacks(text)
+    wrong = [a for a in names if SINGLE_NORM.get(a, norm) != norm]
+    if wrong:
+        allowed = [a for a in ATTACKS if SINGLE_NORM.get(a, norm) == norm]
+        raise ValueError(f"attacks: {', '.join(wrong)} is defined for norm {SINGLE_NORM[wrong[0]]!r} only and this "
+                         f"checkpoint's norm is {norm!r}; allowed: {', '.join(allowed)}")
+    return names
+
+
 def _adversarial(name, model, x, y, eps, alpha, norm, gen):
     if name == "natural":
         return x
-    params = list(model.parameters())  # frozen during the attack: input gradients only
-    if name == "fgsm" and norm != "linf":
-        raise ValueError("attacks: fgsm is defined for norm 'linf' only; for an L2 checkpoint use fgm")
-    if name == "fgm" and norm != "l2":
-        raise ValueError("attacks: fgm is defined for norm 'l2' only; for an L∞ checkpoint use fgsm")
+    params = list(model.parameters())  # frozen during the attack: input gradients only (norms: check_attacks)
     if name in ("fgsm", "fgm"):  # one step of length ε from x itself, no random start (SPEC.md §4)
         return pgd_attack(model, x, y, eps, eps, 1, norm, False, "ce", None, params)
     if name in ("pgd20", "pgd100"):
@@ -97,7 +111,7 @@ def run_eval_suite(model, x_all, y_all, eps, alpha, norm="linf", attacks=None, b
     x_all: (N, C, H, W) uint8 or float in [0, 1]; y_all: (N,) int64. The model is put in eval mode and
     restored afterwards. attacks: names or a comma-separated string; None is default_attacks(norm).
     """
-    attacks = parse_attacks(default_attacks(norm)[0] if attacks is None else attacks)
+    attacks = check_attacks(default_attacks(norm)[0] if attacks is None else attacks, norm)
     AutoAttack = require_autoattack(norm) if "autoattack" in attacks else None
     was_training = model.training
     model.eval()
@@ -191,5 +205,5 @@ def markdown_table(results, attacks=None, title="model"):
 
 
 def write_json(path, results, extra=None):
-    with open(path, "w") as f:
-        json.dump({**(extra or {}), "results": results}, f, indent=2)
+    """The eval report (rwp_fast.readers.read_eval_report reads it), written atomically."""
+    atomic_write(path, lambda f: json.dump({**(extra or {}), "results": results}, f, indent=2), mode="w")

@@ -1,12 +1,14 @@
 """``rwp-fast sweep``'s flags and command; the package docstring (rwp_fast/sweep/__init__.py) is its help."""
 
+import os
 import sys
 
-from ..cli_args import add_config_flags, check_int, check_writable_dir, config_from_args
+from .._fs import check_output_dir
+from ..cli_args import add_config_flags, check_int, config_from_args
 from ..config import PRESETS, ConfigError
-from .grid import DEMO_LSC_RANGES, build_sweep, parse_grid, parse_lsc_ranges, parse_seeds
+from .grid import DEMO_LSC_RANGES, SWEEP_FILE, build_sweep, parse_grid, parse_lsc_ranges, parse_seeds
 from .run import run_sweep
-from .summary import summarize
+from .summary import SUMMARY_OUTPUTS, summarize
 
 
 def add_arguments(parser):
@@ -29,7 +31,7 @@ def add_arguments(parser):
 
 def main(args):
     if args.summarize:
-        summarize(args.summarize)
+        summarize(args.summarize)   # checks its outputs (summary.csv, summary.png) before reading
         return 0
     check_int(args.parallel, "parallel", 1)
     grids = [parse_grid(g) for g in args.grid]
@@ -42,8 +44,10 @@ def main(args):
     sweep_dir = args.out_dir or "runs/sweep"
     args.out_dir = None
     base = config_from_args(args)
-    check_writable_dir(sweep_dir, "out_dir")
+    check_output_dir(sweep_dir, "out_dir", [(SWEEP_FILE, "sweep"), *SUMMARY_OUTPUTS])
     sweep = build_sweep(base, sweep_dir, grids, args.zip, seeds, lsc)
+    for name in sweep.configs:   # a run directory's name may pass the file system's limit
+        check_output_dir(os.path.join(sweep_dir, name), "out_dir", [("curves.png", "figure")])
     print(f"sweep of {len(sweep.points)} point(s) × {len(seeds or [base.seed])} seed(s) in {sweep_dir}")
     _, failed = run_sweep(sweep, args.parallel)
     if failed:

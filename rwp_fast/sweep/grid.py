@@ -7,9 +7,9 @@ import json
 import math
 import os
 
+from .._fs import atomic_write
 from ..config import FLAGS, RENAMED_FIELDS, ConfigError, RunConfig
-
-SWEEP_FILE = "sweep.json"
+from ..readers import SWEEP_FILE, read_sweep_file
 LSC_KEY = "lsc_range"                 # the pseudo-field of --lsc-ranges: (lsc_low, c_min)
 # Not part of a run's identity: a finished run with other values here is still the same run. compile_mode
 # is a speed setting whose modes the tests hold equal to the reference.
@@ -177,16 +177,29 @@ def build_sweep(base, sweep_dir, grids=(), zip_=False, seeds=None, lsc_ranges=No
                           "a *-rwp preset)")
     values = expand_points(list(grids), zip_, lsc_ranges)
     keys = list(values[0])
-    points, configs = [], {}
+    points, configs, labels = [], {}, {}
     for v in values:
         runs = []
         for seed in (seeds or [None]):
             name, cfg = point_config(base, v, seed, sweep_dir, with_seed=seeds is not None)
+            # two points, one directory: one would never run and its row would repeat the other's result
+            # (run names drop spaces and path separators; a case-insensitive file system folds case too)
+            same = labels.get(name.casefold())
+            if same is not None:
+                raise ConfigError(f"grid: the points {same[1]} and {_describe(v, seed)} both map to the run "
+                                  f"directory {same[0]!r}; allowed: values that differ after dropping spaces and "
+                                  f"'{os.sep}' and ignoring case")
+            labels[name.casefold()] = (name, _describe(v, seed))
             runs.append({"seed": cfg.seed, "dir": name})
             configs[name] = cfg
         label = ", ".join(value_label(k, x) for k, x in v.items()) or "base"
         points.append({"values": v, "label": label, "runs": runs})
     return Sweep(sweep_dir, keys, points, configs)
+
+
+def _describe(values, seed):
+    text = ", ".join(f"{'lsc' if k == LSC_KEY else FLAGS.get(k, k)}={v!r}" for k, v in values.items())
+    return f"({text}{f', seed={seed}' if seed is not None else ''})"
 
 
 def _json_value(v):
@@ -197,16 +210,13 @@ def save_sweep_file(sweep):
     data = {"keys": sweep.keys,
             "points": [{"values": {k: _json_value(v) for k, v in p["values"].items()}, "label": p["label"],
                         "runs": p["runs"]} for p in sweep.points]}
-    path = os.path.join(sweep.directory, SWEEP_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)   # inf is written as Infinity, which json.load reads back
-    os.replace(tmp, path)
+    # inf is written as Infinity, which json.load reads back
+    atomic_write(os.path.join(sweep.directory, SWEEP_FILE), lambda f: json.dump(data, f, indent=1), mode="w")
 
 
 def load_sweep_file(sweep_dir):
-    with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
-        data = json.load(f)
+    """The Sweep of SWEEP_DIR/sweep.json, read by its shape-checking reader (rwp_fast/readers.py)."""
+    data = read_sweep_file(sweep_dir)
     for p in data["points"]:
         p["values"] = {k: tuple(v) if isinstance(v, list) else v for k, v in p["values"].items()}
     return Sweep(sweep_dir, data["keys"], data["points"], {})

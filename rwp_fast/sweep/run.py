@@ -7,12 +7,11 @@ import subprocess
 import sys
 import time
 
-from ..config import ConfigError, RunConfig
+from .._fs import atomic_write
+from ..config import EXIT_PREEMPTED, ConfigError
+from ..readers import DONE_FILE, POINT_FILE, read_done, read_point, read_run_config
 from .grid import NOT_IDENTITY, save_sweep_file
 from .summary import summarize
-
-DONE_FILE = "done.json"
-POINT_FILE = "point.json"
 
 
 def _identity(config_dict):
@@ -23,19 +22,17 @@ def run_status(cfg):
     """'done', 'resume', 'extend' (finished with fewer epochs: resumed with more) or 'new'; a ConfigError
     if the directory holds a run of another configuration."""
     d = cfg.out_dir
-    saved = None
-    try:
-        with open(os.path.join(d, "config.json")) as f:
-            saved = json.load(f)["config"]
-    except (OSError, ValueError, KeyError):
-        pass
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise ConfigError(f"out_dir: the sweep's run directory {d} is a file; remove it or choose another --out-dir")
+    info = read_run_config(d)   # shape-checked: a config.json that is not a run's is refused, naming it
+    saved = info and info["config"]
     has_last = os.path.exists(os.path.join(d, "last.pt"))
     if saved is None:
         if has_last:
             raise ConfigError(f"out_dir: {d} holds a last.pt without config.json; remove it or choose another "
                               "--out-dir")
         return "new"
-    want, have = _identity(cfg.to_dict()), _identity(RunConfig.from_dict(saved).to_dict())
+    want, have = _identity(cfg.to_dict()), _identity(saved)
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     extend = set(diff) == {"epochs"} and want["epochs"] > have["epochs"]
     if diff and not extend:
@@ -43,12 +40,9 @@ def run_status(cfg):
                           "choose another --out-dir or remove that run")
     if extend:
         return "extend" if has_last else "new"
-    try:
-        with open(os.path.join(d, DONE_FILE)) as f:
-            if json.load(f)["epochs"] == cfg.epochs:
-                return "done"
-    except (OSError, ValueError, KeyError):
-        pass
+    done = read_done(d)
+    if done is not None and done["epochs"] == cfg.epochs:
+        return "done"
     return "resume" if has_last else "new"
 
 
@@ -65,11 +59,11 @@ def run_one(cfg, log=print):
         trainer = Trainer(cfg, log=log)
     trainer.fit()
     if trainer.preempted:  # SIGTERM / SIGUSR1: not done; last.pt holds the position for the next sweep
-        raise SystemExit(f"sweep: {cfg.out_dir} stopped by a signal at step {trainer.step}; run the sweep "
-                         "again to resume it from its last.pt")
-    with open(os.path.join(cfg.out_dir, DONE_FILE), "w") as f:
-        json.dump({"epochs": trainer.epoch, "best_test_robust_acc": trainer.best_metric,
-                   "best_epoch": trainer.best_epoch}, f)
+        print(f"sweep: {cfg.out_dir} stopped by a signal at step {trainer.step}; run the sweep again to resume "
+              "it from its last.pt", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED)
+    done = {"epochs": trainer.epoch, "best_test_robust_acc": trainer.best_metric, "best_epoch": trainer.best_epoch}
+    atomic_write(os.path.join(cfg.out_dir, DONE_FILE), lambda f: json.dump(done, f), mode="w")
     return status
 
 
@@ -108,7 +102,10 @@ def run_parallel(todo, parallel, log=print, poll_s=1.0):
             cfg, slot, logf = running.pop(proc)
             logf.close()
             free_slots.append(slot)
-            if proc.returncode != 0:
+            if proc.returncode == EXIT_PREEMPTED:
+                failed.append(cfg.out_dir)
+                log(f"  STOPPED {os.path.basename(cfg.out_dir)} by a signal (last.pt written; run the sweep again)")
+            elif proc.returncode != 0:
                 failed.append(cfg.out_dir)
                 log(f"  FAILED {os.path.basename(cfg.out_dir)} (exit {proc.returncode}; see its train.log)")
             else:
@@ -118,13 +115,13 @@ def run_parallel(todo, parallel, log=print, poll_s=1.0):
 
 def run_sweep(sweep, parallel=1, log=print):
     """Run every unfinished run of `sweep`, then summarise; returns (summary rows, failed run dirs)."""
+    statuses = [(run["dir"], sweep.configs[run["dir"]]) for _, run in sweep.runs()]
+    statuses = [(name, cfg, run_status(cfg)) for name, cfg in statuses]  # every run dir checked before any work
     os.makedirs(sweep.directory, exist_ok=True)
     save_sweep_file(sweep)
     todo = []
-    for point, run in sweep.runs():
-        cfg = sweep.configs[run["dir"]]
-        status = run_status(cfg)
-        log(f"{run['dir']}: {'done, skipped' if status == 'done' else status}")
+    for name, cfg, status in statuses:
+        log(f"{name}: {'done, skipped' if status == 'done' else status}")
         if status != "done":
             todo.append(cfg)
     failed = []
@@ -143,6 +140,4 @@ def run_point(run_dir):
     threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
-    with open(os.path.join(run_dir, POINT_FILE)) as f:
-        cfg = RunConfig.from_dict(json.load(f))
-    run_one(cfg)
+    run_one(read_point(run_dir))

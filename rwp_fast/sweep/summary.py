@@ -6,21 +6,23 @@ import json
 import os
 import statistics
 
+from .._fs import atomic_write, check_output_dir
 from ..config import ConfigError
+from ..readers import read_run_config
 from .grid import LSC_KEY, NOT_IDENTITY, SWEEP_FILE, Sweep, format_value, load_sweep_file, value_label
 from .plot import plot_summary
 from .stats import STAT_COLUMNS, read_rows, run_stats
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_PNG = "summary.png"
+SUMMARY_OUTPUTS = [(SUMMARY_CSV, "summary_csv"), (SUMMARY_PNG, "figure")]  # what --summarize writes (_fs kinds)
 
 
 def _infer_sweep(sweep_dir):
     """A Sweep for a directory of runs without sweep.json: the swept keys are the config fields that
     differ between the runs (seed apart: runs that differ only in seed are seeds of one point)."""
-    from ..train.plots import read_config
     runs = sorted(d for d in os.listdir(sweep_dir) if os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl")))
-    configs = {d: read_config(os.path.join(sweep_dir, d)) or {} for d in runs}
+    configs = {d: (read_run_config(os.path.join(sweep_dir, d)) or {}).get("config", {}) for d in runs}
     fields = sorted({k for c in configs.values() for k in c} - set(NOT_IDENTITY) - {"seed"})
     keys = [k for k in fields if len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
     points = {}
@@ -38,6 +40,7 @@ def summarize(sweep_dir, log=print):
     """Write summary.csv and summary.png for the runs of `sweep_dir` and print the table; returns the rows."""
     if not os.path.isdir(sweep_dir):
         raise ConfigError(f"summarize: {sweep_dir!r} is not a directory; allowed: a sweep directory")
+    check_output_dir(sweep_dir, "summarize", SUMMARY_OUTPUTS)   # before reading: nothing half written
     if os.path.isfile(os.path.join(sweep_dir, SWEEP_FILE)):
         sweep = load_sweep_file(sweep_dir)
     else:
@@ -56,7 +59,7 @@ def summarize(sweep_dir, log=print):
         row = {"point": point["label"], **{k: format_value(v) for k, v in point["values"].items()},
                "seeds": len(per_run), "runs": len(point["runs"])}
         for col in STAT_COLUMNS:
-            vals = [r[col] for r in per_run if col in r]
+            vals = [r[col] for r in per_run if r.get(col) is not None]
             row[col] = statistics.fmean(vals) if vals else None
             row[col + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         row["epochs"] = min((r["epochs"] for r in per_run), default=0)
@@ -79,13 +82,9 @@ UNRECORDED = "unrecorded (an rwp-fast older than the stratified subsets: the fir
 def _test_subset(run_dir):
     """The test subset a run's config.json records, as text; a run from before the stratified subsets
     records none (it evaluated the first N images, or the whole set with eval_examples 0)."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict):
-        return "unreadable config.json"
+    saved = read_run_config(run_dir)   # shape-checked (rwp_fast/readers.py); None without one
+    if saved is None:
+        return "no config.json"
     record = (saved.get("eval_subsets") or {}).get("test")
     if not isinstance(record, dict):
         old_n = (saved.get("config") or {}).get("eval_examples", 1) or 0
@@ -116,15 +115,15 @@ def _write_csv(path, rows, keys):
     for col in STAT_COLUMNS:
         if any(r[col] is not None for r in rows):
             columns += [col, col + "_std"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
             r = {**r, "lsc": r.get(LSC_KEY)}
             w.writerow(["" if r.get(c) is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else r[c])
                         for c in columns])
-    os.replace(tmp, path)
+    atomic_write(path, write, mode="w")
 
 
 def _cell(row, col, digits=2):

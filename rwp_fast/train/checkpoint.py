@@ -10,6 +10,10 @@ A checkpoint is a dict of tensors and plain Python values (no pickled objects), 
 Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the target, and
 the directory is fsync'ed: a crash at any moment leaves either the old file or the new one, never a
 torn one. A corrupt or mismatched file raises CheckpointError and changes nothing on disk.
+
+``load_checkpoint`` is the one reader of checkpoints (rwp_fast/readers.py lists the others): it checks the
+keys, the config (a RunConfig dict) and the counters. ``check_checkpoint_of_run`` checks, on resume, that
+last.pt belongs to the run directory it sits in.
 """
 
 import os
@@ -21,6 +25,8 @@ import numpy as np
 import torch
 
 from .._fs import atomic_write
+from ..config import ConfigError, RunConfig
+from ..readers import METRICS_FILE, read_metrics, read_run_config
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "epoch", "step", "model", "optimizer", "scheduler", "rng")
@@ -51,7 +57,43 @@ def load_checkpoint(path, map_location="cpu"):
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format_version {state['format_version']}, "
                               f"this rwp-fast reads {FORMAT_VERSION}")
+    try:
+        RunConfig.from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its {exc}") from None
+    for key in ("epoch", "step"):
+        if not (isinstance(state[key], int) and not isinstance(state[key], bool) and state[key] >= 0):
+            raise CheckpointError(f"checkpoint {path}: {key} is {state[key]!r}, expected an integer >= 0")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict of tensors")
     return state
+
+
+# Fields that may differ between last.pt and its run's config.json: the resume overrides (quiet, device,
+# epochs: an extension stopped before its first checkpoint) and the directory itself.
+RESUME_EXEMPT = ("out_dir", "quiet", "device", "epochs")
+
+
+def check_checkpoint_of_run(state, path, run_dir):
+    """A CheckpointError, naming both, unless the checkpoint `state` (read from `path`) is of the run in
+    `run_dir`: the same config as its config.json (model, dataset, shapes, method, every field but
+    RESUME_EXEMPT), and no fewer metrics.jsonl lines than it records. A resume would otherwise continue
+    another run in this directory, and metrics.jsonl would hold epochs of both."""
+    info = read_run_config(run_dir)
+    if info is None:
+        return
+    ours, theirs = RunConfig.from_dict(state["config"]).to_dict(), info["config"]
+    diff = [k for k in ours if k not in RESUME_EXEMPT and ours[k] != theirs[k]]
+    if diff:
+        pairs = ", ".join(f"{k} {ours[k]!r} in last.pt but {theirs[k]!r} in config.json" for k in diff[:4])
+        raise CheckpointError(f"resume: {path} is not a checkpoint of the run in {run_dir}: {pairs}"
+                              f"{f' (+{len(diff) - 4} more)' if len(diff) > 4 else ''}; resume the run that "
+                              "last.pt came from in its own directory")
+    lines = state.get("metrics_lines", 0)
+    if os.path.lexists(os.path.join(run_dir, METRICS_FILE)) and len(read_metrics(run_dir)) < lines:
+        raise CheckpointError(f"resume: {path} records {lines} epoch(s) of metrics but "
+                              f"{os.path.join(run_dir, METRICS_FILE)} holds {len(read_metrics(run_dir))}; "
+                              "last.pt is not of this run's metrics")
 
 
 def _why_unreadable(path, exc):

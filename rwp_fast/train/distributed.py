@@ -42,11 +42,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..config import EXIT_PREEMPTED, ConfigError
 
 BACKEND_ENV = "RWP_FAST_DIST_BACKEND"       # nccl | gloo; default: nccl on CUDA, gloo on CPU
 TIMEOUT_ENV = "RWP_FAST_DIST_TIMEOUT_S"     # process-group timeout; a dead peer ends the job after it
@@ -54,6 +55,21 @@ DEFAULT_TIMEOUT_S = 600                     # 10 min: longer than any one collec
                                             # (an eval epoch of WRN-34-10 PGD-20 on 10k images ≈ 1–2 min)
 BACKENDS = ("nccl", "gloo")
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Set by launch_nproc for its ranks: a file where rank 0 notes a stop by a signal. The ranks then exit 0 (a
+# non-zero rank makes torchrun print a failure report) and the launcher exits EXIT_PREEMPTED for them.
+STOP_FILE_ENV = "RWP_FAST_STOP_FILE"
+
+
+def preempted_status(is_main):
+    """The exit status of a process whose run stopped on SIGTERM / SIGUSR1 with last.pt written:
+    EXIT_PREEMPTED, or 0 under launch_nproc, whose launcher exits EXIT_PREEMPTED instead (rank 0 tells it)."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if not stop_file:
+        return EXIT_PREEMPTED
+    if is_main:
+        with open(stop_file, "w") as f:
+            f.write("preempted\n")
+    return 0
 
 
 def env_world_size():
@@ -295,9 +311,13 @@ def launch_nproc(nproc, argv, cfg=None):
     # torchrun SIGKILLs its workers 30 s after forwarding a SIGTERM by default; a stop is seen at the next
     # step boundary, which can be behind a whole per-epoch evaluation (minutes for WRN-34-10).
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    stop_fd, stop_file = tempfile.mkstemp(prefix="rwp-fast-stop.")
+    os.close(stop_fd)
+    env[STOP_FILE_ENV] = stop_file
     proc = subprocess.Popen(cmd, env=env)
     # Both preemption signals go to the ranks themselves as SIGTERM: they stop together at the next step
-    # boundary, rank 0 writes last.pt, they exit 0 and so does torchrun. Not to torchrun: it does not
+    # boundary, rank 0 writes last.pt (and the stop file), they exit 0 and so does torchrun, and the launcher
+    # exits EXIT_PREEMPTED. Not to torchrun: it does not
     # handle SIGUSR1 (it would die and orphan the ranks, which would train on unsupervised), and a
     # SIGTERM makes it exit non-zero even when every rank stopped cleanly. Where /proc cannot name the
     # ranks, torchrun gets the SIGTERM and forwards it.
@@ -309,7 +329,10 @@ def launch_nproc(nproc, argv, cfg=None):
                 pass
     previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
     try:
-        return proc.wait()
+        status = proc.wait()
+        with open(stop_file) as f:  # rank 0 wrote it: every rank stopped cleanly at a signal, last.pt written
+            return EXIT_PREEMPTED if status == 0 and f.read().strip() == "preempted" else status
     finally:
+        os.unlink(stop_file)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

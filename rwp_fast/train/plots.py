@@ -6,45 +6,20 @@ so the markers nest: the first run's are the largest and hollow, each later run'
 and the legend states every run's best and last value. Right: the fraction of the batch inside the
 LSC mask [p, q) at the first RWP probe, per epoch, for the runs that have a mask (RWP); runs without
 one (plain AT, AWP) are not drawn there but named in the panel, since a 0% or 100% line would be a
-mask that does not exist. The title names the data, the model and the threat model.
+mask that does not exist. The title names the data, the model and the threat model. An epoch whose
+test_robust_acc is null (not measured) is left out of its curve, never drawn as 0; a run with no
+measured epoch is not drawn.
 """
 
-import json
 import os
 
-from ..config import upgrade_dict
-
-
-def read_metrics(run_dir):
-    """The rows of run_dir/metrics.jsonl; a ValueError naming the file and the line if one is corrupt."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"run_dir: {run_dir} has no metrics.jsonl; is it an rwp-fast run directory?")
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({exc}); the file is corrupt") from None
-            if not isinstance(row, dict) or "epoch" not in row or "test_robust_acc" not in row:
-                raise ValueError(f"{path}: line {number} is not a metrics row (needs 'epoch' and "
-                                 "'test_robust_acc'); the file is corrupt")
-            rows.append(row)
-    return rows
+from ..readers import read_metrics, read_run_config
 
 
 def read_config(run_dir):
-    """The run's config dict from config.json (fields renamed since mapped to their new names), or None if it
-    cannot be read."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)["config"]
-        return upgrade_dict(config) if isinstance(config, dict) else None
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
+    """The run's config dict from config.json (checked by readers.read_run_config), or None without one."""
+    info = read_run_config(run_dir)
+    return None if info is None else info["config"]
 
 
 def run_label(run_dir, config=None):
@@ -90,7 +65,8 @@ def plot_runs(run_dirs, out_path, labels=None):
     for ax in (ax_acc, ax_mask):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     configs, unmasked, drawn = [], [], 0
-    runs = [(i, d, read_metrics(d)) for i, d in enumerate(run_dirs)]
+    # the epochs with a measured robust accuracy (null: not measured, drawn as nothing rather than as 0)
+    runs = [(i, d, [r for r in read_metrics(d) if r["test_robust_acc"] is not None]) for i, d in enumerate(run_dirs)]
     runs = [(i, d, rows) for i, d, rows in runs if rows]
     last_run = len(runs) - 1
     for k, (i, run_dir, rows) in enumerate(runs):

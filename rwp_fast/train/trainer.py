@@ -35,8 +35,9 @@ from ..eval.epoch import evaluate_natural_and_pgd
 from ..models import build_model
 from ..reference import train_step_ref
 from . import distributed, tb_log  # tb_log: --tensorboard
-from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                         weights_mismatch)
+from ..readers import read_run_config
+from .checkpoint import (CheckpointError, check_checkpoint_of_run, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state, weights_mismatch)
 from .ema import EMATracker  # weight averaging (--ema-decay)
 from .fast_step import FastTrainStep, resolve_fast_settings
 from .stats import EpochStats
@@ -268,6 +269,7 @@ class Trainer:
         """
         path = os.path.join(run_dir, "last.pt")
         state = load_checkpoint(path)
+        check_checkpoint_of_run(state, path, run_dir)  # last.pt from another run: refused, naming both
         saved = RunConfig.from_dict(state["config"])
         epochs = overrides.get("epochs")
         if epochs is not None and epochs != saved.epochs:
@@ -288,11 +290,10 @@ class Trainer:
     def _warn_on_other_eval_subsets(self, run_dir, epochs_done):
         """A run begun before the seeded, stratified evaluation subsets (or with other data) evaluated its
         first epochs on other images: its metrics.jsonl then mixes two subsets. Said once, not refused."""
-        try:
-            with open(os.path.join(run_dir, CONFIG_FILE)) as f:
-                previous = json.load(f).get("eval_subsets")
-        except (OSError, ValueError):
+        info = read_run_config(run_dir)  # its shape checked: a config.json holding [] is one line, not a crash
+        if info is None:
             return
+        previous = info.get("eval_subsets")
         if epochs_done > 0 and previous != self.eval_subsets:
             before = "on an unrecorded subset (the first N images: an rwp-fast older than the stratified " \
                      "subsets)" if previous is None else f"on {previous}"

@@ -315,6 +315,9 @@ def main(args):
     """Entry of ``rwp-fast verify`` (args from add_arguments); returns the exit status."""
     if args.steps < 0:
         raise ValueError(f"--steps: expected K >= 0, got {args.steps}")
+    if args.json:  # before minutes of checks, not after (rwp_fast/_fs.py: the one output-path check)
+        from .._fs import check_output_file
+        check_output_file(args.json, "json", "verify")
     report, status = verify(args)
     print_report(report)
     if args.json:
