@@ -29,7 +29,7 @@ import rwp_fast.train.ema as ema_module
 import rwp_fast.train.trainer as trainer_module
 from cli_helpers import tiny_run  # noqa: F401  (fixture: a 1-epoch digits run with the default threat model)
 from rwp_fast.cli import main
-from rwp_fast.config import RunConfig, preset
+from rwp_fast.config import PRESETS, RunConfig, preset
 from rwp_fast.data import load_dataset
 from rwp_fast.data.subset import stratified_subset
 from rwp_fast.train import Trainer, load_checkpoint
@@ -325,3 +325,217 @@ def test_eval_suite_attacks_have_spec_start_step_radius_and_steps(tiny_run, tmp_
     assert len(xs) == at + 2                    # AutoAttack: its clean pass and the final scoring pass
     assert (seen["eps"], seen["norm"], seen["version"]) == (EPS, "Linf", "standard")
     assert seen["stages"] == [("apgd-ce",), ("apgd-t",), ("fab-t",), ("square",)]
+
+
+# -------------------------------------------------------------------------- §2: the LSC range [p, q)
+def cut(losses, k):
+    """A threshold between the k-th and (k+1)-th smallest loss, where their gap is widest near k (so the
+    fp32 losses of either step function fall on the same side of it); returns (threshold, k used)."""
+    s = losses.sort().values
+    k = max(range(k - 4, k + 5), key=lambda i: (s[i] - s[i - 1]).item())
+    assert (s[k] - s[k - 1]).item() > 1e-4
+    return ((s[k] + s[k - 1]) / 2).item(), k
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("bound", ["lower", "upper", "both", "awp"])
+def test_each_lsc_bound_selects_the_probe_mask_on_its_own(tmp_path, backend, bound):
+    """SPEC.md §2: Vᵢ = 1 iff p ≤ ℓᵢ < q, ℓ at the probe (train mode); RWP's [lsc_low, c_min) and AWP's
+    (−∞, ∞) whatever lsc_low and c_min say. Each bound is set where it alone masks a quarter of the batch
+    (p > 0 for the lower one), so ignoring it masks nothing and the first probe's mask fraction shows it."""
+    kw = dict(train_examples=64, batch_size=64, perturb="awp" if bound == "awp" else "rwp", k2=1,
+              backend=backend)
+    x, y = mid_gray((64, 1, 8, 8)), torch.arange(64) % 10
+    x_adv = mid_gray((64, 1, 8, 8), seed=1)
+    trainer = Trainer(tiny(tmp_path / "losses", **kw), log=quiet)
+    with torch.no_grad():   # the first probe is at w + 0, in train mode (batch statistics): these losses
+        losses = F.cross_entropy(copy.deepcopy(trainer.model).train()(x_adv), y, reduction="none")
+    (p, lo), (q, hi) = cut(losses, 16), cut(losses, 48)
+    p, q, want = {"lower": (q, math.inf, (64 - hi) / 64), "upper": (0.0, p, lo / 64),
+                  "both": (p, q, (hi - lo) / 64), "awp": (p, q, 1.0)}[bound]
+    assert bound == "awp" or 0 < want < 0.9   # ignoring a bound would mask fewer examples
+    trainer = Trainer(tiny(tmp_path / "run", lsc_low=p, c_min=q, **kw), log=quiet)   # same seed, same weights
+    result = trainer.step_fn(trainer.model, trainer.optimizer, x, y, trainer.cfg, perturb_active=True,
+                             generator=torch.Generator().manual_seed(0), x_adv=x_adv)
+    assert result.search.mask_fractions[0] == pytest.approx(want), f"range [{p:.4f}, {q:.4f})"
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_probes_leave_batchnorm_statistics_and_training_forwards_update_them(tmp_path, method, backend):
+    """SPEC.md §1–§2: the K2 probe forwards do not change the BatchNorm running statistics; the forwards
+    in train mode do: AT's K1 attack forwards (train mode) and the training forward at w + v; TRADES
+    attacks in eval mode and trains on f(x) and f(x_adv). Counted by each layer's num_batches_tracked."""
+    cfg = tiny(tmp_path, method=method, perturb="rwp", k2=3, c_min=math.inf, attack_steps=2, backend=backend)
+    trainer = Trainer(cfg, log=quiet)
+    bn = [m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [int(m.num_batches_tracked) for m in bn]
+    x, y = mid_gray((32, 1, 8, 8)), torch.arange(32) % 10
+    result = trainer.step_fn(trainer.model, trainer.optimizer, x, y, cfg, perturb_active=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert result.search.mask_fractions == [1.0] * 3                   # three probes ran
+    updates = {"at": 2 + 1, "trades": 2}[method]
+    assert bn and [int(m.num_batches_tracked) - b for m, b in zip(bn, before)] == [updates] * len(bn)
+
+
+# ------------------------------------------------------------------ §2 table, §3: presets and the schedule
+SPEC_HYPERPARAMETERS = {   # (dataset, method, perturb) → γ, c_min (None: no mask), K2, warm-up epochs
+    ("cifar10", "at", "rwp"): (0.01, 1.7, 10, 0), ("cifar100", "at", "rwp"): (0.01, 4.0, 10, 0),
+    ("svhn", "at", "rwp"): (0.01, 1.7, 10, 5), ("cifar10", "at", "awp"): (0.01, None, 1, 0),
+    ("cifar100", "at", "awp"): (0.01, None, 1, 0), ("svhn", "at", "awp"): (0.01, None, 1, 5),
+    ("cifar10", "trades", "rwp"): (0.005, 1.7, 10, 10), ("cifar10", "rst", "rwp"): (0.005, 1.7, 10, 10),
+    ("cifar10", "trades", "awp"): (0.005, None, 1, 10), ("cifar10", "rst", "awp"): (0.005, None, 1, 10),
+}
+
+
+def test_every_preset_has_the_spec_threat_model_and_perturbation_hyperparameters():
+    """SPEC.md §1 (ε, α, K1 per threat model; SVHN L∞ α = 1/255), §2's table (γ, c_min, K2, warm-up) and
+    §3 (TRADES β = 6), for every preset, through the derived values the run uses (lsc_range, effective_k2)."""
+    for name in PRESETS:
+        cfg = preset(name, **({"rst_extra": "extra.npz"} if PRESETS[name].get("method") == "rst" else {}))
+        linf_alpha = 1 / 255 if cfg.dataset == "svhn" else ALPHA
+        want = (L2_EPS, L2_ALPHA) if cfg.norm == "l2" else (EPS, linf_alpha)
+        assert (cfg.eps, cfg.step_size, cfg.attack_steps) == (*want, K1), name
+        if cfg.method != "at":
+            assert cfg.trades_beta == 6.0, name
+        if cfg.perturb == "none":
+            assert cfg.effective_k2 == 0, name
+            continue
+        gamma, c_min, k2, warmup = SPEC_HYPERPARAMETERS[(cfg.dataset, cfg.method, cfg.perturb)]
+        assert (cfg.gamma, cfg.effective_k2, cfg.warmup_epochs) == (gamma, k2, warmup), name
+        assert cfg.lsc_range == ((0.0, c_min) if c_min is not None else (-math.inf, math.inf)), name
+
+
+def lrs_per_step(trainer, steps):
+    """The lr of each of the next `steps` optimizer steps, from the trainer's own scheduler."""
+    out = []
+    for _ in range(steps):
+        out.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    return out
+
+
+def test_a_run_divides_the_lr_by_10_from_the_first_step_of_each_milestone_epoch(tmp_path):
+    """SPEC.md §3: lr ÷10 at the milestone epochs; the lr each step of a real run trains with."""
+    trainer = Trainer(tiny(tmp_path, epochs=3, lr=0.05, lr_milestones=(1, 2), eval_attack_steps=0), log=quiet)
+    used, real = [], trainer.step_fn
+
+    def recording(model, optimizer, *args, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        return real(model, optimizer, *args, **kwargs)
+
+    trainer.step_fn = recording
+    trainer.fit()
+    assert used == pytest.approx([0.05] * 2 + [0.005] * 2 + [0.0005] * 2)
+
+
+def test_default_optimizer_and_schedule_are_the_papers(tmp_path):
+    """SPEC.md §3, AT: SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, lr ÷10 at epochs 100 and 150
+    (a run of defaults: its optimizer, batches and scheduler); RST: cosine lr per iteration, Nesterov."""
+    trainer = Trainer(RunConfig(dataset="digits", model="small_cnn", train_examples=256, eval_examples=16,
+                                device="cpu", quiet=True, out_dir=str(tmp_path / "at")), log=quiet)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.9, 5e-4, False)
+    assert [len(y) for _, y in trainer.batches.epoch(0)] == [128, 128]
+    lrs = lrs_per_step(trainer, 200 * 2)
+    assert lrs == pytest.approx([0.1] * 200 + [0.01] * 100 + [0.001] * 100)
+    rst = Trainer(from_preset("cifar10-wrn28-rst-rwp", tmp_path / "rst", batch_size=8, train_examples=16,
+                              epochs=4), log=quiet)
+    assert rst.optimizer.param_groups[0]["nesterov"] and len(rst.batches) == 4   # 16 labeled / 4 per batch
+    want = [0.1 * 0.5 * (1 + math.cos(math.pi * it / 16)) for it in range(16)]
+    assert lrs_per_step(rst, 16) == pytest.approx(want)
+
+
+# -------------------------------------------------------------------------- §3: extra data per batch
+def extra_file(tmp_path, n=40, value=None):
+    """An extra-data .npz of n 8×8 grey images: all `value` (a value no digit pixel takes), or random."""
+    rng = np.random.RandomState(0)
+    images = np.full((n, 8, 8, 1), value, np.uint8) if value is not None else \
+        rng.randint(0, 256, (n, 8, 8, 1)).astype(np.uint8)
+    path = tmp_path / "extra.npz"
+    np.savez(path, images=images, labels=np.arange(n) % 10)
+    return str(path)
+
+
+@pytest.mark.parametrize("fraction, batch, n_extra", [
+    (0.5, 5, 3), (0.1, 25, 3),      # 2.5 → 3: half up (Python's round gives 2, to even)
+    (0.3, 5, 2), (0.2, 7, 1),       # 1.5 → 2 (not floor), 1.4 → 1 (not ceil)
+    (None, 6, 3), (None, 5, 3),     # RST: half of every batch, half up
+])
+def test_extra_data_fills_round_half_up_of_f_times_b_per_batch(tmp_path, fraction, batch, n_extra):
+    """SPEC.md §3: RST batches are half labeled, half extra; --extra-fraction F generalises it to round(F·B)
+    extra examples, rounded half up. Counted in the batches a run trains on (extra images are all 77, a
+    value no digit pixel takes: digits are multiples of 255/16, rounded)."""
+    path = extra_file(tmp_path, value=77)
+    kw = dict(extra_data=path, extra_fraction=fraction) if fraction else dict(method="rst", rst_extra=path)
+    trainer = Trainer(tiny(tmp_path, batch_size=batch, train_examples=60, **kw), log=quiet)
+    for x, _ in trainer.batches.epoch(0):
+        is_extra = (x[:, 0, 4, 4] * 255).round() == 77    # the centre survives the 1-pixel crop of digits
+        assert is_extra.tolist() == [False] * (batch - n_extra) + [True] * n_extra
+
+
+# ------------------------------------------------------------------------ resume: every random stream
+def record_streams(trainer, log, stop_at=None):
+    """Per step of `trainer`, into `log`: each random stream's draw. Stops the run after step `stop_at`
+    the way SIGTERM does (mid-epoch last.pt)."""
+    real, forwards = trainer.step_fn, Forwards(trainer.model)
+
+    def step(model, optimizer, x, y, cfg, perturb_active=True, generator=None):
+        forwards.calls.clear()
+        result = real(model, optimizer, x, y, cfg, perturb_active=perturb_active, generator=generator)
+        log["attack start"].append(forwards.inputs[0] - x)
+        return result
+
+    def after(t):
+        log["global torch"].append(torch.rand(3))
+        log["python random"].append(random.random())
+        log["numpy"].append(np.random.rand(3))
+        if t.step == stop_at:
+            t.preempt.requested = True
+
+    trainer.step_fn, trainer.after_step = step, after
+
+
+def test_resume_mid_epoch_continues_every_random_stream(tmp_path, monkeypatch):
+    """A run stopped mid-epoch (step 6 of 8) and resumed from last.pt draws, from step 7 on, what the
+    uninterrupted run draws: the labeled order, the extra-data order, the augmentation, the attack start,
+    the global torch, Python and numpy generators, and the per-epoch evaluation."""
+    from collections import defaultdict
+    path = extra_file(tmp_path)
+    logs = {}
+    current = {}
+    real_augment = batches_module.augment_batch
+
+    def augment(xb, offsets, flips, pad, pad_mode="zeros"):
+        log = logs[current["run"]]
+        log["labeled order"].append(xb[:12].clone())
+        log["extra order"].append(xb[12:].clone())
+        log["augmentation"].append(torch.cat([offsets.flatten(), flips.long()]))
+        return real_augment(xb, offsets, flips, pad, pad_mode)
+
+    monkeypatch.setattr(batches_module, "augment_batch", augment)
+    kw = dict(epochs=2, train_examples=48, batch_size=16, extra_data=path, extra_fraction=0.25,
+              checkpoint_every_steps=3, eval_examples=32)   # 12 labeled + 4 extra: 4 steps per epoch
+    rows = {}
+    for run, stop_at in (("straight", None), ("stopped", 6)):
+        logs[run], current["run"] = defaultdict(list), run
+        random.seed(0)   # the Trainer seeds torch's global generator, not Python's and numpy's: the two runs
+        np.random.seed(0)   # start them alike here, as two processes given the same seeds would
+        trainer = Trainer(tiny(tmp_path / run, **kw), log=quiet)
+        record_streams(trainer, logs[run], stop_at)
+        rows[run] = trainer.fit()
+    assert trainer.preempted and load_checkpoint(tmp_path / "stopped" / "run" / "last.pt")["step"] == 6
+    logs["resumed"], current["run"] = defaultdict(list), "resumed"
+    resumed = Trainer.resume(str(tmp_path / "stopped" / "run"), log=quiet)
+    record_streams(resumed, logs["resumed"])
+    rows["resumed"] = resumed.fit()
+    straight, again = logs["straight"], logs["resumed"]
+    assert set(again) == {"labeled order", "extra order", "augmentation", "attack start", "global torch",
+                          "python random", "numpy"}
+    for stream, draws in again.items():
+        assert len(draws) == 2 and len(straight[stream]) == 8, stream
+        for a, b in zip(straight[stream][6:], draws):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), f"{stream}: the resumed run draws otherwise"
+    measured = [k for k in rows["straight"][-1] if k.startswith(("train_", "test_", "best_"))]
+    assert measured and all(rows["resumed"][-1][k] == rows["straight"][-1][k] for k in measured), \
+        "the epoch's metrics (its evaluation's draws included) differ after the resume"
