@@ -14,8 +14,10 @@ Between 2 and 3 the host reads the count: the exact early break, one sync per pr
 
 Modes, chosen once at start-up (``self.mode``): ``eager`` (CPU default), ``compiled`` (each phase body
 compiled with fullgraph) and ``captured`` (``rwp_fast.train.graphs``: the phases as CUDA graphs sharing
-one memory pool, the CUDA default). A capture that raises warns once and leaves the step compiled; the
-training state is untouched, since capturing launches nothing.
+one memory pool, the CUDA default). A phase that does not compile with fullgraph warns once with the whole
+cause and runs on with graph breaks allowed (``phase_compile``); a capture that raises warns once and leaves
+the step compiled. ``mode_counts`` counts the steps by the mode each really ran in (``step_mode``), for
+metrics.jsonl, bench rows and verify.
 """
 
 import collections
@@ -31,6 +33,7 @@ from ..ops import OpSet
 from ..perturb.flat import FlatWeights
 from ..perturb.search import WeightPerturbation
 from .graphs import run_captured
+from .phase_compile import PhaseFunction
 from .sgd import SGDUpdate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,17 +111,34 @@ class FastTrainStep:
         # captured phases are compiled ones unless compile is off, whose eager bodies are captured as they are
         self.mode = "captured" if wants_capture and not refusal else ("compiled" if compile_phases else "eager")
         mode = "default" if cfg.compile_mode in ("auto", "cuda-graphs") else cfg.compile_mode
-        # fullgraph: a graph break is an error, not a slow path. Many processes: SyncBatchNorm's collectives
-        # inside a phase are untested, so there Dynamo may break the graph around them.
-        full = self.dist is None
-        wrap = (lambda fn: torch.compile(fn, fullgraph=full, mode=mode)) if compile_phases else (lambda fn: fn)
-        self.run_attack_start, self.run_search_begin = wrap(self.attack_start), wrap(self.search_begin)
-        self.run_attack_step = wrap(self.attack_step)
-        self.run_probe_forward, self.run_update = wrap(self.probe_forward), wrap(self.update)
-        self.run_train_forward, self.run_train_update = wrap(self.train_forward), wrap(self.train_update)
+        # fullgraph: a graph break falls back loudly (phase_compile), it is not a silent slow path. Many
+        # processes: SyncBatchNorm's collectives inside a phase are untested, so there graphs may break.
+        self.phases = {name: PhaseFunction(getattr(self, name), name, compile_phases, mode, self.dist is None,
+                                           self.warn)
+                       for name in ("attack_start", "attack_step", "search_begin", "probe_forward", "update",
+                                    "train_forward", "train_update")}
+        self.run_attack_start, self.run_search_begin = self.phases["attack_start"], self.phases["search_begin"]
+        self.run_attack_step = self.phases["attack_step"]
+        self.run_probe_forward, self.run_update = self.phases["probe_forward"], self.phases["update"]
+        self.run_train_forward, self.run_train_update = self.phases["train_forward"], self.phases["train_update"]
+        self.mode_counts = collections.Counter()  # {mode a step ran in: steps}: step_mode() per step
 
-    def warn(self, message):
-        warnings.warn(f"compile_mode={self.cfg.compile_mode!r}: {message}", RuntimeWarning, stacklevel=3)
+    @property
+    def fallbacks(self):
+        """One line per phase that left fullgraph (phase_compile.PhaseFunction.fallback)."""
+        return [p.fallback for p in self.phases.values() if p.fallback]
+
+    def step_mode(self, captured):
+        """The mode one step ran in: 'captured' (graph replays), 'compiled', 'compiled-graph-breaks' (a phase
+        fell back from fullgraph) or 'eager'."""
+        if captured:
+            return "captured"
+        if self.mode == "eager" or all(p.level == "eager" for p in self.phases.values()):
+            return "eager"
+        return "compiled-graph-breaks" if self.fallbacks else "compiled"
+
+    def warn(self, message, category=RuntimeWarning):
+        warnings.warn(f"compile_mode={self.cfg.compile_mode!r}: {message}", category, stacklevel=3)
 
     # -------------------------------------------------------------- phase bodies (device code only)
     def losses(self, x, x_adv, y, lsc_range):
@@ -268,8 +288,10 @@ class FastTrainStep:
         result = None
         if self.mode == "captured" and x_adv is None:
             result = run_captured(self, x, y, perturb_active, generator)
+        captured = result is not None and self.graphs is not None
         if result is None:
             result = self.run_uncaptured(x, y, perturb_active, generator, x_adv)
+        self.mode_counts[self.step_mode(captured)] += 1
         return result
 
     def run_uncaptured(self, x, y, perturb_active, generator, x_adv):

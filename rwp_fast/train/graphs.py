@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..attacks.pgd import frozen
+from .phase_compile import exception_text
 
 # Steps run compiled before the capture: Dynamo compiles at the 1st forward and the 1st backward, cuDNN
 # benchmarks its algorithms; the 2nd runs warm. Capturing then records kernels, never compilations.
@@ -34,14 +35,38 @@ class CUDAGraphPhase:
 
     def __init__(self, body, pool):
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the extra-data producer thread may allocate pinned memory meanwhile; under the
-        # default 'global' mode that would abort this capture
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = body()
+        stream = torch.cuda.current_stream()
+        try:
+            # thread_local: the extra-data producer thread may allocate pinned memory meanwhile; under the
+            # default 'global' mode that would abort this capture
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.outputs = body()
+        except BaseException:
+            abandon_capture(self.graph, stream, pool)
+            raise
 
     def replay(self):
         self.graph.replay()
         return self.outputs
+
+
+def abandon_capture(graph, stream, pool):
+    """Leave the process as it was before a capture that raised: the capture ended, `stream` current again,
+    the allocator no longer routing this stream's allocations into the graph's pool.
+
+    torch.cuda.graph's exit calls ``capture_end()`` and only then restores the stream: when ``capture_end``
+    raises (an invalidated capture), the side stream it captured on stays current, and every later kernel
+    of the process would queue there. Each step is tried on its own, since any may already have happened."""
+    if torch.cuda.is_current_stream_capturing():
+        try:
+            graph.capture_end()
+        except Exception:  # noqa: BLE001 - the capture is being abandoned; its first error is the one raised
+            pass
+    torch.cuda.set_stream(stream)
+    try:
+        torch._C._cuda_endAllocateToPool(stream.device_index, pool if pool is not None else graph.pool())
+    except Exception:  # noqa: BLE001 - raises when capture_end already ended the routing, as it does normally
+        pass
 
 
 class EagerPhase:
@@ -105,7 +130,8 @@ class PhaseGraphs:
 def run_captured(step, x, y, perturb_active, generator):
     """One step of a FastTrainStep in captured mode. Until the attack and the training step are warm, whole
     steps run compiled on a side stream; then each warm unit is captured (``PhaseGraphs``). A capture that
-    raises leaves the step compiled for good (one warning): nothing ran, so no state needs restoring.
+    raises leaves the step compiled for good (one warning with the whole cause): a capture launches no
+    kernel, so the training state is untouched, and ``abandon_capture`` restores the stream and the pool.
     Returns None when the caller should run the step itself."""
     if step.graphs is None and min(step.phase_runs["attack"], step.phase_runs["train"]) < WARMUP_STEPS:
         side = torch.cuda.Stream(device=step.device)
@@ -118,9 +144,9 @@ def run_captured(step, x, y, perturb_active, generator):
         if step.graphs is None:
             step.graphs = PhaseGraphs(step)
         step.graphs.capture_warm()
-    except Exception as exc:  # noqa: BLE001 - capture errors only: the capture launches nothing
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        step.warn(f"capture failed ({type(exc).__name__}: {detail}); running the compiled phases")
+    except Exception as exc:  # noqa: BLE001 - capture errors only: CUDAGraphPhase restored stream and pool
+        step.warn(f"capture failed; running the compiled phases from now on. The whole cause:\n"
+                  f"{exception_text(exc)}")
         step.mode, step.graphs = "compiled", None
         return None
     return step.graphs(x, y, perturb_active, generator)

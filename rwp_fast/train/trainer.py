@@ -18,6 +18,7 @@ epoch's running metric sums, and a resume continues from that step.
 Many processes (torchrun): see ``rwp_fast.train.distributed``. Only rank 0 writes files.
 """
 
+import collections
 import json
 import math
 import os
@@ -183,6 +184,7 @@ class Trainer:
         self.position = 0       # steps done in the current epoch (mid-epoch checkpoints)
         self.resumed_stats = None  # that epoch's running sums (EpochStats.state) from a mid-epoch last.pt
         self.after_step = None  # tests: called with the trainer after every step
+        self.first_step_s = None  # seconds to the end of this process's first step (compile, capture): logged once
         self.preempt = None     # PreemptionFlag while fit() runs
         self.stop_agreed = False
         self.preempted = False  # fit() ended early on SIGTERM / SIGUSR1 (last.pt holds the position)
@@ -351,12 +353,20 @@ class Trainer:
         bar = self._progress(epoch)
         bar.update(start_step)
         lr = self.optimizer.param_groups[0]["lr"]
+        modes_before = collections.Counter(getattr(self.step_fn, "mode_counts", {}))
         for i, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
             gen = self.step_generator.manual_seed(step_seed(cfg.seed, epoch, i))  # same draws as a new one
             if dist.enabled:  # the draws of the global batch, this process's rows of them
                 gen = BatchSlice(gen, self.batches.rank_rows(i), cfg.batch_size)
             result = self.step_fn(self.model, self.optimizer, x.to(self.dtype), y, cfg,
                                   perturb_active=perturb_active, generator=gen)
+            if self.first_step_s is None:  # the warm-up users wait through: one line, and in metrics.jsonl
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # once per process: the step's work, not its launch
+                self.first_step_s = time.perf_counter() - start
+                stats.first_step_s = self.first_step_s
+                self.log(f"warm-up: the first step ended after {self.first_step_s:.1f} s (step mode "
+                         f"{getattr(self.step_fn, 'mode', 'reference')}: compilation and capture included)")
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
@@ -388,8 +398,20 @@ class Trainer:
         out = stats.summary()  # reads the device-side sums: the epoch's work is done after this
         seconds = time.perf_counter() - start
         out.update(seconds=seconds, images_per_second=images / max(seconds, 1e-9), lr=lr,
-                   perturb_active=perturb_active)
+                   perturb_active=perturb_active, **self._step_modes(modes_before, self.position - start_step))
         self.position = 0
+        return out
+
+    def _step_modes(self, before, steps):
+        """step_modes: {mode: steps of this session's part of the epoch} as each step really ran
+        (FastTrainStep.step_mode; 'reference' for --backend reference), and phase_fallbacks when a phase
+        left fullgraph (phase_compile)."""
+        counts = getattr(self.step_fn, "mode_counts", None)
+        if counts is None:
+            return {"step_modes": {"reference": steps}}
+        out = {"step_modes": dict(collections.Counter(counts) - before)}
+        if self.step_fn.fallbacks:
+            out["phase_fallbacks"] = list(self.step_fn.fallbacks)
         return out
 
     def _save_mid_epoch(self, stats):
