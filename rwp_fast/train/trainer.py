@@ -348,6 +348,7 @@ class Trainer:
             stats = EpochStats()
         self.resumed_stats = None
         session_images = 0  # images/s of a resumed epoch counts this session's images only
+        first_step_s = None  # set in the epoch where this process ran its first step
         self.model.train()
         start = time.perf_counter()
         bar = self._progress(epoch)
@@ -363,8 +364,7 @@ class Trainer:
             if self.first_step_s is None:  # the warm-up users wait through: one line, and in metrics.jsonl
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # once per process: the step's work, not its launch
-                self.first_step_s = time.perf_counter() - start
-                stats.first_step_s = self.first_step_s
+                self.first_step_s = first_step_s = time.perf_counter() - start
                 self.log(f"warm-up: the first step ended after {self.first_step_s:.1f} s (step mode "
                          f"{getattr(self.step_fn, 'mode', 'reference')}: compilation and capture included)")
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
@@ -399,6 +399,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         out.update(seconds=seconds, images_per_second=images / max(seconds, 1e-9), lr=lr,
                    perturb_active=perturb_active, **self._step_modes(modes_before, self.position - start_step))
+        if first_step_s is not None:
+            out["first_step_s"] = round(first_step_s, 3)
         self.position = 0
         return out
 
