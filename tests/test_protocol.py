@@ -30,6 +30,7 @@ import rwp_fast.train.trainer as trainer_module
 from cli_helpers import tiny_run  # noqa: F401  (fixture: a 1-epoch digits run with the default threat model)
 from rwp_fast.cli import main
 from rwp_fast.config import PRESETS, RunConfig, preset
+from rwp_fast.core import perturbed_parameters
 from rwp_fast.data import load_dataset
 from rwp_fast.data.subset import stratified_subset
 from rwp_fast.train import Trainer, load_checkpoint
@@ -117,6 +118,12 @@ def check_chain(inputs, x, eps, alpha, norm, start, steps, interior=None):
     else:
         d, bound = ks_distance(delta0.flatten(1).norm(dim=1) / eps, uniform_cdf(0, 1))
         assert d < bound, f"start ‖δ₀‖/ε is not U(0, 1): KS {d:.3f} ≥ {bound:.3f}"
+        # a Gaussian direction is uniform on the sphere: each squared coordinate of δ₀/‖δ₀‖ is Beta(½, (n−1)/2)
+        from scipy.stats import beta
+        unit = delta0.flatten(1) / delta0.flatten(1).norm(dim=1, keepdim=True)
+        n = unit.shape[1]
+        d, bound = ks_distance(unit.pow(2), lambda s: torch.from_numpy(beta.cdf(s.numpy(), 0.5, (n - 1) / 2)))
+        assert d < bound, f"start direction is not uniform on the sphere: KS {d:.3f} ≥ {bound:.3f}"
     for k, (a, b) in enumerate(zip(inputs, inputs[1:])):
         if norm == "linf":
             move = (b - a)[inside].abs().max().item()
@@ -378,6 +385,25 @@ def test_probes_leave_batchnorm_statistics_and_training_forwards_update_them(tmp
     assert bn and [int(m.num_batches_tracked) - b for m, b in zip(bn, before)] == [updates] * len(bn)
 
 
+def test_default_search_is_layerwise_with_the_released_accumulate_rule(tmp_path):
+    """SPEC.md §2 defaults: norm scope 'layer' (‖v_l‖ = γ‖w_l‖ for every tensor, w before the step) and the
+    update rule 'accumulate' (the released code's), told apart from 'paper' after K2 = 3 probes."""
+    kw = dict(perturb="rwp", k2=3, c_min=math.inf, backend="reference", attack_steps=1)
+    x, y = mid_gray((32, 1, 8, 8)), torch.arange(32) % 10
+
+    def v_of(name, **rule):
+        trainer = Trainer(tiny(tmp_path / name, **kw, **rule), log=quiet)
+        w = [p.detach().clone() for _, p in perturbed_parameters(trainer.model)]
+        result = trainer.step_fn(trainer.model, trainer.optimizer, x, y, trainer.cfg, perturb_active=True,
+                                 generator=torch.Generator().manual_seed(0))
+        return w, result.v
+
+    w, v = v_of("default")
+    assert [(a.norm() / b.norm()).item() for a, b in zip(v, w)] == pytest.approx([0.01] * len(w), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(v, v_of("accumulate", rwp_update="accumulate")[1]))
+    assert not all(torch.allclose(a, b) for a, b in zip(v, v_of("paper", rwp_update="paper")[1]))
+
+
 # ------------------------------------------------------------------ §2 table, §3: presets and the schedule
 SPEC_HYPERPARAMETERS = {   # (dataset, method, perturb) → γ, c_min (None: no mask), K2, warm-up epochs
     ("cifar10", "at", "rwp"): (0.01, 1.7, 10, 0), ("cifar100", "at", "rwp"): (0.01, 4.0, 10, 0),
@@ -429,6 +455,7 @@ def test_a_run_divides_the_lr_by_10_from_the_first_step_of_each_milestone_epoch(
     assert used == pytest.approx([0.05] * 2 + [0.005] * 2 + [0.0005] * 2)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_default_optimizer_and_schedule_are_the_papers(tmp_path):
     """SPEC.md §3, AT: SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, lr ÷10 at epochs 100 and 150
     (a run of defaults: its optimizer, batches and scheduler); RST: cosine lr per iteration, Nesterov."""
