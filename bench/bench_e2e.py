@@ -13,14 +13,18 @@ CPU smoke runs use one intra-op thread (robust on a shared machine) and claim no
 ``compiled`` variant (Inductor's C++ compile: minutes) with a row that says so.
 
 Each e2e row says how its step ran: ``mode`` ('captured', 'compiled' or 'eager', ``FastTrainStep.mode``
-after the timing), ``fallback`` and ``fallback_reason`` when a step built to capture ran the compiled
-phases instead; a captured row has ``replays_per_step``, ``replays_by_phase`` and
+after the timing), ``mode_counts`` and ``timed_mode_counts`` ({mode: steps} of all its steps and of the timed
+ones, ``FastTrainStep.mode_counts``), ``fallbacks`` (one line per phase that left fullgraph), ``fallback``
+and ``fallback_reason`` when a step built to capture ran the compiled phases instead; ``first_step_s`` and
+``first_captured_step_s`` (seconds to the end of the first step and of the first captured one: the compile
+and capture cost); a captured row has ``replays_per_step``, ``replays_by_phase`` and
 ``expected_replays_per_step`` (1 + F + B + 1), an eager row ``ops_per_step``; on CUDA every row has
 ``host_ms_per_step``, ``gpu_ms_per_step``, ``gpu_busy_ms_per_step``, ``gpu_busy_fraction`` and
 ``cudagraph_skips`` (``e2e_timing``).
 
 Output: a markdown table (variant, model, batch, method, regime, images/s, ×released, TFLOP/s, MFU),
-``--json PATH`` (rewritten after every configuration, so a timeout keeps what was measured), and on a
+``--json PATH`` (rewritten the moment each row is timed, before its profiles, and when it is complete, so a
+timeout or a crash in a profiler keeps what was measured), and on a
 real CUDA run the rows are appended to ``bench/results/e2e.jsonl`` with the GPU name, torch/triton/CUDA
 versions, date, git commit, command and full config. ``--smoke`` never writes to bench/results.
 """
@@ -39,8 +43,8 @@ import torch
 
 from rwp_fast.bench import common
 from rwp_fast.bench.e2e_configs import (FAST_FAMILY, METHODS, NOT_IMPLEMENTED, SMOKE_BATCH, SMOKE_MODEL,
-                                        VARIANTS, build, build_plan, expected_probes, make_batches, make_cfg,
-                                        make_step, resolved_settings, skip_reason)
+                                        VARIANTS, build, build_plan, compiling_with_backend, expected_probes,
+                                        make_batches, make_cfg, make_step, resolved_settings, skip_reason)
 from rwp_fast.bench.e2e_flops import COUNT_BATCH, attack_check, compiled_check, count_step_flops
 from rwp_fast.bench.e2e_report import jsonable, print_table, summary_rows
 from rwp_fast.bench.e2e_timing import (cudagraph_skips, dynamo_reset, matmul_ceiling, profile_attack,
@@ -88,9 +92,16 @@ class Suite:
         return row
 
     def append(self, row):
-        if self.args.smoke:
+        """`row` is complete: labelled, kept and written."""
+        if self.args.smoke and not row["note"].startswith(SMOKE_LABEL):
             row["note"] = "; ".join(filter(None, [SMOKE_LABEL, row["note"]]))
-        self.rows.append(row)
+        self.save(row)
+
+    def save(self, row):
+        """Keep `row` (once) and rewrite the JSON now: called the moment a row is timed, before its profiles
+        (a crash or a kill in them keeps the timing), and again by ``append`` when it is complete."""
+        if not any(r is row for r in self.rows):
+            self.rows.append(row)
         self.flush()
 
     def flush(self):
@@ -185,6 +196,12 @@ class Suite:
                 row["images_per_s_repeats"] = [round(v, 2) for v in ips]
                 row["step_ms"] = 1e3 * batch / row["images_per_s"]
                 row["warmup_s"] = round(timing["warmup_s"], 3)
+                # compile time as a figure: to the end of the first step, and of the first captured one
+                for key in ("first_step_s", "first_captured_step_s"):
+                    row[key] = None if timing[key] is None else round(timing[key], 3)
+                # the mode each step ran in (FastTrainStep.mode_counts), and any fullgraph fallback
+                row["mode_counts"], row["timed_mode_counts"] = timing["mode_counts"], timing["timed_mode_counts"]
+                row["fallbacks"] = list(getattr(step, "fallbacks", None) or [])
                 row["recompiles"] = timing["recompiles"]
                 row["host_ms_per_step"], row["gpu_ms_per_step"] = timing["host_ms"], timing["gpu_ms"]
                 row["steps"], row["repeats"], row["warmup"] = args.steps, args.repeats, warmup
@@ -216,10 +233,17 @@ class Suite:
                     notes.append(f"probes {row['probes']} != expected {row['expected_probes']}")
                 if timing["recompiles"]:
                     notes.append(f"{timing['recompiles']} graph(s) compiled during timing")
+                timed = timing["timed_mode_counts"] or {}
+                if len(timed) > 1 or (timed and row["mode"] not in timed):
+                    notes.append("timed steps ran in modes " + ", ".join(f"{m} {n}" for m, n in timed.items()))
+                if row["fallbacks"]:
+                    notes.append("fullgraph fallback: " + " | ".join(row["fallbacks"]))
                 fast_cfg = make_cfg(model_name, batch, method_key, "fast", device, args.smoke)
                 if variant in FAST_FAMILY and variant != "fast" \
                         and row["settings"] == resolved_settings("fast", fast_cfg, device):
                     notes.append("same settings as fast on this device")
+                row["note"] = "; ".join(notes)
+                self.save(row)  # the timing is on disk before any profiler runs
                 if device.type == "cuda" and variant in FAST_FAMILY and method_key == methods[0]:
                     try:
                         row.update(profile_attack(step, *batches[0], torch.Generator(device=device)
@@ -244,11 +268,15 @@ class Suite:
                 row["note"] = "; ".join(notes)
                 self.add_flops(row, variant, model_name, method_key, cfg)
                 self.log(f"{model_name} b{batch} {variant:<16} {method_key:<13} "
-                         f"{row['images_per_s']:9.1f} img/s  mode {row['mode']}  (warm-up {row['warmup_s']:.1f}s)")
+                         f"{row['images_per_s']:9.1f} img/s  mode {row['mode']}  (warm-up {row['warmup_s']:.1f}s, "
+                         f"first step {row['first_step_s']:.1f}s)")
                 del step, optimizer
             except Exception as exc:  # noqa: BLE001  one broken configuration does not stop the suite
-                row["images_per_s"] = None
-                row["note"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                if row.get("images_per_s") is None:
+                    row["note"] = f"error: {error}"
+                else:  # saved already: the figure stands, what failed after it is said
+                    row["note"] = "; ".join(filter(None, [row["note"], f"error after the timing: {error}"]))
                 self.log(f"{model_name} b{batch} {variant} {method_key}: {row['note']}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -260,6 +288,12 @@ class Suite:
 
     # -- the whole plan
     def run(self, units):
+        with compiling_with_backend() as backend:
+            if backend is not None:
+                self.log(f"torch.compile backend {backend} (RWP_FAST_COMPILE_BACKEND)")
+            return self._run(units)
+
+    def _run(self, units):
         data = {}
         models = []
         for model_name, _, _ in units:

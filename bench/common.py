@@ -137,8 +137,10 @@ def write_json(rows, path):
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"  # then renamed: a run killed mid-write leaves the previous whole file, never half of one
+    with open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
 
 
 def print_table(rows, file=None):

@@ -31,11 +31,19 @@ Variants, timed in the same process on the same device:
 A row whose step was to be captured but ran the compiled phases (a capture that raised: one RuntimeWarning,
 ``step.mode == 'compiled'``) records ``fallback`` and says so in its note.
 
+``RWP_FAST_COMPILE_BACKEND`` (e.g. ``aot_eager``; read by ``compile_backend`` alone): the bench compiles every
+phase with that torch.compile backend instead of Inductor, and the fast family compiles on CPU too (its CPU
+default is eager), ``compiled`` included in a ``--smoke`` run. ``bench/device_run.sh --dry-run`` sets it, so
+that a phase that does not trace on this torch fails on CPU as it would on the GPU (aot_eager runs the same
+Dynamo tracing and AOT autograd as Inductor, in seconds, without Inductor's C++ code generation).
+
 ``bench_dist.py`` times the ``fast`` variant of the same configs on N processes, uncaptured (N processes do
 not capture; its 1-process baseline does not either).
 """
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -76,11 +84,41 @@ VARIANTS = tuple(VARIANT_SETTINGS) + tuple(NOT_IMPLEMENTED)
 FAST_FAMILY = ("fast", "compiled", "no-amp", "no-channels-last", "no-compile", "no-fused", "no-input-only")
 
 
+def compile_backend():
+    """The torch.compile backend the bench compiles with: ``RWP_FAST_COMPILE_BACKEND`` (e.g. 'aot_eager'), or
+    None for torch's default (Inductor). The one place that reads the variable."""
+    return os.environ.get("RWP_FAST_COMPILE_BACKEND", "").strip() or None
+
+
+@contextlib.contextmanager
+def compiling_with_backend():
+    """While active, torch.compile compiles with ``compile_backend()`` (nothing changes when it is None).
+
+    FastTrainStep's phases call ``torch.compile(fn, fullgraph=..., mode=...)`` at construction and again when a
+    phase falls back from fullgraph, so the whole suite runs inside this (as tests/test_hot_path.py's fixture).
+    ``mode`` is Inductor's option; another backend is given none."""
+    backend = compile_backend()
+    if backend is None:
+        yield None
+        return
+    real_compile = torch.compile
+
+    def compile_with_backend(model=None, *, mode=None, **kwargs):
+        kwargs.setdefault("backend", backend)
+        return real_compile(model, **kwargs) if model is not None else real_compile(**kwargs)
+    torch.compile = compile_with_backend
+    try:
+        yield backend
+    finally:
+        torch.compile = real_compile
+
+
 def skip_reason(variant, device, smoke):
-    """Why a variant gets no measurement on `device` ("skipped: ..." / "not implemented: ..."), or None."""
+    """Why a variant gets no measurement on `device` ("skipped: ..." / "not implemented: ..."), or None.
+    A --smoke run on CPU runs ``compiled`` when ``compile_backend()`` names a quick backend."""
     cpu = torch.device(device).type != "cuda"
-    return NOT_IMPLEMENTED.get(variant) or (CUDA_ONLY.get(variant) if cpu else None) \
-        or (SMOKE_SKIP.get(variant) if cpu and smoke else None)
+    smoke_skip = SMOKE_SKIP.get(variant) if cpu and smoke and compile_backend() is None else None
+    return NOT_IMPLEMENTED.get(variant) or (CUDA_ONLY.get(variant) if cpu else None) or smoke_skip
 
 
 def planned_mode(variant, cfg, device):
@@ -126,6 +164,8 @@ def make_cfg(model, batch, method_key, variant, device, smoke=False):
               momentum=0.9, weight_decay=5e-4, device=torch.device(device).type)
     kw.update(METHODS[method_key][2])
     kw.update(VARIANT_SETTINGS.get(variant, FAST))
+    if compile_backend() is not None and kw.get("compile", False) is None:
+        kw["compile"] = True  # a named backend: the fast family compiles on every device (CPU: eager otherwise)
     return RunConfig(**kw).validate()
 
 
@@ -183,6 +223,7 @@ def resolved_settings(variant, cfg, device):
     backends = {op: dispatch.choose_backend(op, device, cfg.backend) for op in dispatch.OPS}
     return dict(precision=precision, compile=compile_model, channels_last=channels_last,
                 input_only=cfg.input_only_grads, backends=backends, compile_mode=cfg.compile_mode,
+                compile_backend=(compile_backend() or "inductor") if compile_model else None,
                 mode=planned_mode(variant, cfg, device))
 
 

@@ -5,7 +5,8 @@ PreAct ResNet-18, batch 128, AT-RWP all probes; fast-path AT-RWP ÷ AT step time
 the worst case; the break regime is listed too).
 
 Output: a markdown table (variant, model, batch, method, regime, images/s, ×released, TFLOP/s, MFU, the mode
-the step ran in, ops/step of eager rows, phase replays/step of captured rows, host/GPU/GPU-busy ms per step).
+the step ran in and its steps by mode, seconds to the first step and to the first captured step (the compile
+and capture cost), ops/step of eager rows, phase replays/step of captured rows, host/GPU/GPU-busy ms per step).
 """
 
 import math
@@ -115,6 +116,11 @@ def check_row(check, rows, meta, smoke):
     return row
 
 
+def mode_counts_text(counts):
+    """{'captured': 15, 'compiled': 3} -> 'captured 15, compiled 3'; '-' when unknown."""
+    return ", ".join(f"{m} {n}" for m, n in counts.items()) if counts else "-"
+
+
 def _fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
@@ -129,16 +135,18 @@ def print_table(rows, file=None):
               f"CUDA {r0.get('cuda')}, commit {r0.get('git_commit')}", file=file)
         print(f"ceiling: {_fmt(r0.get('ceiling_tflops'), '.1f')} TFLOP/s ({r0.get('ceiling_op')}); "
               f"regimes: {'; '.join(f'{k} = {v}' for k, v in REGIME_HELP.items())}", file=file)
-    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | mode | ops/step "
-          "| replays/step | host/GPU/busy ms per step | note |", file=file)
-    print("|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---|", file=file)
+    print("\n| variant | model | batch | method | regime | images/s | ×released | TFLOP/s | MFU | mode | steps by mode "
+          "| first step s | first captured s | ops/step | replays/step | host/GPU/busy ms per step | note |", file=file)
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|", file=file)
     for r in e2e:
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
         mode = (r.get("mode") or "-") + (" (fell back from captured)" if r.get("fallback") else "")
         print(f"| {r['variant']} | {r['model']} | {r['batch']} | {r['method']} | {r['regime']} | "
               f"{_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('speedup_vs_released'), '.2f')} | "
               f"{_fmt(r.get('tflops'), '.2f')} | {_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {mode} | "
-              f"{_fmt(r.get('ops_per_step'), 'd')} | {_fmt(r.get('replays_per_step'), 'g')} | "
+              f"{mode_counts_text(r.get('mode_counts'))} | {_fmt(r.get('first_step_s'), '.1f')} | "
+              f"{_fmt(r.get('first_captured_step_s'), '.1f')} | {_fmt(r.get('ops_per_step'), 'd')} | "
+              f"{_fmt(r.get('replays_per_step'), 'g')} | "
               f"{_fmt(r.get('host_ms_per_step'), '.2f')}/{_fmt(r.get('gpu_ms_per_step'), '.2f')}/"
               f"{_fmt(r.get('gpu_busy_ms_per_step'), '.2f')} | {r.get('note', '')} |", file=file)
     ratios = [r for r in rows if r.get("kind") == "ratio"]

@@ -31,6 +31,7 @@ The ceiling is measured in the same run: a bf16 8192×8192 matmul (``triton.test
 are given (an fp32 512² matmul gave "MFU" above 100%).
 """
 
+import collections
 import contextlib
 import statistics
 import time
@@ -139,18 +140,38 @@ def counting_replays(graphs):
             del phase.replay
 
 
+def _captured(step):
+    """Whether `step` has run a step captured: its phase graphs exist (``FastTrainStep.mode_counts`` when it has
+    one, else ``step.graphs``)."""
+    counts = getattr(step, "mode_counts", None)
+    if counts is not None:
+        return counts.get("captured", 0) > 0
+    return getattr(step, "graphs", None) is not None
+
+
 def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repeats):
     """Run `warmup` steps, then `repeats` synchronised blocks of `steps` steps; returns a dict.
 
     ``replays``: {phase: replays per timed step} when the step had its phase graphs (``step.graphs``) by the
-    end of the warm-up, else None."""
+    end of the warm-up, else None. ``first_step_s``: seconds from the first call to the end of the first step
+    (its compilation included, the device synchronised); ``first_captured_step_s`` the same to the end of the
+    first step that ran captured (None: none did). ``mode_counts``: {mode: steps} of every step the step object
+    ran (``FastTrainStep.mode_counts``; None without one), ``timed_mode_counts`` of the timed steps alone."""
     generator = torch.Generator(device=device).manual_seed(0)
     counter = iter(range(1 << 30))
     cuda = torch.device(device).type == "cuda"
+    first = {"step": None, "captured": None}  # seconds from the start to the end of the first (captured) step
 
     def one():
         x, y = batches[next(counter) % len(batches)]
-        return step(model, optimizer, x, y, cfg, True, generator)
+        out = step(model, optimizer, x, y, cfg, True, generator)
+        if first["step"] is None or (first["captured"] is None and _captured(step)):
+            common.sync(device)  # once or twice per row: the compile and the capture, not a launch, are timed
+            now = time.perf_counter() - t0
+            first["step"] = now if first["step"] is None else first["step"]
+            if _captured(step):
+                first["captured"] = now
+        return out
 
     t0 = time.perf_counter()
     result = None
@@ -159,8 +180,9 @@ def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repe
     common.sync(device)
     warmup_s = time.perf_counter() - t0
     graphs_before = _compiled_graphs()
+    modes_before = collections.Counter(getattr(step, "mode_counts", None) or {})
     seconds, host_s, gpu_ms = [], [], []
-    with counting_replays(getattr(step, "graphs", None)) as counts:
+    with counting_replays(getattr(step, "graphs", None)) as replays:
         for _ in range(repeats):
             common.sync(device)
             if cuda:
@@ -180,8 +202,12 @@ def time_steps(step, model, optimizer, cfg, batches, device, warmup, steps, repe
                 gpu_ms.append(start.elapsed_time(end))
     graphs_after = _compiled_graphs()
     recompiles = None if graphs_before is None else graphs_after - graphs_before
+    counts = getattr(step, "mode_counts", None)
     return {"seconds": seconds, "warmup_s": warmup_s, "result": result, "recompiles": recompiles,
+            "first_step_s": first["step"], "first_captured_step_s": first["captured"],
+            "mode_counts": None if counts is None else dict(counts),
+            "timed_mode_counts": None if counts is None else dict(collections.Counter(counts) - modes_before),
             "host_ms": 1e3 * statistics.median(host_s) / steps,
             "gpu_ms": statistics.median(gpu_ms) / steps if gpu_ms else None,
-            "replays": None if counts is None else {k: n / (steps * repeats) for k, n in counts.items()}}
+            "replays": None if replays is None else {k: n / (steps * repeats) for k, n in replays.items()}}
 

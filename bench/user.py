@@ -83,8 +83,9 @@ def engine_args(args, device):
 
 
 def summarise(rows, methods):
-    """One line per (variant, method): images/s, ×released, step ms, time vs AT, probes, MFU, the step's mode,
-    replays per step (captured rows), host/GPU/GPU-busy ms per step (CUDA)."""
+    """One line per (variant, method): images/s, ×released, step ms, time vs AT, probes, MFU, the step's mode and
+    its steps by mode, any fullgraph fallback, seconds to the first step and to the first captured step (the
+    compile and capture cost), replays per step (captured rows), host/GPU/GPU-busy ms per step (CUDA)."""
     e2e = [r for r in rows if r.get("kind") == "e2e"]
     ratio = {(r["variant"], r["method_key"]): r["time_ratio_vs_at"] for r in rows if r.get("kind") == "ratio"}
     key_to_user = {v: k for k, v in METHODS.items()}
@@ -101,7 +102,9 @@ def summarise(rows, methods):
                         host_ms_per_step=r.get("host_ms_per_step"), gpu_ms_per_step=r.get("gpu_ms_per_step"),
                         gpu_busy_ms_per_step=r.get("gpu_busy_ms_per_step"),
                         gpu_busy_fraction=r.get("gpu_busy_fraction"), cudagraph_skips=r.get("cudagraph_skips"),
-                        note=r.get("note", "")))
+                        first_step_s=r.get("first_step_s"), first_captured_step_s=r.get("first_captured_step_s"),
+                        mode_counts=r.get("mode_counts"), timed_mode_counts=r.get("timed_mode_counts"),
+                        fallbacks=r.get("fallbacks"), note=r.get("note", "")))
     order = {m: i for i, m in enumerate(methods)}
     out.sort(key=lambda s: (order.get(s["method"], 99)))
     return out
@@ -117,14 +120,15 @@ def print_summary(summary, meta, file=None):
           f"CUDA {meta.get('cuda')}; MFU ceiling: {_f(meta.get('ceiling_tflops'), '.0f')} TFLOP/s "
           f"({meta.get('ceiling_op')})", file=file)
     head = f"{'method':<14}{'variant':<18}{'images/s':>10}{'×released':>11}{'step ms':>10}{'÷AT time':>10}" \
-           f"{'probes':>8}{'MFU':>7}  {'mode':<10}note"
+           f"{'probes':>8}{'MFU':>7}{'1st step s':>11}{'1st capt. s':>12}  {'mode':<10}note"
     print(head, file=file)
     print("-" * (len(head) + 10), file=file)
     for s in summary:
         mfu = None if s["mfu"] is None else 100 * s["mfu"]
         print(f"{s['method']:<14}{s['variant']:<18}{_f(s['images_per_s'], '.1f'):>10}"
               f"{_f(s['speedup_vs_released'], '.2f'):>11}{_f(s['step_ms'], '.1f'):>10}{_f(s['time_vs_at'], '.2f'):>10}"
-              f"{_f(s['probes'], 'd'):>8}{(_f(mfu, '.1f') + '%') if mfu is not None else '-':>7}  "
+              f"{_f(s['probes'], 'd'):>8}{(_f(mfu, '.1f') + '%') if mfu is not None else '-':>7}"
+              f"{_f(s.get('first_step_s'), '.1f'):>11}{_f(s.get('first_captured_step_s'), '.1f'):>12}  "
               f"{s.get('mode') or '-':<10}{s['note']}",
               file=file)
     if meta.get("device_type") == "cpu":
@@ -174,6 +178,7 @@ def run(args):
 
     from rwp_fast.bench import bench_e2e, common
     from rwp_fast.bench.e2e_configs import build_plan
+    from rwp_fast.bench.e2e_report import summary_rows
     from rwp_fast.bench.e2e_timing import matmul_ceiling
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -202,17 +207,36 @@ def run(args):
                 bar.set_postfix_str(f"{row['variant']} {row['method_key']}")
                 bar.update(1)
 
+        def flush(self):
+            # --json is rewritten whenever the engine saves a row (the moment it is timed, before its
+            # profiles), with the ratios of the rows so far: a run cut short keeps every figure it made
+            if args.json and not self.finished:
+                rows = [dict(r) for r in self.rows if r.get("kind") == "e2e"]
+                rows += summary_rows(rows, {}, meta, eargs.smoke)
+                write_report(args.json, meta, summarise(rows, args.methods), rows, partial=True)
+
         def log(self, msg):
             if bar is None:
                 super().log(msg)
 
     try:
-        rows = Suite(eargs, meta, dev).run(units)
+        suite = Suite(eargs, meta, dev)
+        suite.finished = False
+        rows = suite.run(units)
+        suite.finished = True  # main() writes the whole report
     finally:
         if bar is not None:
             bar.close()
     summary = summarise(rows, args.methods)
     return meta, rows, summary
+
+
+def write_report(path, meta, summary, rows, partial=False):
+    """The --json report; ``partial``: written while the run goes on (its rows so far)."""
+    from rwp_fast.bench import common
+    from rwp_fast.bench.e2e_report import jsonable
+    report = dict(schema=SCHEMA, kind="rwp-fast bench", partial=partial, meta=meta, summary=summary, rows=rows)
+    common.write_json(jsonable(report), path)
 
 
 def main(args):
@@ -224,10 +248,7 @@ def main(args):
     meta, rows, summary = run(args)
     print_summary(summary, meta)
     if args.json:
-        from rwp_fast.bench import common
-        from rwp_fast.bench.e2e_report import jsonable
-        report = dict(schema=SCHEMA, kind="rwp-fast bench", meta=meta, summary=summary, rows=rows)
-        common.write_json(jsonable(report), args.json)
+        write_report(args.json, meta, summary, rows)
         print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {plot(summary, meta, args.plot)}")

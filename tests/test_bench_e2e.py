@@ -336,6 +336,11 @@ def test_captured_rows_count_phase_replays(monkeypatch):
         assert r["replays_per_step"] == r["expected_replays_per_step"] == n, r
         assert "replays/step" not in r["note"] and "ops_per_step" not in r, r
         assert r["warmup"] >= bench_e2e.WARMUP_STEPS + 1
+        # compile time as a figure: to the end of the first step, and of the first captured one (after the
+        # uncaptured warm-up); every timed step ran captured
+        assert 0 < r["first_step_s"] <= r["first_captured_step_s"], r
+        assert r["timed_mode_counts"] == {"captured": r["steps"] * r["repeats"]}, r
+        assert r["mode_counts"]["captured"] > r["steps"] * r["repeats"] and r["fallbacks"] == [], r
     assert rows["at"]["replays_by_phase"] == {"attack": 1, "train": 1}
     assert rows["at-rwp-all"]["replays_by_phase"] == {"attack": 1, "probe_forward": 3, "probe_backward": 3,
                                                        "train": 1}
@@ -384,7 +389,7 @@ def test_user_bench_smoke_table_json_and_png(tmp_path, capsys):
     assert "algorithmic savings" in text  # the CPU caveat
     with open(out) as f:
         report = json.load(f)
-    assert report["schema"] == 1 and report["kind"] == "rwp-fast bench"
+    assert report["schema"] == 1 and report["kind"] == "rwp-fast bench" and report["partial"] is False
     assert {"device", "torch", "triton", "cuda", "git_commit", "ceiling_tflops"} <= set(report["meta"])
     assert report["meta"]["ceiling_tflops"] is None  # no CPU "ceiling", so no MFU > 100%
     got = {(s["method"], s["variant"]) for s in report["summary"]}
@@ -430,39 +435,39 @@ def test_rwp_fast_bench_loads_one_copy_of_each_bench_module():
     assert len(set(modules.values())) == len(modules), modules  # no file under two names
 
 
-# ----------------------------------------------------------------------- bench/device_run.sh dry run
-def test_device_run_dry_run_on_cpu(tmp_path):
-    """The GPU script end to end on CPU with tiny sizes: a shell or Python error shows here, not in the
-    short GPU time. Every part runs and says ok, and $OUT holds at most 8 files, each under 16 MiB, one of
-    them a results.json with every part's status."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, TOTAL_S="300")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_run.sh"), "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = sorted(os.listdir(tmp_path))
-    assert len(files) <= 8 and all(os.path.getsize(tmp_path / f) < 16 * 2 ** 20 for f in files), files
-    with open(tmp_path / "results.json") as f:
-        results = json.load(f)
-    parts = {p["part"]: p["status"] for p in results["parts"]}
-    for name in ("install", "verify", "sanitizer", "headline", "micro", "tracking"):
-        assert parts.get(name) == "ok", (name, parts, proc.stdout[-3000:])
-    assert "extras" in parts  # run, or skipped with the reason
-    assert results["verify"]["verdict"] == "PASS" and results["headline"]["summary"]
-    # released, fast and compiled in the headline, no-compile in the extras; compiled skipped in a CPU smoke run
-    headline = {(s["variant"], s["method"]): s for s in results["headline"]["summary"]}
-    assert set(headline) == {(v, m) for v in ("released", "fast", "compiled") for m in ("at", "at-rwp")}
-    assert {s["variant"] for s in results["extras"]["summary"]} == {"no-compile"}
-    for (variant, _), s in headline.items():
-        if variant == "compiled":
-            assert s["images_per_s"] is None and "skipped: --smoke on CPU" in s["note"], s
-        else:
-            assert s["images_per_s"] > 0 and s["mode"] == "eager" and s["fallback"] is None, s
-    with open(tmp_path / "summary.txt") as f:
-        summary = f.read()
-    assert "mode eager" in summary and "replays/step" in summary and "host/GPU/busy ms" in summary
-    assert any(" compiled " in line and "no figure: skipped" in line.replace("smoke, not a measurement; ", "")
-               for line in summary.splitlines() if line.startswith("headline: ")), summary
-    assert results["sanitizer"].startswith("not supported")
-    assert any(r["impl"] == "triton" and r["us_p50"] for r in results["micro"])
-    assert "skipped" in results["tracking"]  # collected by name and skipped without CUDA
-    assert "collect errors" not in proc.stdout
+def test_a_row_is_saved_the_moment_it_is_timed_before_any_profile(tmp_path, monkeypatch):
+    """The JSON holds a row's timing before anything else runs on it (on CUDA the profilers; on CPU the op
+    count of an eager row stands in for them): a crash there keeps the figure and says what failed."""
+    suite = _suite(["at"])
+    suite.args.json = str(tmp_path / "rows.json")
+    on_disk = []
+
+    def crashing_count(*args, **kwargs):
+        on_disk.extend(json.loads((tmp_path / "rows.json").read_text()))
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED (simulated)")
+    monkeypatch.setattr(bench_e2e, "count_aten_ops", crashing_count)
+    suite.run_unit("small_cnn", 8, "no-compile", e2e_configs.make_batches(8, "cpu"))
+    (saved,) = on_disk
+    steps = saved["warmup"] + saved["steps"] * saved["repeats"]
+    assert saved["images_per_s"] > 0 and saved["first_step_s"] > 0 and saved["mode_counts"] == {"eager": steps}
+    (r,) = json.loads((tmp_path / "rows.json").read_text())
+    assert r["images_per_s"] == saved["images_per_s"]  # the figure stands
+    assert "error after the timing: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in r["note"], r["note"]
+
+
+def test_a_fullgraph_fallback_is_in_the_row(monkeypatch):
+    """A phase that left fullgraph (FastTrainStep.fallbacks) is recorded in the row and said in its note."""
+    def make_step(variant, model, cfg, device):
+        step, optimizer = e2e_configs.make_step(variant, model, cfg, device)
+        step.phases["attack_step"].fallback = "attack_step: fullgraph failed (Unsupported: ...); graph breaks allowed"
+        return step, optimizer
+    monkeypatch.setattr(bench_e2e, "make_step", make_step)
+    suite = _suite(["at"])
+    suite.run_unit("small_cnn", 8, "fast", e2e_configs.make_batches(8, "cpu"))
+    (r,) = suite.rows
+    assert r["fallbacks"] == ["attack_step: fullgraph failed (Unsupported: ...); graph breaks allowed"]
+    assert "fullgraph fallback: attack_step: fullgraph failed" in r["note"]
+    buf = io.StringIO()
+    e2e_report.print_table(suite.rows, file=buf)
+    steps = r["warmup"] + r["steps"] * r["repeats"]
+    assert f"| eager {steps} |" in buf.getvalue()  # the steps by mode (CPU, not compiled: eager)

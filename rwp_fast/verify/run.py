@@ -176,8 +176,10 @@ def model_numels(name):
     return [p.numel() for _, p in perturbed_parameters(model)]
 
 
-def verify(args, log=print):
-    """Run everything; returns (report dict, exit status)."""
+def verify(args, log=print, progress=None):
+    """Run everything; returns (report dict, exit status). ``progress(report)``: called with the report so far
+    after every op × backend × dtype and after the step checks (``main`` rewrites ``--json`` with it, so a run
+    cut short keeps every result it made; such a report has ``partial`` True)."""
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -223,6 +225,13 @@ def verify(args, log=print):
             continue
         available.append(name)
     t0 = time.perf_counter()
+
+    def report_now(step_rows, partial):
+        fails = sum(r["status"] == "FAIL" for r in rows + step_rows)
+        return dict(meta=meta, verdict="FAIL" if fails else ("INCOMPLETE" if partial else "PASS"), partial=partial,
+                    fails=fails, known=sum(r["status"] == "KNOWN" for r in rows), checks=len(rows),
+                    backends_checked=available, dtypes=dtypes, skipped=skipped, rows=rows, steps=step_rows,
+                    seconds=round(time.perf_counter() - t0, 1))
     for name in available:
         for dt in dtypes:
             for op in args.ops:
@@ -236,19 +245,19 @@ def verify(args, log=print):
                 bad = sum(r["status"] == "FAIL" for r in new)
                 log(f"[verify {time.perf_counter() - t0:5.0f}s] {op:<15}{name:<7}{dt:<5} "
                     f"{len(new)} checks, {bad} FAIL", file=sys.stderr)
+                if progress is not None:
+                    progress(report_now([], partial=True))
     step_rows = []
     if args.steps > 0:
         steps_model = args.steps_model or ("small_cnn" if cpu else "preact_resnet18")
         from .steps import whole_step
         backend = available[0] if available else "torch"
         step_rows = whole_step(device, args.steps, steps_model, 16 if cpu else 32, backend,
-                               log=lambda m: log(f"[verify {time.perf_counter() - t0:5.0f}s] {m}", file=sys.stderr))
-    fails = sum(r["status"] == "FAIL" for r in rows + step_rows)
-    known = sum(r["status"] == "KNOWN" for r in rows)
-    report = dict(meta=meta, verdict="FAIL" if fails else "PASS", fails=fails, known=known, checks=len(rows),
-                  backends_checked=available, dtypes=dtypes, skipped=skipped, rows=rows, steps=step_rows,
-                  seconds=round(time.perf_counter() - t0, 1))
-    return report, (1 if fails else 0)
+                               log=lambda m: log(f"[verify {time.perf_counter() - t0:5.0f}s] {m}", file=sys.stderr),
+                               progress=None if progress is None else
+                               lambda done: progress(report_now(done, partial=True)))
+    report = report_now(step_rows, partial=False)
+    return report, (1 if report["fails"] else 0)
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -278,10 +287,14 @@ def print_report(report, file=None):
             print(f"    {r['note']}", file=file)
     for s in report["steps"]:
         drift = ", ".join(f"{k.split('_')[0]} {v:.1e}" for k, v in s.items() if k.endswith("_weight_drift"))
+        modes = "; ".join(f"{p} {', '.join(f'{m} {n}' for m, n in c.items())}"
+                          for p, c in (s.get("mode_counts") or {}).items() if c)
         print(f"step {s['step']:>2} {s['method']:<7} {s['model']} b{s['batch']} (fp64, TF32 off): "
               f"weights rel {s['weight_rel_divergence']:.1e}, buffers {s['buffer_rel_divergence']:.1e}, probes "
               f"{s['probes']} (reference {s['reference_probes']}), tolerance {s['tolerance']}: {s['status']}; "
-              f"measured drift from fp64 ({s['backend']} ops, not a gate): {drift}", file=file)
+              f"measured drift from fp64 ({s['backend']} ops, not a gate): {drift}"
+              + (f"; steps ran {modes}" if modes else "")
+              + "".join(f"\n    fullgraph fallback: {f}" for f in s.get("fallbacks") or []), file=file)
     for s in report["skipped"]:
         print(f"skipped: {s['what']}: {s['reason']}" + ("  -> FAIL (--require)" if s.get("required") else ""),
               file=file)
@@ -307,8 +320,10 @@ def write_json(report, path):
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"  # then renamed: a run killed mid-write leaves the previous whole file
+    with open(tmp, "w") as f:
         json.dump(clean(report), f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(args):
@@ -318,7 +333,7 @@ def main(args):
     if args.json:  # before minutes of checks, not after (rwp_fast/_fs.py: the one output-path check)
         from .._fs import check_output_file
         check_output_file(args.json, "json", "verify")
-    report, status = verify(args)
+    report, status = verify(args, progress=(lambda partial: write_json(partial, args.json)) if args.json else None)
     print_report(report)
     if args.json:
         write_json(report, args.json)

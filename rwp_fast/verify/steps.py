@@ -63,11 +63,14 @@ def _probes(result):
     return None if value is None else int(value)
 
 
-def whole_step(device, steps, model_name, batch, backend, methods=tuple(METHODS), log=None):
+def whole_step(device, steps, model_name, batch, backend, methods=tuple(METHODS), log=None, progress=None):
     """Rows: one per (method, step): the fp64 weight divergence ‖w_fast − w_ref‖/‖w_ref‖ (the verdict) and
-    each drift precision's ‖w_p − w_ref‖/‖w_ref‖ from the same state (a measured figure, no verdict).
+    each drift precision's ‖w_p − w_ref‖/‖w_ref‖ from the same state (a measured figure, no verdict), with
+    ``mode_counts`` ({precision: {mode: steps so far}}, ``FastTrainStep.mode_counts``) and ``fallbacks`` (one
+    line per phase that left fullgraph), so that a row says how its steps ran.
 
     backend: of the fused ops in the drift runs (fp32/bf16); the fp64 run uses the torch ops.
+    progress(rows so far): called after every row.
     """
     from ..config import RunConfig
     from ..models import build_model
@@ -126,11 +129,19 @@ def whole_step(device, steps, model_name, batch, backend, methods=tuple(METHODS)
                 probes, ref_probes = _probes(f), _probes(r)
                 ok = rel <= FP64_STEP_RTOL and bufs <= FP64_STEP_RTOL and probes == ref_probes
                 drift = {f"{p}_weight_drift": result[p][1] for p in drift_precisions(device)}
+                # how the steps ran: None for a step object without the counts
+                counts = {p: getattr(run[3], "mode_counts", None) for p, run in runs.items()}
+                modes = {p: None if c is None else dict(c) for p, c in counts.items()}
+                fallbacks = [f"{p}: {line}" for p, run in runs.items() for line in getattr(run[3], "fallbacks", None)
+                             or []]
                 rows.append(dict(method=method, step=k + 1, model=model_name, batch=batch, backend=backend,
                                  dtype="fp64", weight_rel_divergence=rel, buffer_rel_divergence=bufs,
                                  probes=probes, reference_probes=ref_probes, **drift,
                                  drift_probes={p: _probes(result[p][0]) for p in drift_precisions(device)},
-                                 tolerance=STEP64.describe(), why=STEP64.why, status="PASS" if ok else "FAIL"))
+                                 tolerance=STEP64.describe(), why=STEP64.why, status="PASS" if ok else "FAIL",
+                                 mode_counts=modes, fallbacks=fallbacks))
+                if progress is not None:
+                    progress(rows)
                 if log:
                     log(f"steps {method} {k + 1}/{steps}: fp64 rel {rel:.2e}; drift "
                         + ", ".join(f"{p} {v:.1e}" for p, v in drift.items()))
