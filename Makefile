@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.rwp-fast-installed
 # 2.11 is the GPU machine's torch and 2.14.1 the CI machine's; setup.py pins the same range.
 TORCH_REQ := "torch>=2.11,<2.15" "torchvision>=0.26,<0.30"
 
-.PHONY: demo test install clean
+.PHONY: demo test test-floor install clean
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ test: $(STAMP)
 		echo "portability leg: $$setting"; \
 		env $$setting $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABLE_TESTS) || exit 1; \
 	done
+	$(MAKE) test-floor
+
+# The floor leg (issue 28): torch 2.11.0 + triton 3.6.0, the lowest torch setup.py accepts and the GPU
+# machine's, in .venv-floor: the compiled/captured/equivalence and library-op tests, the CUDA extension
+# built against 2.11 and imported, the device script's dry run. tests/floor_leg.sh says what and why.
+test-floor:
+	bash tests/floor_leg.sh $(PYTHON)
 
 clean:
-	rm -rf $(VENV) build *.egg-info rwp_fast/_C*.so
+	rm -rf $(VENV) .venv-floor build *.egg-info rwp_fast/_C*.so
