@@ -553,6 +553,8 @@ def test_resume_mid_epoch_continues_every_random_stream(tmp_path, monkeypatch):
         rows[run] = trainer.fit()
     assert trainer.preempted and load_checkpoint(tmp_path / "stopped" / "run" / "last.pt")["step"] == 6
     logs["resumed"], current["run"] = defaultdict(list), "resumed"
+    random.seed(1)      # as a new process would have them: the resume must set them, not find them
+    np.random.seed(1)
     resumed = Trainer.resume(str(tmp_path / "stopped" / "run"), log=quiet)
     record_streams(resumed, logs["resumed"])
     rows["resumed"] = resumed.fit()
