@@ -17,23 +17,26 @@ import copy
 import math
 import random
 
+import cli_helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import beta, chisquare
 
 import rwp_fast.data.batches as batches_module
 import rwp_fast.eval.suite as suite_module
 import rwp_fast.models as models_module
 import rwp_fast.train.ema as ema_module
 import rwp_fast.train.trainer as trainer_module
-from cli_helpers import tiny_run  # noqa: F401  (fixture: a 1-epoch digits run with the default threat model)
 from rwp_fast.cli import main
 from rwp_fast.config import PRESETS, RunConfig, preset
 from rwp_fast.core import perturbed_parameters
 from rwp_fast.data import load_dataset
 from rwp_fast.data.subset import stratified_subset
 from rwp_fast.train import Trainer, load_checkpoint
+
+tiny_run = cli_helpers.tiny_run  # a module-scoped fixture: a 1-epoch digits run, the default threat model
 
 EPS, ALPHA = 8 / 255, 2 / 255      # SPEC.md §1, L∞
 L2_EPS, L2_ALPHA = 128 / 255, 15 / 255
@@ -119,7 +122,7 @@ def check_chain(inputs, x, eps, alpha, norm, start, steps, interior=None):
         d, bound = ks_distance(delta0.flatten(1).norm(dim=1) / eps, uniform_cdf(0, 1))
         assert d < bound, f"start ‖δ₀‖/ε is not U(0, 1): KS {d:.3f} ≥ {bound:.3f}"
         # a Gaussian direction is uniform on the sphere: each squared coordinate of δ₀/‖δ₀‖ is Beta(½, (n−1)/2)
-        from scipy.stats import beta
+        # (the n coordinates of one example are dependent only through their sum of 1: weakly, at n = 64)
         unit = delta0.flatten(1) / delta0.flatten(1).norm(dim=1, keepdim=True)
         n = unit.shape[1]
         d, bound = ks_distance(unit.pow(2), lambda s: torch.from_numpy(beta.cdf(s.numpy(), 0.5, (n - 1) / 2)))
@@ -231,7 +234,6 @@ def test_cifar_augmentation_is_a_4_pixel_zero_padded_crop_and_a_fair_flip(tmp_pa
     dy, dx, flipped, zeros = shifts_and_flips(x)
     for name, s in (("row", dy), ("column", dx)):
         assert sorted(set(s.tolist())) == list(range(-4, 5)), f"{name} shifts {sorted(set(s.tolist()))}"
-        from scipy.stats import chisquare
         assert chisquare(torch.bincount(s + 4, minlength=9).numpy()).pvalue > 1e-6, f"{name} shifts not uniform"
     assert abs(int(flipped.sum()) - 1024) <= 113, f"{int(flipped.sum())} of 2048 flipped"
     expected_zeros = 32 * 32 - (32 - dy.abs()) * (32 - dx.abs())    # the padded rim that the crop took in
