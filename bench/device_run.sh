@@ -14,8 +14,8 @@
 #   7 micro        the op microbenchmarks, only if time is left
 #   8 sanitizer    compute-sanitizer memcheck ("not supported" is no FAIL; gVisor machines refuse it)
 # The time plan is bench/device_plan.tsv: each part's cap and minimum at TOTAL_S=480, scaled by TOTAL_S/480.
-# A part runs for at most min(its cap, the time left before the deadline T0 + TOTAL_S - 10 s); a part with
-# less time left than its minimum is skipped, and its status says so.
+# A part runs for at most min(its cap, the time left before the deadline T0 + TOTAL_S - 5 s, less timeout's
+# 5-s kill grace); a part with less time left than its minimum is skipped, and its status says so.
 #
 # Nothing is lost when the run is cut (the device tool kills the command at its limit): every part's output
 # streams into $OUT/run.log as it runs; every bench row is written to its JSON the moment it is timed, before
@@ -58,8 +58,8 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 T0=${EPOCHREALTIME/./}  # microseconds
 PLAN_TOTAL_S=480  # the TOTAL_S that bench/device_plan.tsv is written for
-RESERVE_S=10      # of TOTAL_S, never given to a part: the kill grace below and the final collect
-KILL_S=5          # timeout's grace between its TERM at a part's limit and its KILL
+RESERVE_S=5       # of TOTAL_S, never given to a part: the final collect
+KILL_S=5          # timeout's grace between its TERM at a part's limit and its KILL: also kept from every limit
 DEADLINE=$(( T0 + (TOTAL_S - RESERVE_S) * 1000000 ))
 # python3: the GPU image's interpreter with torch (a bare 'python' may not exist there)
 PYTHON="${PYTHON:-python3}"
@@ -88,7 +88,7 @@ declare -A CAP MIN
 while read -r name cap min _; do
     [[ -z "$name" || "$name" == \#* ]] && continue
     CAP[$name]=$(( cap * TOTAL_S / PLAN_TOTAL_S ))
-    MIN[$name]=$(( min * TOTAL_S / PLAN_TOTAL_S ))
+    MIN[$name]=$(( min * TOTAL_S / PLAN_TOTAL_S > 1 ? min * TOTAL_S / PLAN_TOTAL_S : 1 ))
 done < bench/device_plan.tsv
 
 now_us() { echo "${EPOCHREALTIME/./}"; }
@@ -109,8 +109,13 @@ part() {
         return 0
     fi
     left=$(( (DEADLINE - $(now_us)) / 1000000 - KILL_S ))
-    if [ "$left" -lt "$min" ] || [ "$left" -lt 1 ] || [ "$cap" -lt 1 ]; then  # never 'timeout 0': no limit
+    status=
+    if [ "$cap" -lt 1 ]; then  # 'timeout 0' would be no limit at all
+        status="skipped: the plan gives it ${cap}s at TOTAL_S=${TOTAL_S}s"
+    elif [ "$left" -lt "$min" ]; then  # min >= 1: a part never starts with less than 1 s
         status="skipped: ${left}s left of TOTAL_S=${TOTAL_S}s, the plan needs ${min}s (cap ${cap}s)"
+    fi
+    if [ -n "$status" ]; then
         printf '%s\t%s\t0\t0\t%s\n' "$name" "$status" "$cap" >> "$STATUS"
         echo "==== part $name $status ====" >> "$LOG"
         echo "== $name: $status"
@@ -127,7 +132,7 @@ part() {
     took=$(seconds $(( $(now_us) - t )))
     case $rc in
         0) status=ok ;;
-        124|137) status="TIMED OUT after ${took}s (limit ${limit}s)" ;;
+        124|137) status="TIMED OUT at its limit" ;;
         *) status="FAILED rc=$rc" ;;
     esac
     echo "==== part $name end: $status (${took}s) ====" >> "$LOG"

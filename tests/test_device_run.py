@@ -110,7 +110,7 @@ def test_device_run_dry_run_on_cpu(tmp_path):
     assert "first step" in summary and "steps compiled" in summary and "FALLBACK" not in summary
     assert "accounting: 8 parts ran" in summary
 
-    assert results["captured"].endswith("s") and "4 skipped" in results["captured"]  # collected by name, no CUDA
+    assert "4 skipped" in results["captured"]  # collected by name, skipped without CUDA
     assert "1 skipped" in results["tracking"]  # the bf16 tracking test, captured mode only
     verify = load(tmp_path / "verify.json")
     assert verify["verdict"] == "PASS" and verify["partial"] is False
@@ -135,6 +135,23 @@ def test_rehearsal_with_the_plan_scaled_down_stays_inside_total_s(tmp_path):
     check_accounting(results, 60, wall)
     summary = (tmp_path / "summary.txt").read_text()
     assert re.search(r"accounting: \d parts ran, [\d.]+s of TOTAL_S=60s", summary), summary
+
+
+def test_a_part_without_its_minimum_left_is_skipped_and_says_so(tmp_path):
+    """TOTAL_S = 16: after install and the headline's few seconds no part has its minimum left; each is
+    skipped with the seconds left and the seconds it needs, and the accounting still holds."""
+    proc, wall = dry_run(tmp_path, "16", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = load(tmp_path / "results.json")
+    parts = {p["part"]: p for p in results["parts"]}
+    assert list(parts) == ORDER
+    skipped = [p for p in results["parts"] if p["status"].startswith("skipped: ")]
+    assert skipped and all(p["seconds"] == 0 and p["limit_s"] == 0 for p in skipped), results["parts"]
+    assert any("left of TOTAL_S=16s, the plan needs" in p["status"] for p in skipped), results["parts"]
+    # the last part's cap scales to 0 s: skipped, never run under 'timeout 0' (which is no limit at all)
+    assert parts["sanitizer"]["status"] == "skipped: the plan gives it 0s at TOTAL_S=16s"
+    check_accounting(results, 16, wall)
+    assert "skipped: " in (tmp_path / "summary.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------- (c)
