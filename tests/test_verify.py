@@ -126,6 +126,9 @@ def test_whole_step_check(tmp_path, monkeypatch):
     assert all(s["status"] == "PASS" and s["weight_rel_divergence"] < FP64_STEP_RTOL for s in report["steps"])
     # the drift is a figure, reported: an fp32 step is a few ulps (≥ 1e-9) from fp64, and far from a bug
     assert all(1e-12 < s["fp32_weight_drift"] < 1e-3 and "bf16_weight_drift" not in s for s in report["steps"])
+    # the mode each step ran in (FastTrainStep.mode_counts, so far in that method's run): eager here, no fallback
+    assert all(s["mode_counts"] == {"fp64": {"eager": s["step"]}, "fp32": {"eager": s["step"]}}
+               and s["fallbacks"] == [] for s in report["steps"]), report["steps"]
 
     from rwp_fast.perturb.search import WeightPerturbation
     monkeypatch.setattr(WeightPerturbation, "remove", lambda self: None)  # v stays in the weights
@@ -139,3 +142,25 @@ def test_a_filter_that_selects_no_check_fails_rather_than_passes(tmp_path):
     status, report = run_verify(tmp_path, "--ops", "pgd_step", "--families", "nosuchfamily")
     assert status == 1
     assert [r["function"] for r in report["rows"] if r["status"] == "FAIL"] == ["(no checks)"]
+
+
+def test_the_json_is_written_after_every_op_and_step_check(tmp_path, monkeypatch):
+    """A run cut short keeps every result it made: --json is rewritten (whole: written aside, then renamed)
+    after each op × backend × dtype and after each step check, marked partial until the end."""
+    from rwp_fast.verify import run
+    written = []
+    real = run.write_json
+
+    def recording(report, path):
+        real(report, path)
+        with open(path) as f:
+            written.append(json.load(f))
+    monkeypatch.setattr(run, "write_json", recording)
+    status, report = run_verify(tmp_path, "--ops", "pgd_step,weight_perturb", "--families", "odd",
+                                "--steps", "1")
+    assert status == 0 and report["partial"] is False and report["verdict"] == "PASS"
+    ops = [{r["op"] for r in w["rows"]} for w in written]
+    assert ops[:2] == [{"pgd_step"}, {"pgd_step", "weight_perturb"}]  # one write per op, in order
+    assert all(w["partial"] and w["verdict"] == "INCOMPLETE" for w in written[:-1])
+    assert [len(w["steps"]) for w in written[2:-1]] == [1, 2, 3]  # then one per step check (AT, AWP, RWP)
+    assert written[-1] == report and not list(tmp_path.glob("*.tmp"))
