@@ -66,6 +66,7 @@ PYTHON="${PYTHON:-python3}"
 export RWP_FAST_CUDA_ARCHS="${RWP_FAST_CUDA_ARCHS:-90}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+ulimit -c 0  # a part aborted at its limit (below) writes no core file: a GPU process's could take minutes
 # what Dynamo recompiled and where a graph broke, in the log of the part that did it
 export TORCH_LOGS="${TORCH_LOGS-recompiles,graph_breaks}"
 WORK="$(mktemp -d)"  # the per-op micro JSONs and the part statuses; all that matters is also under $OUT
@@ -127,7 +128,9 @@ part() {
     echo "== $name (limit ${limit}s of cap ${cap}s): $*"
     echo "==== part $name start $(date -u +%T) limit ${limit}s cap ${cap}s: $* ====" >> "$LOG"
     t=$(now_us)
-    timeout --kill-after="$KILL_S" "$limit" "$@" >> "$LOG" 2>&1 < /dev/null
+    # SIGABRT at the limit: with PYTHONFAULTHANDLER a Python part prints every thread's stack into run.log
+    # before it dies, so a part cut at its limit says where it was (a compile, a capture, a test)
+    timeout --signal=ABRT --kill-after="$KILL_S" "$limit" "$@" >> "$LOG" 2>&1 < /dev/null
     rc=$?
     took=$(seconds $(( $(now_us) - t )))
     case $rc in
@@ -207,11 +210,15 @@ fi
 
 # ---------------------------------------------------------------------------------------------- 7 micro
 micro() {
-    local op rc=0 flags=(--no-compile) ops=(lsc_loss pgd_step weight_perturb) each=$(( PART_LIMIT / 3 ))
+    # lsc_loss first: the op that failed last time. Each op may use what is left of the part (its JSON is
+    # written when it ends), so a slow first op leaves the others out rather than cutting all three short.
+    local op rc=0 left flags=(--no-compile) ops=(lsc_loss pgd_step weight_perturb)
     # dry run: one op shows the plumbing works (pytest runs every bench_<op>.py on tiny sizes anyway)
-    [ "$DEV" = cpu ] && flags+=(--quick) && ops=(pgd_step) && each=$PART_LIMIT
+    [ "$DEV" = cpu ] && flags+=(--quick) && ops=(pgd_step)
     for op in "${ops[@]}"; do
-        timeout --kill-after=2 "$each" "$PYTHON" -m "rwp_fast.bench.bench_$op" --device "$DEV" \
+        left=$(( PART_LIMIT - SECONDS - 1 ))
+        [ "$left" -lt 3 ] && { echo "micro $op: skipped: ${left}s left of the part"; continue; }
+        timeout --kill-after=1 "$left" "$PYTHON" -m "rwp_fast.bench.bench_$op" --device "$DEV" \
             --json "$WORK/micro_$op.json" "${flags[@]}" || { rc=$?; echo "micro $op: rc=$rc"; }
     done
     return $rc

@@ -3,8 +3,9 @@
 (a) The dry run: every part of the real order runs and says ok, the headline's fast rows compile their phases
     (aot_eager, as the GPU run compiles them with Inductor) with no fullgraph fallback, and $OUT holds at most
     8 files, each under 16 MiB (the device tool's limits); the parts' recorded seconds stay inside TOTAL_S.
-(b) The rehearsal: the same run with the plan scaled down to TOTAL_S = 60 s. The parts are cut or skipped,
-    each saying so, and the script's own accounting stays inside TOTAL_S.
+(b) The rehearsal: the same run with the plan scaled down to TOTAL_S = 60 s (and to 16 s). The parts are cut
+    (a Python part with its stack in run.log) or skipped, each saying so, and the script's own accounting stays
+    inside TOTAL_S.
 (c) A run cut partway (the whole process session killed, as the device tool does at its limit) keeps what
     finished: the install's status in results.json and summary.txt, the running part's output in run.log and
     its bench rows already timed in bench.json.
@@ -133,6 +134,12 @@ def test_rehearsal_with_the_plan_scaled_down_stays_inside_total_s(tmp_path):
     for p in results["parts"]:
         assert p["status"] == "ok" or p["status"].startswith(("TIMED OUT", "skipped: ")), p
     check_accounting(results, 60, wall)
+    # a Python part cut at its limit gets SIGABRT: faulthandler prints where it was into run.log
+    log = (tmp_path / "run.log").read_text()
+    for p in results["parts"]:
+        if p["status"].startswith("TIMED OUT") and p["part"] in ("headline", "variants", "verify"):
+            section = log.split(f"==== part {p['part']} start", 1)[1].split(f"==== part {p['part']} end", 1)[0]
+            assert "Fatal Python error: Aborted" in section and "(most recent call first)" in section, section
     summary = (tmp_path / "summary.txt").read_text()
     assert re.search(r"accounting: \d parts ran, [\d.]+s of TOTAL_S=60s", summary), summary
 
