@@ -1,7 +1,7 @@
 """End-to-end throughput: images/s of full training steps (PGD attack + weight perturbation + SGD update).
 
     python -m bench --device cuda --json out/e2e.json            # the issue's matrix (long)
-    python -m bench --device cuda --plan device --time-budget 300  # prioritised subset (device_run.sh)
+    python -m bench --device cuda --plan device --time-budget 300  # prioritised subset, most important first
     python -m bench --smoke --json /tmp/e2e_smoke.json            # CPU, seconds; claims no figure
 
 The parts, one module each: ``e2e_configs`` (variants, methods, plans, one row's config and step),
@@ -336,11 +336,13 @@ def parse_args(argv=None):
                    choices=("cuda", "cpu"))
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run ({SMOKE_MODEL} b{SMOKE_BATCH}, K1=2, K2=3, 1 step): checks that every "
-                        "variant runs (on CPU 'compiled' is a skipped row); claims no figure and never writes "
+                        "variant runs (on CPU 'compiled' is a skipped row unless RWP_FAST_COMPILE_BACKEND "
+                        "names a backend); claims no figure and never writes "
                         "bench/results")
     p.add_argument("--plan", default="issue", choices=("issue", "device"),
                    help="issue: PreAct-18 b128/b512 and WRN-34-10 b128, every variant; device: the "
-                        "prioritised subset of bench/device_run.sh. --models/--batch-sizes: their product")
+                        "prioritised subset, most important first (e2e_configs.DEVICE_PLAN). "
+                        "--models/--batch-sizes: their product")
     p.add_argument("--models", type=_csv(str, MODELS), default=None,
                    help="comma-separated, e.g. preact_resnet18,wrn-34-10")
     p.add_argument("--batch-sizes", type=_csv(int), default=None, help="comma-separated, e.g. 128,512")

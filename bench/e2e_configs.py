@@ -143,7 +143,8 @@ METHODS = {
 REGIME_HELP = {"all": "c_min=inf: all K2 probes run", "break": "c_min=0: break at the first probe"}
 
 ISSUE_CONFIGS = (("preact_resnet18", 128), ("preact_resnet18", 512), ("wrn-34-10", 128))
-# The one-shot GPU script's subset, most important first: a time budget cuts from the end.
+# A prioritised subset for a longer GPU window (--plan device), most important first: a time budget cuts from
+# the end. bench/device_run.sh runs its own two `rwp-fast bench` parts (headline, variants) instead.
 DEVICE_PLAN = (
     ("preact_resnet18", 128, "released"), ("preact_resnet18", 128, "fast"),
     ("preact_resnet18", 128, "compiled"),
