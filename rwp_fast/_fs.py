@@ -74,7 +74,7 @@ def _refuse_existing(path, flag, kind):
     """A ConfigError if the existing file `path` is not one that output `kind` may replace."""
     name = os.path.basename(path)
     kind = OUTPUT_KINDS[kind]
-    if name in RUN_FILES:
+    if name in RUN_FILES and name not in kind.owns:
         raise ConfigError(f"{flag}: {path!r} is a run's {name}, which no command writes over; allowed: a new "
                           f"path, or an earlier {kind.what}")
     if not kind.recognises(path):

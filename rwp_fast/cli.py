@@ -16,7 +16,7 @@ import sys
 from ._fs import check_output_dir, check_output_file
 from .cli_args import add_config_flags, check_int, config_from_args
 from .config import EXIT_PREEMPTED, EXIT_USER_ERROR, FLAGS, PRESETS, ConfigError, RunConfig
-from .readers import METRICS_FILE, read_metrics, read_run_config
+from .readers import METRICS_FILE, SWEEP_FILE, read_metrics, read_run_config
 
 CURVES = [("curves.png", "figure")]  # what a run directory gets besides the run's own files
 
@@ -158,6 +158,9 @@ def check_new_run_dir(out_dir):
         raise ConfigError(f"out_dir: {out_dir} already holds a run (last.pt); continue it with "
                           f"--resume {out_dir} or choose another --out-dir")
     check_output_dir(out_dir, "out_dir", CURVES)
+    if os.path.lexists(os.path.join(out_dir, SWEEP_FILE)):
+        raise ConfigError(f"out_dir: {out_dir} is a sweep directory (sweep.json); a run goes into a directory of "
+                          "its own: choose another --out-dir")
     if os.path.lexists(os.path.join(out_dir, METRICS_FILE)) and read_metrics(out_dir):
         raise ConfigError(f"out_dir: {out_dir} holds a run's metrics.jsonl but no last.pt to continue it from; "
                           "a new run there would erase those epochs; choose another --out-dir")

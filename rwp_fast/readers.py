@@ -266,10 +266,10 @@ def _first_line(path):
 
 class OutputKind:
     """A kind of file a command writes: `what` names it; `recognises(path)` says whether an existing file
-    is one (so that the command may replace it)."""
+    is one (so that the command may replace it); `owns`: the RUN_FILES names it may replace (its own)."""
 
-    def __init__(self, what, recognises):
-        self.what, self.recognises = what, recognises
+    def __init__(self, what, recognises, owns=()):
+        self.what, self.recognises, self.owns = what, recognises, owns
 
 
 OUTPUT_KINDS = {
@@ -280,7 +280,8 @@ OUTPUT_KINDS = {
                         lambda p: (_json_object(p) or {}).get("kind") == "rwp-fast bench"),
     "figure": OutputKind("figure (a PNG that matplotlib wrote)", _is_matplotlib_png),
     "summary_csv": OutputKind("sweep summary (CSV)", lambda p: _first_line(p).startswith("point,")),
-    "sweep": OutputKind("sweep.json of rwp-fast sweep", lambda p: _ok(read_sweep_file, os.path.dirname(p))),
+    "sweep": OutputKind("sweep.json of rwp-fast sweep", lambda p: _ok(read_sweep_file, os.path.dirname(p)),
+                        owns=(SWEEP_FILE,)),
     "export_card": OutputKind("model card of rwp-fast export",
                               lambda p: {"format", "architecture", "input"} <= set(_json_object(p) or ())),
     "model_info": OutputKind("RobustBench model-info JSON of rwp-fast export",

@@ -114,3 +114,27 @@ def test_an_linf_radius_over_255_is_refused_naming_the_flag():
         RunConfig(epsilon_255=300.0).validate()
     RunConfig(epsilon_255=255.0).validate()
     RunConfig(norm="l2", epsilon_255=300.0).validate()  # an L2 radius may pass 1 pixel unit on large images
+
+
+def test_the_backend_is_the_flag_else_rwp_fast_backend_else_the_default(monkeypatch):
+    import argparse
+
+    from rwp_fast.cli_args import add_config_flags, config_from_args
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default=None)
+    add_config_flags(parser)
+    monkeypatch.delenv("RWP_FAST_BACKEND", raising=False)
+    assert config_from_args(parser.parse_args([])).backend == "auto"
+    monkeypatch.setenv("RWP_FAST_BACKEND", "torch")
+    assert config_from_args(parser.parse_args([])).backend == "torch"   # the flag keeps its default
+    assert config_from_args(parser.parse_args(["--backend", "reference"])).backend == "reference"
+    assert config_from_args(parser.parse_args(["--backend", "auto"])).backend == "auto"  # given explicitly
+
+
+def test_momentum_of_one_or_more_is_refused():
+    for value in (1.0, 1.5):
+        with pytest.raises(ConfigError, match=r"momentum: must be in \[0, 1\)"):
+            RunConfig(momentum=value).validate()
+    RunConfig(momentum=0.0).validate()
+    with pytest.raises(ConfigError, match="nesterov: Nesterov momentum needs --momentum in"):
+        RunConfig(momentum=0.0, nesterov=True).validate()

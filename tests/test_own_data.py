@@ -127,6 +127,25 @@ def test_grey_folder_has_one_channel_and_val_split(tmp_path):
     assert len(data.mean) == 1
 
 
+def test_16_bit_grey_pngs_are_scaled_not_saturated(tmp_path):
+    """A 16-bit PNG is a valid image: 0..65535 maps to 0..255 (v · 255 / 65535, rounded). Pillow's own
+    convert("L") clips at 255, which turned 99% of a 16-bit image's pixels white."""
+    root = tmp_path / "wide"
+    values = {}
+    for split in ("train", "test"):
+        for c in range(2):
+            (root / split / str(c)).mkdir(parents=True)
+            arr = (np.arange(16, dtype=np.uint32).reshape(4, 4) * 4000 + 1000 * c).astype(np.uint16)
+            Image.fromarray(arr).save(root / split / str(c) / "0.png")   # Pillow writes 16-bit grey
+            values[(split, c)] = np.round(arr.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert Image.open(root / "train" / "0" / "0.png").mode.startswith("I")
+    data = load_dataset(RunConfig(dataset="folder", data_dir=str(root), quiet=True))
+    assert data.train_x.shape == (2, 1, 4, 4)
+    for c in range(2):
+        assert np.array_equal(data.train_x[data.train_y == c][0, 0].numpy(), values[("train", c)])
+    assert int(data.train_x.max()) < 255   # the brightest value, 61000 + 1000, is 237, not a clipped 255
+
+
 # ---------------------------------------------------------------------------------------------- npz
 def make_npz(path, n_train=64, n_test=16, hw=8, c=3, classes=4, **override):
     rng = np.random.RandomState(0)

@@ -6,6 +6,7 @@ import sys
 from .._fs import check_output_dir
 from ..cli_args import add_config_flags, check_int, config_from_args
 from ..config import PRESETS, ConfigError
+from ..readers import CONFIG_FILE
 from .grid import DEMO_LSC_RANGES, SWEEP_FILE, build_sweep, parse_grid, parse_lsc_ranges, parse_seeds
 from .run import run_sweep
 from .summary import SUMMARY_OUTPUTS, summarize
@@ -45,6 +46,9 @@ def main(args):
     args.out_dir = None
     base = config_from_args(args)
     check_output_dir(sweep_dir, "out_dir", [(SWEEP_FILE, "sweep"), *SUMMARY_OUTPUTS])
+    if os.path.lexists(os.path.join(sweep_dir, CONFIG_FILE)):  # its sweep.json and summary would sit in a run
+        raise ConfigError(f"out_dir: {sweep_dir} holds a run (config.json); a sweep directory holds its runs as "
+                          "subdirectories: choose another --out-dir")
     sweep = build_sweep(base, sweep_dir, grids, args.zip, seeds, lsc)
     for name in sweep.configs:   # a run directory's name may pass the file system's limit
         check_output_dir(os.path.join(sweep_dir, name), "out_dir", [("curves.png", "figure")])
