@@ -5,7 +5,7 @@
 #   1 the compiled, captured and equivalence tests, and the library-op tests (opcheck, fullgraph traces);
 #   2 a build of the CUDA extension against 2.11's headers, into build/floor-ext (not in place: the checkout's
 #     rwp_fast/_C*.so stays the main environment's), then an import of it that registers its ops;
-#   3 the device script's dry run, whose headline rows compile the phases on CPU.
+#   3 the device script's dry run, whose headline rows compile the phases on CPU (tests/test_device_run.py).
 # numpy<2.4: Triton 3.6's interpreter calls int() on a 1-element array, which numpy 2.4 refuses; with a newer
 # numpy the interpreter tests skip with that reason (kernels/_interpreter.py), and this leg would test less.
 # Cost on a 2-core machine: README, Tests.
@@ -57,5 +57,6 @@ else
 fi
 
 # 3 ------------------------------------------------------------------------------------------- dry run
-OUT=build/floor-dry-run PYTHON="$BIN/python" bash bench/device_run.sh --dry-run
+# the test that runs it: every part ok, the fast rows compiled (aot_eager) with no fullgraph fallback
+"$BIN/python" -m pytest -q -p no:cacheprovider tests/test_device_run.py -k dry_run_on_cpu
 echo "floor leg: done ($(since))"
