@@ -53,16 +53,22 @@ def config_from_args(args):
     $RWP_FAST_BACKEND's, else the default: the environment fills in only a flag that was not given."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(args, f.name, None) is not None}
-    env_backend = os.environ.get(BACKEND_ENV, "").strip()
-    if "backend" not in given and env_backend:
-        if env_backend not in BACKENDS:
-            raise ConfigError(f"backend: {BACKEND_ENV}={env_backend!r} is not one of {', '.join(BACKENDS)}")
-        given["backend"] = env_backend
+    if "backend" not in given and env_backend():
+        given["backend"] = env_backend()
     if "lr_milestones" in given:
         given["lr_milestones"] = tuple(given["lr_milestones"])
     if args.preset:
         return preset(args.preset, **given)
     return RunConfig(**given).validate()
+
+
+def env_backend():
+    """$RWP_FAST_BACKEND checked against config.BACKENDS, or None where it is not set: the backend of a run
+    whose --backend is not given (train, sweep, demo)."""
+    value = os.environ.get(BACKEND_ENV, "").strip()
+    if value and value not in BACKENDS:
+        raise ConfigError(f"backend: {BACKEND_ENV}={value!r} is not one of {', '.join(BACKENDS)}")
+    return value or None
 
 
 def check_int(value, flag, minimum):

@@ -3,6 +3,7 @@
 
 import os
 
+from .cli_args import env_backend
 from .config import EXIT_PREEMPTED, RunConfig
 from .readers import read_metrics
 from .sweep import DEMO_LSC_RANGES, build_sweep, parse_lsc_ranges, run_sweep
@@ -21,7 +22,7 @@ def demo_config(name, out_dir, epochs, quiet, device):
         method="at", perturb=perturb, gamma=DEMO["gamma"], c_min=DEMO["c_min"], k2=10,
         epochs=epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"], lr_milestones=DEMO["milestones"],
         weight_decay=5e-4, eval_examples=0, seed=0, out_dir=os.path.join(out_dir, name), quiet=quiet,
-        device=device or "auto",
+        device=device or "auto", backend=env_backend() or "auto",
     ).validate()
 
 

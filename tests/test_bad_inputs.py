@@ -102,9 +102,9 @@ def _set_config(run, **fields):
     (run / "config.json").write_text(json.dumps(info))
 
 
-def _backend_env(c, value):
+def _backend_env(c, value, command="train"):
     c.monkeypatch.setenv("RWP_FAST_BACKEND", value)
-    return ["train", "--out-dir", str(c.tmp / "r")]
+    return [command, "--out-dir", str(c.tmp / "r")]
 
 
 TRAIN = ["--dataset", "digits", "--device", "cpu", "--epochs", "1", "--quiet"]
@@ -193,6 +193,7 @@ CASES = [
     ("sweep-grid-points-share-a-directory", lambda c: ["sweep", "--grid", "data_dir=a/b,a-b", "--out-dir", str(c.tmp / "sw")],
      ["grid: the points", "both map to the run directory 'data_dir=a-b'"]),
     ("backend-env-not-a-backend", lambda c: _backend_env(c, "fastest"), ["backend: RWP_FAST_BACKEND='fastest'"]),
+    ("demo-backend-env-not-a-backend", lambda c: _backend_env(c, "fastest", "demo"), ["backend: RWP_FAST_BACKEND="]),
     ("eval-l2-checkpoint-with-fgsm", lambda c: ["eval", c.checkpoint_with("l2.pt", norm="l2", epsilon_255=128.0),
                                                 "--attacks", "natural,fgsm,pgd20"],
      ["attacks: fgsm is defined for norm 'linf' only", "norm is 'l2'", "allowed: natural, fgm"]),
