@@ -27,38 +27,47 @@ def cmd_presets(args):
         print(f"{name:28s} " + " ".join(f"{k}={v}" for k, v in PRESETS[name].items()))
 
 
+RESUME_FLAGS = ("quiet", "device", "epochs")  # quiet and device change nothing computed; epochs may extend a run
+
+
+def check_train_inputs(args):
+    """Every check of `rwp-fast train` that needs no data: the flags, the run directory's files and every
+    output path (before --nproc starts N processes, which would each say it). The config, or None for --resume."""
+    if not args.resume:
+        cfg = config_from_args(args)
+        check_new_run_dir(cfg.out_dir)
+        if cfg.tensorboard:
+            check_output_dir(os.path.join(cfg.out_dir, "tb"), "tensorboard")
+        return cfg
+    explicit = ["--" + FLAGS.get(f.name, f.name).replace("_", "-") for f in dataclasses.fields(RunConfig)
+                if getattr(args, f.name) is not None and f.name not in RESUME_FLAGS]
+    if explicit or args.preset:
+        dropped = (["--preset"] if args.preset else []) + explicit
+        raise ConfigError(f"resume: a resumed run keeps its saved config; drop {', '.join(dropped)} "
+                          f"(allowed with --resume: {', '.join('--' + a for a in RESUME_FLAGS)})")
+    if not os.path.isdir(args.resume):
+        raise ConfigError(f"resume: {args.resume!r} is not a directory; allowed: a run directory holding last.pt")
+    check_output_dir(args.resume, "resume", CURVES)
+    info = read_run_config(args.resume)  # its shape checked; last.pt is checked against it on resume
+    if info and info["config"]["tensorboard"]:
+        check_output_dir(os.path.join(args.resume, "tb"), "tensorboard")
+    return None
+
+
 def cmd_train(args):
     from .train import Trainer, resolve_device
     from .train.plots import plot_runs
+    cfg = check_train_inputs(args)
     if args.nproc is not None and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         from .train.distributed import launch_nproc  # torchrun on this machine, N processes
-        return launch_nproc(args.nproc, args.argv, None if args.resume else config_from_args(args))
+        return launch_nproc(args.nproc, args.argv, cfg)
     if args.resume:
-        # quiet and device do not change what is computed; epochs may extend a run (Trainer.resume)
-        allowed = ("quiet", "device", "epochs")
-        explicit = ["--" + FLAGS.get(f.name, f.name).replace("_", "-") for f in dataclasses.fields(RunConfig)
-                    if getattr(args, f.name) is not None and f.name not in allowed]
-        if explicit or args.preset:
-            dropped = (["--preset"] if args.preset else []) + explicit
-            raise ConfigError(f"resume: a resumed run keeps its saved config; drop {', '.join(dropped)} "
-                              f"(allowed with --resume: {', '.join('--' + a for a in allowed)})")
-        if not os.path.isdir(args.resume):
-            raise ConfigError(f"resume: {args.resume!r} is not a directory; allowed: a run directory "
-                              "holding last.pt")
-        check_output_dir(args.resume, "resume", CURVES)
-        info = read_run_config(args.resume)  # its shape checked; last.pt is checked against it on resume
-        if info and info["config"]["tensorboard"]:
-            check_output_dir(os.path.join(args.resume, "tb"), "tensorboard")
-        overrides = {k: getattr(args, k) for k in allowed if getattr(args, k) is not None}
+        overrides = {k: getattr(args, k) for k in RESUME_FLAGS if getattr(args, k) is not None}
         trainer = Trainer.resume(args.resume, **overrides)
         if trainer.dist.is_main:
             print(f"resuming {args.resume} after epoch {trainer.epoch} (step {trainer.step}) "
                   f"of {trainer.cfg.epochs}")
     else:
-        cfg = config_from_args(args)
-        check_new_run_dir(cfg.out_dir)
-        if cfg.tensorboard:
-            check_output_dir(os.path.join(cfg.out_dir, "tb"), "tensorboard")
         resolve_device(cfg.device)  # a missing CUDA device is reported before anything is written
         trainer = Trainer(cfg)
     try:

@@ -140,6 +140,8 @@ CASES = [
                                                   str(_with_file(c, "new/tb", "not a directory"))],
      ["tensorboard: ", "tb' is a file"]),
     ("train-out-dir-under-file", lambda c: ["train", *TRAIN, "--out-dir", str(c.file / "run")], ["out_dir: ", "lies under"]),
+    ("train-nproc-out-dir-under-file", lambda c: ["train", *TRAIN, "--nproc", "2", "--out-dir", str(c.file / "run")],
+     ["out_dir: ", "lies under"]),
     ("train-out-dir-too-long", lambda c: ["train", *TRAIN, "--out-dir", str(c.tmp / LONG)], ["out_dir: the name"]),
     ("train-out-dir-holds-metrics", lambda c: ["train", *TRAIN, "--out-dir", _edited_run(c, lambda r: os.remove(r / "last.pt"))],
      ["out_dir: ", "holds a run's metrics.jsonl but no last.pt"]),
