@@ -58,11 +58,16 @@ class Ctx:
         shutil.copytree(self.run, dest)
         return dest
 
-    def write(self, rel, text):
+    def write(self, rel, content):
         path = self.tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
         return str(path)
+
+    def pickled(self, rel):
+        """A torch.save file holding a Python object that a weights-only load refuses (a PosixPath)."""
+        torch.save({"model": self.tmp}, self.tmp / rel)
+        return str(self.tmp / rel)
 
     def checkpoint_with(self, name, **config):
         state = torch.load(self.ckpt, weights_only=True)
@@ -178,7 +183,16 @@ CASES = [
      ["eval_json: ", "no such file"]),
     ("eval-checkpoint-config-is-a-list", lambda c: ["eval", c.checkpoint_with("bad.pt", whole=[])],
      ["checkpoint ", "its config: holds list"]),
-    ("eval-not-a-checkpoint", lambda c: ["eval", c.write("random.pt", "not a checkpoint")], ["not an rwp-fast checkpoint"]),
+    ("eval-not-a-checkpoint", lambda c: ["eval", c.write("random.pt", bytes(range(7, 207))), "--out", str(c.tmp / "e.json")],
+     ["random.pt: not an rwp-fast checkpoint", "not the zip archive torch.save writes", "first bytes: 07 08 09"]),
+    ("export-not-a-checkpoint", lambda c: ["export", c.write("random.pt", bytes(range(7, 207))), "--out", str(c.tmp / "x")],
+     ["not an rwp-fast checkpoint", "not the zip archive"]),
+    ("eval-checkpoint-with-pickled-objects", lambda c: ["eval", c.pickled("obj.pt")],
+     ["not an rwp-fast checkpoint", "objects that a weights-only load refuses", "pathlib"]),
+    ("bench-batch-size-0", lambda c: ["bench", "--device", "cpu", "--batch-size", "0", "--json", str(c.tmp / "b.json")],
+     ["batch_size: must be an integer >= 1, got 0"]),
+    ("bench-batch-size-negative", lambda c: ["bench", "--device", "cpu", "--batch-size", "-3", "--json", str(c.tmp / "b.json")],
+     ["batch_size: must be an integer >= 1, got -3"]),
     ("train-one-class-dataset", lambda c: ["train", *TRAIN, "--dataset", "npz", "--data-dir", c.one_class_npz(),
                                            "--out-dir", str(c.tmp / "r")], ["dataset 'npz'", "hold 1 class(es)"]),
     # ---- a checkpoint of another run: refused, naming both
@@ -226,8 +240,18 @@ def test_refused_in_one_line_with_nothing_written(tmp_path, tiny_run, capsys, mo
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only" not in err and "http" not in err
     assert snapshot(tiny_run, tmp_path) == before  # nothing changed, nothing new
+
+
+def test_a_good_output_path_still_works(tmp_path, tiny_run):
+    """The other side of the table: a new directory is created, and an earlier output of the same kind
+    is replaced."""
+    assert main(["export", str(tiny_run / "last.pt"), "--out", str(tmp_path / "a" / "b")]) == 0
+    assert {"model.pt", "model_card.json"} <= set(os.listdir(tmp_path / "a" / "b"))
+    assert main(["export", str(tiny_run / "last.pt"), "--out", str(tmp_path / "a" / "b")]) == 0
+    assert main(["plot", str(tiny_run), "--out", str(tmp_path / "c.png")]) == 0
+    assert main(["plot", str(tiny_run), "--out", str(tmp_path / "c.png")]) == 0
 
 
 def test_the_table_names_every_subcommand():
