@@ -15,7 +15,7 @@ import sys
 
 from ._fs import check_output_dir, check_output_file
 from .cli_args import add_config_flags, check_int, config_from_args
-from .config import EXIT_PREEMPTED, EXIT_USER_ERROR, FLAGS, PRESETS, ConfigError, RunConfig
+from .config import EXIT_USER_ERROR, FLAGS, PRESETS, ConfigError, RunConfig
 from .readers import METRICS_FILE, SWEEP_FILE, read_metrics, read_run_config
 
 CURVES = [("curves.png", "figure")]  # what a run directory gets besides the run's own files

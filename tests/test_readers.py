@@ -33,29 +33,53 @@ BAD_FILES = [
     ("metrics", "metrics.jsonl", _lines([1, 2]), "line 1 holds a list, not an object"),
     ("metrics", "metrics.jsonl", _lines({"test_robust_acc": 0.1}), "line 1 has no 'epoch'"),
     ("metrics", "metrics.jsonl", _lines({**GOOD_ROW, "epoch": 0}), "epoch is 0; expected an integer >= 1"),
-    ("metrics", "metrics.jsonl", _lines({**GOOD_ROW, "test_robust_acc": 1.5}), "test_robust_acc is 1.5; expected a number in [0, 1]"),
+    (
+        "metrics",
+        "metrics.jsonl",
+        _lines({**GOOD_ROW, "test_robust_acc": 1.5}),
+        "test_robust_acc is 1.5; expected a number in [0, 1]",
+    ),
     ("metrics", "metrics.jsonl", _lines({**GOOD_ROW, "test_natural_acc": "0.9"}), "test_natural_acc is '0.9'"),
     ("metrics", "metrics.jsonl", _lines({**GOOD_ROW, "lsc_mask_fraction": "half"}), "lsc_mask_fraction is 'half'"),
     ("sweep", "sweep.json", "{}", "'keys' is missing"),
     ("sweep", "sweep.json", '{"keys": "k2", "points": []}', "'keys' is a string"),
     ("sweep", "sweep.json", '{"keys": ["k2"], "points": [{"values": {"k2": 1}, "runs": []}]}', "point 1 is not"),
-    ("sweep", "sweep.json", '{"keys": ["k2"], "points": [{"values": {}, "label": "a", "runs": []}]}',
-     "point 1 has values for [], but the keys are ['k2']"),
-    ("sweep", "sweep.json", '{"keys": [], "points": [{"values": {}, "label": "a", "runs": [{"dir": "../x"}]}]}',
-     "a directory name inside the sweep directory"),
+    (
+        "sweep",
+        "sweep.json",
+        '{"keys": ["k2"], "points": [{"values": {}, "label": "a", "runs": []}]}',
+        "point 1 has values for [], but the keys are ['k2']",
+    ),
+    (
+        "sweep",
+        "sweep.json",
+        '{"keys": [], "points": [{"values": {}, "label": "a", "runs": [{"dir": "../x"}]}]}',
+        "a directory name inside the sweep directory",
+    ),
     ("eval", "e.json", '{"config": {}, "git_commit": "abc"}', "'results' is missing"),
     ("eval", "e.json", '{"results": {"n": "all", "natural": 0.5}}', "results.n is 'all'"),
     ("eval", "e.json", '{"results": {"n": 10}}', "holds no attack's accuracy"),
-    ("eval", "e.json", '{"results": {"n": 10, "natural": 97.5}}', "results.natural is 97.5; expected an accuracy in [0, 1]"),
+    (
+        "eval",
+        "e.json",
+        '{"results": {"n": 10, "natural": 97.5}}',
+        "results.natural is 97.5; expected an accuracy in [0, 1]",
+    ),
     ("eval", "e.json", '{"results": {"n": 10, "natural": 0.9}, "weights": "both"}', "'weights' is 'both'"),
     ("done", "done.json", '{"epochs": "3"}', "'epochs' is '3'"),
 ]
-READERS = {"config": readers.read_run_config, "metrics": readers.read_metrics, "sweep": readers.read_sweep_file,
-           "done": readers.read_done, "eval": lambda d: readers.read_eval_report(os.path.join(d, "e.json"))}
+READERS = {
+    "config": readers.read_run_config,
+    "metrics": readers.read_metrics,
+    "sweep": readers.read_sweep_file,
+    "done": readers.read_done,
+    "eval": lambda d: readers.read_eval_report(os.path.join(d, "e.json")),
+}
 
 
-@pytest.mark.parametrize("reader,name,content,needle", BAD_FILES,
-                         ids=[f"{r}-{i}" for i, (r, *_) in enumerate(BAD_FILES)])
+@pytest.mark.parametrize(
+    "reader,name,content,needle", BAD_FILES, ids=[f"{r}-{i}" for i, (r, *_) in enumerate(BAD_FILES)]
+)
 def test_a_bad_file_is_one_line_naming_it(tmp_path, reader, name, content, needle):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -69,8 +93,9 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, reader, name, content, needl
 
 def test_good_files_of_each_kind_are_read(tmp_path):
     cfg = RunConfig(epochs=3)
-    (tmp_path / "config.json").write_text(json.dumps({"config": {**cfg.to_dict(), "epsilon": 8.0,
-                                                                 "epsilon_255": 8.0}, "git_commit": "abc"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"config": {**cfg.to_dict(), "epsilon": 8.0, "epsilon_255": 8.0}, "git_commit": "abc"})
+    )
     assert readers.read_run_config(str(tmp_path))["config"]["epochs"] == 3  # old field name mapped
     assert readers.read_run_config(str(tmp_path / "none")) is None
     with pytest.raises(FileNotFoundError, match="config.json: no such file"):
@@ -78,20 +103,34 @@ def test_good_files_of_each_kind_are_read(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(_lines(GOOD_ROW, {**GOOD_ROW, "epoch": 2, "test_robust_acc": None}))
     rows = readers.read_metrics(str(tmp_path))
     assert len(rows) == 2 and readers.measured(rows) == [(1, 0.5)]
-    (tmp_path / "e.json").write_text(json.dumps({"results": {"n": 4, "natural": 1.0, "natural_seconds": 0.1},
-                                                 "weights": "ema", "config": cfg.to_dict()}))
+    (tmp_path / "e.json").write_text(
+        json.dumps(
+            {"results": {"n": 4, "natural": 1.0, "natural_seconds": 0.1}, "weights": "ema", "config": cfg.to_dict()}
+        )
+    )
     assert readers.read_eval_report(str(tmp_path / "e.json"))["weights"] == "ema"
 
 
-@pytest.mark.parametrize("change,needle", [
-    (lambda s: s.update(config=[]), "its config: holds list"),
-    (lambda s: s["config"].update(lr="fast"), "its config: field lr is 'fast', expected a number"),
-    (lambda s: s.update(epoch=-1), "epoch is -1, expected an integer >= 0"),
-    (lambda s: s.update(model=[1, 2]), "'model' is not a state dict of tensors"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda s: s.update(config=[]), "its config: holds list"),
+        (lambda s: s["config"].update(lr="fast"), "its config: field lr is 'fast', expected a number"),
+        (lambda s: s.update(epoch=-1), "epoch is -1, expected an integer >= 0"),
+        (lambda s: s.update(model=[1, 2]), "'model' is not a state dict of tensors"),
+    ],
+)
 def test_a_checkpoint_of_the_wrong_shape_is_one_line(tmp_path, change, needle):
-    state = {"format_version": 1, "config": RunConfig().to_dict(), "epoch": 1, "step": 4,
-             "model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {}, "rng": {}}
+    state = {
+        "format_version": 1,
+        "config": RunConfig().to_dict(),
+        "epoch": 1,
+        "step": 4,
+        "model": {"w": torch.zeros(2)},
+        "optimizer": {},
+        "scheduler": {},
+        "rng": {},
+    }
     change(state)
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(CheckpointError) as e:
@@ -103,8 +142,11 @@ def _null_run(tmp_path, name, accs):
     run = tmp_path / name
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": RunConfig(perturb="rwp").to_dict()}))
-    (run / "metrics.jsonl").write_text(_lines(*[{**GOOD_ROW, "epoch": i + 1, "test_robust_acc": a,
-                                                 "images_per_second": None} for i, a in enumerate(accs)]))
+    (run / "metrics.jsonl").write_text(
+        _lines(
+            *[{**GOOD_ROW, "epoch": i + 1, "test_robust_acc": a, "images_per_second": None} for i, a in enumerate(accs)]
+        )
+    )
     return run
 
 
@@ -112,6 +154,7 @@ def test_a_null_robust_accuracy_is_not_measured_in_plot_and_sweep_summary(tmp_pa
     """plot draws the measured epochs (not 0 for the null one), and the sweep statistics skip it."""
     from rwp_fast.cli import main
     from rwp_fast.sweep.stats import read_rows, run_stats
+
     run = _null_run(tmp_path, "a", [0.4, None, 0.6, 0.5])
     assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
