@@ -155,6 +155,9 @@ def cmd_demo(args):
     check_int(args.epochs, "epochs", 1)
     check_output_dir(args.out_dir, "out_dir", CURVES)
     if getattr(args, "lsc_analysis", False):  # rwp_fast/demo.py: the LSC-range analysis as a sweep
+        from .sweep import SUMMARY_OUTPUTS, SWEEP_FILE
+        check_output_dir(os.path.join(args.out_dir, "lsc-analysis"), "out_dir",
+                         [(SWEEP_FILE, "sweep"), *SUMMARY_OUTPUTS])
         return lsc_demo(os.path.join(args.out_dir, "lsc-analysis"), args.epochs, args.quiet, args.device)
     return digits_demo(args.out_dir, args.epochs, args.quiet, args.device)
 

@@ -240,6 +240,11 @@ CASES = [
         lambda c: ["sweep", "--summarize", str(_with_file(c, "sw/summary.csv", "a,b\n"))],
         ["summarize: ", "is not an earlier sweep summary"],
     ),
+    (
+        "demo-lsc-analysis-dir-is-a-file",
+        lambda c: ["demo", "--lsc-analysis", "--out-dir", str(_with_file(c, "d/lsc-analysis", "x"))],
+        ["out_dir: ", "lsc-analysis' is a file"],
+    ),
     ("demo-out-dir-is-a-file", lambda c: ["demo", "--out-dir", str(c.file)], ["out_dir: ", "is a file"]),
     # ---- inputs read by their shape: one line naming the file and how it is wrong
     (

@@ -33,10 +33,11 @@ from .grid import (DEMO_LSC_RANGES, LSC_KEY, NOT_IDENTITY, SWEEP_FILE, Sweep, bu
 from .plot import plot_summary
 from .run import DONE_FILE, POINT_FILE, run_one, run_parallel, run_status, run_sweep
 from .stats import STAT_COLUMNS, read_rows, run_stats
-from .summary import SUMMARY_CSV, SUMMARY_PNG, summarize, summary_table
+from .summary import SUMMARY_CSV, SUMMARY_OUTPUTS, SUMMARY_PNG, summarize, summary_table
 
 __all__ = [
     "DEMO_LSC_RANGES", "DONE_FILE", "LSC_KEY", "NOT_IDENTITY", "POINT_FILE", "STAT_COLUMNS", "SUMMARY_CSV",
+    "SUMMARY_OUTPUTS",
     "SUMMARY_PNG", "SWEEP_FILE", "Sweep", "add_arguments", "build_sweep", "expand_points", "load_sweep_file",
     "main", "parse_grid", "parse_lsc_ranges", "parse_seeds", "parse_value", "plot_summary", "read_rows",
     "run_name", "run_one", "run_parallel", "run_stats", "run_status", "run_sweep", "save_sweep_file",
