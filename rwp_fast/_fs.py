@@ -46,6 +46,8 @@ def _existing_ancestor(path):
 
 def _check_path(path, flag, allowed):
     """Length limits, no file among the ancestors, a writable nearest existing directory; returns it."""
+    if not path.strip():
+        raise ConfigError(f"{flag}: the path is empty; allowed: {allowed}")
     ancestor, missing = _existing_ancestor(path)
     if not missing:   # the path exists: its own directory is where a replacement is written
         ancestor = os.path.dirname(os.path.abspath(path))
@@ -87,8 +89,9 @@ def check_output_file(path, flag, kind):
     docstring. Its directory must exist. Nothing is created. A ConfigError naming `flag` otherwise."""
     path = os.fspath(path)
     allowed = f"a new file path in an existing, writable directory, or an earlier {OUTPUT_KINDS[kind].what}"
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag}: {path!r} is a directory; allowed: {allowed}")
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        raise ConfigError(f"{flag}: {path!r} is {'a' if os.path.isdir(path) else 'named as a'} directory; "
+                          f"allowed: {allowed}")
     directory = os.path.dirname(os.path.abspath(path))
     if _check_path(path, flag, allowed) != directory:
         raise ConfigError(f"{flag}: the directory {directory!r} of {path!r} does not exist; allowed: {allowed}")

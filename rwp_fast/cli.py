@@ -98,7 +98,7 @@ def cmd_eval(args):
     from .train.checkpoint import weights_mismatch
     check_int(args.n_examples, "n_examples", 0)
     check_int(args.batch_size, "batch_size", 1)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval.json"
+    out = args.out if args.out is not None else os.path.splitext(args.checkpoint)[0] + "_eval.json"
     check_output_file(out, "out", "eval")  # before minutes of attacks, not after
     state = load_checkpoint(args.checkpoint)
     from .train.ema import select_weights

@@ -159,6 +159,14 @@ def make_npz(path, n_train=64, n_test=16, hw=8, c=3, classes=4, **override):
     return str(path)
 
 
+def test_npz_16_bit_arrays_are_scaled_to_8_bits(tmp_path):
+    wide = (np.arange(4 * 8 * 8 * 3, dtype=np.uint32).reshape(4, 8, 8, 3) * 97 % 65536).astype(np.uint16)
+    path = make_npz(tmp_path / "d.npz", n_train=4, x_train=wide)
+    data = load_dataset(RunConfig(dataset="npz", data_dir=path))
+    want = np.round(wide.astype(np.float64) * 255 / 65535).astype(np.uint8).transpose(0, 3, 1, 2)
+    assert np.array_equal(data.train_x.numpy(), want)
+
+
 def test_npz_loads_channels_last_and_measures_its_statistics(tmp_path):
     path = make_npz(tmp_path / "d.npz")
     data = load_dataset(RunConfig(dataset="npz", data_dir=path))

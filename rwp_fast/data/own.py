@@ -14,7 +14,8 @@ modification times and the options, so adding, removing or touching an image dec
 written to a temporary file and renamed, so an interrupted write never leaves a half cache.
 
 npz: ``FILE.npz`` (or a ``DIR`` holding ``x_train.npy``, ``y_train.npy``, ``x_test.npy``, ``y_test.npy``)
-with ``x_*`` (N, H, W, C) uint8 (channels last; (N, H, W) is read as grey) and ``y_*`` (N,) integers.
+with ``x_*`` (N, H, W, C) uint8 (channels last; (N, H, W) is read as grey; uint16 is scaled to uint8) and
+``y_*`` (N,) integers.
 An optional ``classes`` array of names fixes the number of classes; without it, it is max(y_train) + 1.
 
 Normalisation: ``load_dataset`` measures the per-channel mean and std of the training images.
@@ -308,6 +309,8 @@ def _npz_arrays(path):
 
 def _check_split(split, x, y):
     xk, yk = f"x_{split}", f"y_{split}"
+    if x.dtype == np.uint16:   # 16-bit images are valid images: 0..65535 scaled to 0..255, as for 16-bit PNGs
+        x = np.round(x.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
     if x.dtype != np.uint8:
         hint = "; convert with (x * 255).round().astype(np.uint8)" if np.issubdtype(x.dtype, np.floating) else ""
         raise DataFormatError(f"dataset 'npz': key '{xk}' must be uint8 in [0, 255], got {x.dtype}{hint}")
