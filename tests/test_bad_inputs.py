@@ -124,7 +124,11 @@ CASES = [
     ("eval-out-metrics", lambda c: ["eval", c.ckpt, "--out", str(c.run / "metrics.jsonl")], ["out: ", "metrics.jsonl"]),
     ("eval-out-checkpoint", lambda c: ["eval", c.ckpt, "--out", c.ckpt], ["out: ", "is a run's last.pt"]),
     ("eval-out-empty", lambda c: ["eval", c.ckpt, "--out", ""], ["out: the path is empty"]),
-    ("eval-out-trailing-slash", lambda c: ["eval", c.ckpt, "--out", str(c.tmp / "new") + "/"], ["named as a directory"]),
+    (
+        "eval-out-trailing-slash",
+        lambda c: ["eval", c.ckpt, "--out", str(c.tmp / "new") + "/"],
+        ["named as a directory"],
+    ),
     ("train-out-dir-empty", lambda c: ["train", *TRAIN, "--out-dir", " "], ["out_dir: the path is empty"]),
     ("eval-out-directory", lambda c: ["eval", c.ckpt, "--out", str(c.tmp)], ["out: ", "is a directory"]),
     (
