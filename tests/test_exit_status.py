@@ -42,3 +42,35 @@ def test_under_the_nproc_launcher_rank_0_tells_it_and_every_rank_exits_0(tmp_pat
     assert distributed.preempted_status(is_main=True) == 0 and stop_file.read_text().strip() == "preempted"
     monkeypatch.delenv(distributed.STOP_FILE_ENV)
     assert distributed.preempted_status(is_main=True) == EXIT_PREEMPTED
+
+
+def test_a_parallel_sweep_whose_children_were_stopped_exits_75(tmp_path, monkeypatch):
+    """--parallel: a child that exits 75 is a run stopped with last.pt written, not a failed one."""
+    import subprocess
+
+    from rwp_fast.config import RunConfig
+    from rwp_fast.sweep import run as sweep_run
+
+    class Stopped:  # a child process that has exited EXIT_PREEMPTED
+        returncode = EXIT_PREEMPTED
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def poll(self):
+            return self.returncode
+    monkeypatch.setattr(subprocess, "Popen", Stopped)
+    todo = [RunConfig(out_dir=str(tmp_path / name)) for name in ("a", "b")]
+    said = []
+    assert sweep_run.run_parallel(todo, 2, log=said.append, poll_s=0) == ([], [c.out_dir for c in todo])
+    assert sum("STOPPED" in s for s in said) == 2 and not any("FAILED" in s for s in said)
+    # and the sweep, once its summary is written, exits 75 for them (1 if any run failed)
+    from rwp_fast.sweep import build_sweep
+    sweep = build_sweep(RunConfig(), str(tmp_path / "sw"), [("k2", [1, 2])])
+    monkeypatch.setattr(sweep_run, "run_parallel", lambda todo, parallel, log: ([], [c.out_dir for c in todo]))
+    monkeypatch.setattr(sweep_run, "summarize", lambda directory, log: [])
+    with pytest.raises(SystemExit) as stop:
+        sweep_run.run_sweep(sweep, parallel=2, log=said.append)
+    assert stop.value.code == EXIT_PREEMPTED
+    monkeypatch.setattr(sweep_run, "run_parallel", lambda todo, parallel, log: (["x"], ["y"]))
+    assert sweep_run.run_sweep(sweep, parallel=2, log=said.append) == ([], ["x", "y"])

@@ -76,10 +76,11 @@ def _gpu_count():
 
 
 def run_parallel(todo, parallel, log=print, poll_s=1.0):
-    """Run the configs of `todo` as child processes, `parallel` at once; returns the failed run dirs."""
+    """Run the configs of `todo` as child processes, `parallel` at once; returns (failed run dirs, run dirs
+    stopped by a signal: EXIT_PREEMPTED, last.pt written)."""
     gpus = _gpu_count()
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    queue, running, failed = list(todo), {}, []
+    queue, running, failed, stopped = list(todo), {}, [], []
     free_slots = list(range(parallel))
     while queue or running:
         while queue and free_slots:
@@ -103,18 +104,20 @@ def run_parallel(todo, parallel, log=print, poll_s=1.0):
             logf.close()
             free_slots.append(slot)
             if proc.returncode == EXIT_PREEMPTED:
-                failed.append(cfg.out_dir)
+                stopped.append(cfg.out_dir)
                 log(f"  STOPPED {os.path.basename(cfg.out_dir)} by a signal (last.pt written; run the sweep again)")
             elif proc.returncode != 0:
                 failed.append(cfg.out_dir)
                 log(f"  FAILED {os.path.basename(cfg.out_dir)} (exit {proc.returncode}; see its train.log)")
             else:
                 log(f"  finished {os.path.basename(cfg.out_dir)}")
-    return failed
+    return failed, stopped
 
 
 def run_sweep(sweep, parallel=1, log=print):
-    """Run every unfinished run of `sweep`, then summarise; returns (summary rows, failed run dirs)."""
+    """Run every unfinished run of `sweep`, then summarise; returns (summary rows, failed run dirs). A sweep
+    whose runs were stopped by a signal (and none failed) exits EXIT_PREEMPTED after the summary, as an
+    in-process run does (run_one): run it again to resume them."""
     statuses = [(run["dir"], sweep.configs[run["dir"]]) for _, run in sweep.runs()]
     statuses = [(name, cfg, run_status(cfg)) for name, cfg in statuses]  # every run dir checked before any work
     os.makedirs(sweep.directory, exist_ok=True)
@@ -124,14 +127,19 @@ def run_sweep(sweep, parallel=1, log=print):
         log(f"{name}: {'done, skipped' if status == 'done' else status}")
         if status != "done":
             todo.append(cfg)
-    failed = []
+    failed, stopped = [], []
     if parallel > 1 and len(todo) > 1:
-        failed = run_parallel(todo, parallel, log)
+        failed, stopped = run_parallel(todo, parallel, log)
     else:
         for i, cfg in enumerate(todo):
             log(f"== run {i + 1}/{len(todo)}: {os.path.basename(cfg.out_dir)}")
             run_one(cfg, log)
-    return summarize(sweep.directory, log=log), failed
+    rows = summarize(sweep.directory, log=log)
+    if stopped and not failed:
+        print(f"sweep: {len(stopped)} run(s) stopped by a signal with last.pt written; run the sweep again to "
+              "resume them", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED)
+    return rows, failed + stopped
 
 
 def run_point(run_dir):
