@@ -15,12 +15,14 @@ TINY = ["--dataset", "digits", "--model", "small_cnn", "--epsilon", "32", "--alp
 
 def expected_scalars(row):
     """{tag: value} written independently of rwp_fast.train.tb_log: numbers and booleans, list elements as
-    TAG/probe_K (1-based)."""
+    TAG/probe_K (1-based), the steps by mode as step_modes/MODE; the fallbacks' text is no scalar."""
     out = {}
     for key, value in row.items():
-        if key == "epoch":
+        if key in ("epoch", "phase_fallbacks"):
             continue
-        if isinstance(value, list):
+        if key == "step_modes":
+            out.update({f"step_modes/{mode}": float(n) for mode, n in value.items()})
+        elif isinstance(value, list):
             out.update({f"{key}/probe_{k}": float(v) for k, v in enumerate(value, start=1)})
         else:
             out[key] = float(value)
@@ -42,7 +44,7 @@ def test_event_file_holds_the_metrics_jsonl_scalars(tmp_path):
             want.setdefault(tag, {})[row["epoch"]] = value
     assert tags == set(want)
     assert {"lr", "lsc_mask_fraction/probe_1", "lsc_mask_fraction/probe_2", "test_robust_acc",
-            "test_robust_acc_ema"} <= tags
+            "test_robust_acc_ema", "step_modes/eager"} <= tags
     for tag, per_epoch in want.items():
         got = {e.step: e.value for e in events.Scalars(tag)}
         assert got == pytest.approx(per_epoch, rel=1e-6, abs=1e-6), tag   # float32 in the event file

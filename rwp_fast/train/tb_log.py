@@ -19,7 +19,8 @@ TB_DIR = "tb"
 
 
 def scalars(row):
-    """{tag: float} of one metrics row: numbers and booleans as they are, lists one tag per element."""
+    """{tag: float} of one metrics row: numbers and booleans as they are, lists one tag per element, dicts
+    (step_modes: steps by mode) one tag per key; text (phase_fallbacks) stays in metrics.jsonl only."""
     out = {}
     for key, value in row.items():
         if isinstance(value, bool):
@@ -30,6 +31,8 @@ def scalars(row):
             for i, v in enumerate(value):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out[f"{key}/probe_{i + 1}"] = float(v)
+        elif isinstance(value, dict):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))})
     return out
 
 
