@@ -119,3 +119,36 @@ def test_lsc_loss_backward_traces_into_one_graph():
         grads.append((out.detach(), leaf.grad))
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
     assert grads[0][1].abs().sum() > 0  # some rows inside the mask
+
+
+COLD_PROCESS = """
+import torch
+from rwp_fast import ops
+
+x = torch.rand(4, 3, 5, 5)
+g, z, y = torch.randn_like(x), torch.randn(6, 10) * 3, torch.randint(0, 10, (6,))
+
+
+def user_step(x, g, z):  # a researcher's own compiled loop, composing the public ops
+    x_next = ops.pgd_step(x, g, x, 2 / 255, 8 / 255, "linf", backend=BACKEND)
+    return x_next, ops.lsc_loss(z, y, 0.0, 2.2, backend=BACKEND)[0]
+
+
+compiled = torch.compile(user_step, fullgraph=True, backend="aot_eager")
+got = compiled(x, g, z)  # the first call of any op in this process: the dispatch has imported nothing yet
+BACKEND = "torch"
+want = user_step(x, g, z)
+torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["default", "triton"])
+def test_public_ops_compile_with_fullgraph_in_a_cold_process(backend):
+    """A user's fullgraph-compiled function that calls the public ops first thing in a fresh process: the
+    dispatch's backend choice (imports, the environment) must not be traced (Dynamo refuses importlib)."""
+    import subprocess
+    import sys
+    code = f"BACKEND = {backend!r}\n" + COLD_PROCESS
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -18,6 +18,8 @@ import importlib
 import logging
 import os
 
+import torch
+
 log = logging.getLogger("rwp_fast.ops")
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -83,16 +85,19 @@ _TRITON_CPU = {}
 
 
 def _load(backend, op):
-    """Import the module that implements `op` for `backend`; raises the original ImportError."""
+    """Import the module that implements `op` for `backend`; raises the original ImportError.
+
+    A miss imports the backend's modules for every op at once: Dynamo, tracing a user's compiled function,
+    reads _MODULES as it is at its first lookup, so the entries of ops called later in that function must
+    already be there (``_resolve`` runs before the first lookup)."""
     module = _MODULES.get((backend, op))
     if module is None:
-        if backend == "triton":
-            module = importlib.import_module(f"rwp_fast.kernels.{op}")
-        elif backend == "cuda":
-            module = importlib.import_module("rwp_fast.ops.cuda_ops")
-        else:
+        if backend not in ("triton", "cuda"):
             raise AssertionError(backend)
-        _MODULES[(backend, op)] = module
+        for each in OPS:
+            name = f"rwp_fast.kernels.{each}" if backend == "triton" else "rwp_fast.ops.cuda_ops"
+            _MODULES[(backend, each)] = importlib.import_module(name)
+        module = _MODULES[(backend, op)]
     return module
 
 
@@ -133,9 +138,18 @@ def choose_backend(op, device, backend=None):
 
     backend: an explicit choice for this call; None means requested_backend().
     """
+    device_type = device if isinstance(device, str) else device.type
+    return _resolve(op, device_type, backend)
+
+
+# Inside a user's torch.compile'd code Dynamo runs this while tracing and keeps its answer as a constant: the
+# answer depends on the installed modules and the environment, not on tensors, and its imports (importlib,
+# which Dynamo refuses to trace: "function marked as skipped") happen once, before any graph runs. Eager calls
+# run it as it is. The ops then reach their module through the _MODULES dict, which Dynamo traces.
+@torch._dynamo.assume_constant_result
+def _resolve(op, device_type, backend):
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-    device_type = device if isinstance(device, str) else device.type
     name = backend or requested_backend()
     if name == "auto":
         return _auto_choice(op, device_type)
