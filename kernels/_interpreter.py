@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-_RESULT = []  # [reason or None], once per process
 
 
 @triton.jit
@@ -23,15 +22,14 @@ def _runtime_bound_loop(out_ptr, n):
 
 
 def interpreter_refusal():
-    """None if the interpreter runs a loop over a runtime bound, else why not (a sentence)."""
-    if not _RESULT:
-        out = torch.zeros(1, dtype=torch.int32)
-        try:
-            _runtime_bound_loop[(1,)](out, 3)
-            _RESULT.append(None if int(out) == 3 else f"a 3-trip loop ran {int(out)} times")
-        except Exception as exc:  # noqa: BLE001 - InterpreterError wraps whatever the interpreter raised
-            import numpy
-            _RESULT.append(f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with "
-                           f"numpy {numpy.__version__} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                           "numpy<2.4 or Triton>=3.8 runs it")
-    return _RESULT[0]
+    """None if the interpreter runs a loop over a runtime bound, else why not (a sentence). Runs the probe
+    at each call: its one caller, ``rwp_fast.ops.dispatch.triton_cpu_refusal``, keeps the answer."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _runtime_bound_loop[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - InterpreterError wraps whatever the interpreter raised
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with numpy "
+                f"{numpy.__version__} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); numpy<2.4 or "
+                "Triton>=3.8 runs it")
+    return None if int(out) == 3 else f"a 3-trip loop ran {int(out)} times"

@@ -19,7 +19,7 @@ STAMP="$VENV/.rwp-fast-installed"
 t0=$(date +%s)
 since() { echo "$(( $(date +%s) - t0 ))s"; }
 
-if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]; then
     "$PYTHON" -m venv "$VENV"
     "$BIN/pip" install --quiet "setuptools>=64" wheel torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
     RWP_FAST_SKIP_CUDA_BUILD=1 "$BIN/pip" install --quiet --no-build-isolation -e ".[dev]"
@@ -36,8 +36,11 @@ echo "floor leg: tests done ($(since))"
 
 # 2 ------------------------------------------------------------------------------------------- extension
 if [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] || command -v nvcc > /dev/null; then
+    # A fresh build-lib: setuptools skips a build whose .so is newer than its sources, even one built against
+    # another torch. One architecture: this checks 2.11's headers and ABI, the GPU machine builds its own.
+    rm -rf build/floor-ext
     CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" RWP_FAST_REQUIRE_CUDA_EXT=1 MAX_JOBS="${MAX_JOBS:-2}" \
-        "$BIN/python" setup.py -q build_ext --build-lib build/floor-ext --build-temp build/floor-tmp
+        RWP_FAST_CUDA_ARCHS=90 "$BIN/python" setup.py -q build_ext --build-lib build/floor-ext --build-temp build/floor-tmp
     "$BIN/python" - <<'EOF'
 import glob
 import importlib.util

@@ -194,7 +194,8 @@ def test_a_capture_that_raises_warns_once_and_changes_nothing(monkeypatch):
 
     with pytest.warns(RuntimeWarning, match="capture failed") as caught:
         failed, failed_model = run(True)
-    assert len(caught) == 1 and failed.mode == "compiled" and failed.graphs is None
+    # the step goes on as its phases really run: eager here (compile is off on CPU), compiled where compiled
+    assert len(caught) == 1 and failed.mode == "eager" and failed.graphs is None
     assert "RuntimeError: CUDA error: operation not permitted when stream is capturing\nmore" in str(caught[0].message)
     _, plain_model = run(False)
     for (name, a), b in zip(failed_model.state_dict().items(), plain_model.state_dict().values()):

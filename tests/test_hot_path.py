@@ -207,3 +207,18 @@ def test_compiled_phases_equal_the_reference_in_fp64(case, aot_eager_compile):
     # record=False: the probe-loss recorder appends to a list inside the compiled region (a recompile per
     # call); the eager equivalence tests check those losses' distance from the thresholds for these cases.
     equivalence.assert_equivalent(equivalence.run_pair(cfg, steps=3, record=False))
+
+
+@pytest.mark.slow
+def test_compiled_phases_equal_the_reference_with_inductor():
+    """The real backend, not aot_eager: Inductor's C++ code for every phase (TRADES-RWP runs all seven)
+    computes the reference step in fp64, with no fullgraph fallback (the suite makes one an error) and no
+    graph break. On the floor torch this is the GPU machine's Dynamo and Inductor, short of the GPU codegen."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = equivalence.make_cfg("torch", **equivalence.CASES["trades-rwp"], compile=True)
+    steps = []
+    equivalence.assert_equivalent(equivalence.run_pair(cfg, steps=2, record=False, mutate=steps.append))
+    assert steps[0].mode_counts == {"compiled": 2} and not steps[0].fallbacks
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    torch._dynamo.reset()

@@ -16,7 +16,8 @@ import torch
 from equivalence import CASES, assert_equivalent, make_cfg, run_pair
 from rwp_fast.train import fast_step as fast_step_module
 from rwp_fast.train import graphs
-from rwp_fast.train.phase_compile import PhaseFallbackWarning, PhaseFunction
+from rwp_fast.core import PhaseFallbackWarning
+from rwp_fast.train.phase_compile import PhaseFunction
 
 
 @pytest.fixture
@@ -103,9 +104,51 @@ def test_each_step_counts_the_mode_it_ran_in(compile_phases, mode, aot_eager):
     assert steps[0].mode_counts == {mode: 2} and steps[0].fallbacks == []
 
 
+def _failing_backward_backend():
+    """aot_eager whose backward compiler raises, as an Inductor codegen failure of a backward would."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward_fails(gm, example_inputs):
+        raise RuntimeError("backward codegen failed")
+
+    return aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=backward_fails)
+
+
+def test_a_backward_that_does_not_compile_falls_back_before_the_forward_runs(monkeypatch):
+    """The backward of a differentiating phase compiles with its forward, inside the phase call: its
+    failure falls back there, before the forward ran, and the host's .backward() then works."""
+    real_compile = torch.compile
+    backend = _failing_backward_backend()
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=backend, **kw))
+    torch._dynamo.reset()
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    phase = PhaseFunction(lambda x: (w * x).sum(), "train_forward")
+    with pytest.warns(PhaseFallbackWarning, match="backward codegen failed"):
+        loss = phase(torch.ones(3))
+    loss.backward()
+    assert torch.equal(w.grad, torch.ones(3)) and phase.level == "graph-breaks"
+    torch._dynamo.reset()
+
+
+def test_a_failure_with_graph_breaks_allowed_from_the_start_is_raised_not_retried(monkeypatch):
+    """A multi-process run's phases start with graph breaks allowed: there a part may have run before a
+    failure, so it is raised, never retried nor swallowed into eager."""
+    real_compile = torch.compile
+    backend = _failing_backward_backend()
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=backend, **kw))
+    torch._dynamo.reset()
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    phase = PhaseFunction(lambda x: (w * x).sum(), "train_forward", fullgraph=False)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="backward codegen failed"):
+        phase(torch.ones(2))
+    assert phase.fallback is None and phase.level == "graph-breaks"
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------- a capture that raises
 class _FakeCUDA:
-    """torch.cuda's stream and capture state, as a capture whose exit raises in capture_end leaves it."""
+    """torch.cuda's stream and capture state. Its graph context exits as torch 2.11's does: capture_end()
+    first, the stream restored only after it; here capture_end raises (an invalidated capture)."""
 
     def __init__(self):
         self.stream, self.capturing, self.ended_pool = "main", False, None
@@ -118,8 +161,8 @@ class _FakeCUDA:
                 fake.stream, fake.capturing = "capture-side-stream", True
 
             def __exit__(self, *exc):
-                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")  # before
-                # the stream is restored, as torch.cuda.graph.__exit__ does when capture_end raises
+                graph.capture_end()  # raises: the line that would restore the stream is never reached
+                fake.stream = "main"
         return Capture()
 
 
@@ -127,7 +170,12 @@ def test_a_capture_whose_exit_raises_restores_the_stream_and_the_pool(monkeypatc
     fake = _FakeCUDA()
 
     class FakeGraph:
-        def capture_end(self):
+        ends = 0
+
+        def capture_end(self):  # the first call fails with the capture still open, a second one ends it
+            self.ends += 1
+            if self.ends == 1:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
             fake.capturing = False
 
         def pool(self):
@@ -173,4 +221,25 @@ def test_a_failed_capture_warns_the_whole_exception_chain(monkeypatch):
     assert "the inner cause" in str(warning.message) and "capture refused" in str(warning.message)
     assert "direct cause" in str(warning.message)
     assert_equivalent(records)
-    assert steps[0].mode == "compiled" and steps[0].mode_counts == {"eager": 2}
+    # compile is off here: the step goes on as it really runs, eager (not labelled compiled)
+    assert steps[0].mode == "eager" and steps[0].mode_counts == {"eager": 2}
+
+
+def _drive_eagerly(step, probes=True):
+    """Captured mode with EagerPhase units (as tests/test_captured_phases.py), all of them or all but the
+    probe unit (as while it is not yet warm)."""
+    step.graphs = graphs.PhaseGraphs(step, phase=graphs.EagerPhase, warmup=0)
+    step.mode = "captured"
+    if not probes:
+        step.graphs.capture_warm = lambda: None
+        step.graphs.attack = graphs.EagerPhase(step.attack)
+        step.graphs.train = graphs.EagerPhase(step.train)
+
+
+@pytest.mark.parametrize("probes,mode", [(True, "captured"), (False, "captured-partial")])
+def test_a_captured_step_counts_whether_every_unit_replayed(probes, mode):
+    cfg = make_cfg("torch", **CASES["at-rwp-accumulate-layer"], compile_mode="cuda-graphs")
+    steps = []
+    records = run_pair(cfg, steps=2, capture=False, mutate=lambda s: (_drive_eagerly(s, probes), steps.append(s)))
+    assert_equivalent(records)
+    assert steps[0].mode_counts == {mode: 2}

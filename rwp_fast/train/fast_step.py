@@ -128,12 +128,13 @@ class FastTrainStep:
         """One line per phase that left fullgraph (phase_compile.PhaseFunction.fallback)."""
         return [p.fallback for p in self.phases.values() if p.fallback]
 
-    def step_mode(self, captured):
-        """The mode one step ran in: 'captured' (graph replays), 'compiled', 'compiled-graph-breaks' (a phase
-        fell back from fullgraph) or 'eager'."""
+    def step_mode(self, captured=None):
+        """The mode one step ran in: `captured` when it replayed graphs ('captured', or 'captured-partial'
+        when a unit ran uncaptured), else 'compiled', 'compiled-graph-breaks' (a phase fell back from
+        fullgraph) or 'eager'."""
         if captured:
-            return "captured"
-        if self.mode == "eager" or all(p.level == "eager" for p in self.phases.values()):
+            return captured
+        if all(p.level == "eager" for p in self.phases.values()):
             return "eager"
         return "compiled-graph-breaks" if self.fallbacks else "compiled"
 
@@ -288,7 +289,7 @@ class FastTrainStep:
         result = None
         if self.mode == "captured" and x_adv is None:
             result = run_captured(self, x, y, perturb_active, generator)
-        captured = result is not None and self.graphs is not None
+        captured = self.graphs.last_step_mode if result is not None and self.graphs is not None else None
         if result is None:
             result = self.run_uncaptured(x, y, perturb_active, generator, x_adv)
         self.mode_counts[self.step_mode(captured)] += 1

@@ -92,6 +92,7 @@ class PhaseGraphs:
         self.step, self.phase, self.warmup = step, phase, warmup
         self.pool = torch.cuda.graph_pool_handle() if phase is CUDAGraphPhase else None
         self.attack = self.probe_forward = self.probe_backward = self.train = self._masked_mean = None
+        self.last_step_mode = None  # 'captured' or 'captured-partial': FastTrainStep.mode_counts
 
     def capture_warm(self):
         """Capture every unit that is warm and not yet captured. Capturing launches nothing."""
@@ -124,6 +125,10 @@ class PhaseGraphs:
                            self._backward if captured else None)
         v = step.perturbation.v_tensors() if step.keep_v and step.perturbation is not None else None
         loss, logits = self.train.replay() if self.train is not None else step.train()
+        # every unit that ran was a replay, or some ran uncaptured (a unit not yet warm: the probes of a run
+        # whose masks stayed empty, or before perturbation starts)
+        whole = self.attack is not None and self.train is not None and (captured or not info.mask_fractions)
+        self.last_step_mode = "captured" if whole else "captured-partial"
         return step.result(loss, logits, v, info)
 
 
@@ -147,7 +152,8 @@ def run_captured(step, x, y, perturb_active, generator):
     except Exception as exc:  # noqa: BLE001 - capture errors only: CUDAGraphPhase restored stream and pool
         step.warn(f"capture failed; running the compiled phases from now on. The whole cause:\n"
                   f"{exception_text(exc)}")
-        step.mode, step.graphs = "compiled", None
+        step.graphs = None
+        step.mode = "compiled" if any(p.level != "eager" for p in step.phases.values()) else "eager"
         return None
     return step.graphs(x, y, perturb_active, generator)
 

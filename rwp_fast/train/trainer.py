@@ -366,7 +366,8 @@ class Trainer:
                     torch.cuda.synchronize(self.device)  # once per process: the step's work, not its launch
                 self.first_step_s = first_step_s = time.perf_counter() - start
                 self.log(f"warm-up: the first step ended after {self.first_step_s:.1f} s (step mode "
-                         f"{getattr(self.step_fn, 'mode', 'reference')}: compilation and capture included)")
+                         f"{getattr(self.step_fn, 'mode', 'reference')}: compilation included; a captured run "
+                         f"captures its phases at step 3, after two warm-up steps)")
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
