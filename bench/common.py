@@ -136,11 +136,9 @@ def run_impl(meta, op, case, impl, fn, device, bytes_moved, baseline_us=None, ch
 def write_json(rows, path):
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"  # then renamed: a run killed mid-write leaves the previous whole file, never half of one
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
+    from rwp_fast._fs import atomic_write
+    # atomic: a run killed mid-write leaves the previous whole file; its temporary name fits NAME_MAX
+    atomic_write(path, lambda f: json.dump(rows, f, indent=1), mode="w")
 
 
 def print_table(rows, file=None):

@@ -49,8 +49,8 @@ def _check_path(path, flag, allowed):
     if not path.strip():
         raise ConfigError(f"{flag}: the path is empty; allowed: {allowed}")
     ancestor, missing = _existing_ancestor(path)
-    if not missing:   # the path exists: its own directory is where a replacement is written
-        ancestor = os.path.dirname(os.path.abspath(path))
+    if not missing:   # it exists: a directory receives its files, a file's replacement goes beside it
+        ancestor = os.path.abspath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     elif not os.path.isdir(ancestor):   # a file (or a link to one) on the way: the path lies under it
         raise ConfigError(f"{flag}: {path!r} lies under {ancestor!r}, which is a file; allowed: {allowed}")
     name_max = _limit(ancestor, "PC_NAME_MAX", FALLBACK_NAME_MAX)

@@ -151,7 +151,7 @@ def cmd_plot(args):
 
 def cmd_demo(args):
     """The README's main job: AT, AT-AWP and AT-RWP on the built-in digits data, then a Table-1 summary."""
-    from .demo import digits_demo, lsc_demo
+    from .demo import DEMO_RUNS, digits_demo, lsc_demo
     check_int(args.epochs, "epochs", 1)
     check_output_dir(args.out_dir, "out_dir", CURVES)
     if getattr(args, "lsc_analysis", False):  # rwp_fast/demo.py: the LSC-range analysis as a sweep
@@ -159,6 +159,10 @@ def cmd_demo(args):
         check_output_dir(os.path.join(args.out_dir, "lsc-analysis"), "out_dir",
                          [(SWEEP_FILE, "sweep"), *SUMMARY_OUTPUTS])
         return lsc_demo(os.path.join(args.out_dir, "lsc-analysis"), args.epochs, args.quiet, args.device)
+    for name in DEMO_RUNS:  # each run resumes from its last.pt, or starts anew: checked before the first one
+        run = os.path.join(args.out_dir, name)
+        if not os.path.exists(os.path.join(run, "last.pt")):
+            check_new_run_dir(run)
     return digits_demo(args.out_dir, args.epochs, args.quiet, args.device)
 
 

@@ -116,7 +116,8 @@ def _check_row(row, where):
         value = row.get(key)
         if value is None:
             continue
-        if not _is_number(value) or math.isnan(value) or (key in ACCURACY_FIELDS and not 0 <= value <= 1):
+        # a diverged run writes a NaN loss: a measurement, kept; an accuracy is never NaN (counts over examples)
+        if not _is_number(value) or (key in ACCURACY_FIELDS and (math.isnan(value) or not 0 <= value <= 1)):
             allowed = "a number in [0, 1]" if key in ACCURACY_FIELDS else "a number"
             raise FileShapeError(f"{where}: {key} is {value!r}; expected {allowed} or null (not measured)")
     fractions = row.get("lsc_mask_fraction")

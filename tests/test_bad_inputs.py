@@ -253,6 +253,11 @@ CASES = [
         ["out_dir: ", "lsc-analysis' is a file"],
     ),
     ("demo-out-dir-is-a-file", lambda c: ["demo", "--out-dir", str(c.file)], ["out_dir: ", "is a file"]),
+    (  # the third run's directory: refused before the first two train
+        "demo-run-dir-is-a-file",
+        lambda c: ["demo", "--out-dir", str(_with_file(c, "d/at-rwp", "x"))],
+        ["out_dir: ", "at-rwp' is a file"],
+    ),
     # ---- inputs read by their shape: one line naming the file and how it is wrong
     (
         "resume-config-json-is-a-list",

@@ -131,6 +131,15 @@ def test_the_backend_is_the_flag_else_rwp_fast_backend_else_the_default(monkeypa
     assert config_from_args(parser.parse_args(["--backend", "auto"])).backend == "auto"  # given explicitly
 
 
+def test_rwp_fast_backend_reference_runs_the_ops_on_torch(monkeypatch):
+    """RWP_FAST_BACKEND=reference makes a run use the reference step (the flag's default); the same variable
+    then also reaches the ops' dispatch (the per-epoch PGD-20), where 'reference' means the torch ops."""
+    from rwp_fast.ops import dispatch
+    monkeypatch.setenv("RWP_FAST_BACKEND", "reference")
+    assert dispatch.requested_backend() == "torch"
+    assert dispatch.choose_backend("pgd_step", "cpu") == "torch"
+
+
 def test_momentum_of_one_or_more_is_refused():
     for value in (1.0, 1.5):
         with pytest.raises(ConfigError, match=r"momentum: must be in \[0, 1\)"):

@@ -166,3 +166,38 @@ def test_a_null_robust_accuracy_is_not_measured_in_plot_and_sweep_summary(tmp_pa
     none = _null_run(tmp_path, "b", [None])
     assert read_rows(str(none)) == []
     assert main(["plot", str(run), str(none), "--out", str(tmp_path / "c.png")]) == 0
+
+
+def test_a_diverged_runs_nan_loss_is_read_and_a_nan_accuracy_refused(tmp_path):
+    """A run whose loss diverged writes NaN (json's NaN): its own metrics.jsonl reads back, so plot, resume and
+    sweep summaries still work; an accuracy (a count over examples) is never NaN."""
+    (tmp_path / "metrics.jsonl").write_text(_lines({**GOOD_ROW, "train_robust_loss": float("nan")}))
+    (row,) = readers.read_metrics(tmp_path)
+    assert row["train_robust_loss"] != row["train_robust_loss"]  # NaN, kept
+    (tmp_path / "metrics.jsonl").write_text(_lines({**GOOD_ROW, "test_natural_acc": float("nan")}))
+    with pytest.raises(readers.FileShapeError, match="test_natural_acc is nan"):
+        readers.read_metrics(tmp_path)
+
+
+def test_an_existing_output_directory_is_probed_inside_not_in_its_parent(tmp_path, monkeypatch):
+    """A writable directory in a read-only parent ($SCRATCH/$USER, $HOME) is a valid --out-dir: the write probe
+    goes where the files will be written. (As root the permission itself cannot be tested; the probe's place can.)"""
+    import tempfile
+
+    from rwp_fast import _fs
+    probed, real_mkstemp = [], tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: probed.append(kw["dir"]) or real_mkstemp(**kw))
+    (tmp_path / "run").mkdir()
+    _fs.check_output_dir(tmp_path / "run", "out_dir")
+    _fs.check_output_file(tmp_path / "run" / "report.json", "out", "eval")
+    assert probed == [str(tmp_path / "run"), str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("writer", ["verify", "bench"])
+def test_a_json_report_at_the_longest_allowed_name_is_written(tmp_path, writer):
+    """The output check admits a name of NAME_MAX bytes: the atomic write's temporary name must fit too."""
+    from rwp_fast.bench.common import write_json as bench_write
+    from rwp_fast.verify.run import write_json as verify_write
+    path = tmp_path / ("r" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 5) + ".json")
+    (verify_write if writer == "verify" else bench_write)({"rows": [1]}, str(path))
+    assert json.loads(path.read_text()) == {"rows": [1]} and os.listdir(tmp_path) == [path.name]

@@ -53,6 +53,8 @@ def set_backend(name):
 def requested_backend():
     """The backend the user asked for: set_backend() > $RWP_FAST_BACKEND > 'auto'."""
     name = _override or os.environ.get(ENV_VAR, "auto") or "auto"
+    if name == "reference":  # the run-level choice (RunConfig.backend, the same variable): its ops are torch's
+        name = "torch"
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{ENV_VAR}: expected one of auto, {', '.join(BACKENDS)}; got {name!r}")
     return name

@@ -310,7 +310,8 @@ def print_report(report, file=None):
 
 def write_json(report, path):
     import json
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+
+    from .._fs import atomic_write
 
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
@@ -320,10 +321,8 @@ def write_json(report, path):
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    tmp = f"{path}.tmp"  # then renamed: a run killed mid-write leaves the previous whole file
-    with open(tmp, "w") as f:
-        json.dump(clean(report), f, indent=1)
-    os.replace(tmp, path)
+    # atomic: a run killed mid-write leaves the previous whole file; its temporary name fits NAME_MAX
+    atomic_write(path, lambda f: json.dump(clean(report), f, indent=1), mode="w")
 
 
 def main(args):
