@@ -79,7 +79,8 @@ def test_a_checkpoint_chosen_by_its_ema_exports_the_ema_weights(tmp_path):
     model.load_state_dict(ema)
     want = standard_state_dict(model, "small_cnn")
     assert card["weights"] == "ema" and all(torch.equal(shipped[k], want[k]) for k in want)
-    (tmp_path / "run" / "best_eval.json").write_text(json.dumps({"weights": "raw", "results": {"n": 8, "natural": 0.5}}))
+    raw_report = {"weights": "raw", "results": {"n": 8, "natural": 0.5}}
+    (tmp_path / "run" / "best_eval.json").write_text(json.dumps(raw_report))
     assert main(["export", str(path), "--out", str(tmp_path / "raw")]) == 0
     assert json.loads((tmp_path / "raw" / "model_card.json").read_text())["weights"] == "raw"
 
