@@ -135,6 +135,7 @@ def test_rwp_fast_backend_reference_runs_the_ops_on_torch(monkeypatch):
     """RWP_FAST_BACKEND=reference makes a run use the reference step (the flag's default); the same variable
     then also reaches the ops' dispatch (the per-epoch PGD-20), where 'reference' means the torch ops."""
     from rwp_fast.ops import dispatch
+    monkeypatch.setattr(dispatch, "_override", None)  # an earlier in-process run's set_backend wins over the variable
     monkeypatch.setenv("RWP_FAST_BACKEND", "reference")
     assert dispatch.requested_backend() == "torch"
     assert dispatch.choose_backend("pgd_step", "cpu") == "torch"
